@@ -1,0 +1,38 @@
+"""bufpool: pooled byte buffers for asyncio network stacks.
+
+Floor 1 (memory core, no I/O) is re-exported here.  Adapters live in ``bufpool.aio``,
+``bufpool.tls`` and ``bufpool.aiohttp``.
+"""
+
+from ._classes import DEFAULT_CLASSES, TLS12_MAX_RECORD, TLS13_MAX_RECORD
+from ._errors import (
+    BufferFull,
+    BufPoolError,
+    LeakWarning,
+    LeaseReleasedError,
+    PoolExhausted,
+    RequestTooLarge,
+)
+from ._lease import Lease, LeaseChain
+from ._pool import BufferPool, report_leaks
+from ._stats import PoolStats, TierStats
+
+__all__ = [
+    "DEFAULT_CLASSES",
+    "TLS12_MAX_RECORD",
+    "TLS13_MAX_RECORD",
+    "BufPoolError",
+    "BufferFull",
+    "BufferPool",
+    "LeakWarning",
+    "Lease",
+    "LeaseChain",
+    "LeaseReleasedError",
+    "PoolExhausted",
+    "PoolStats",
+    "RequestTooLarge",
+    "TierStats",
+    "report_leaks",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,236 @@
+"""Leases: the handle to one pool slot (``Lease``) or to several (``LeaseChain``).
+
+Lifetime: a lease is live from ``acquire`` until its refcount drops to zero through
+``release()`` (or the ``with`` block ends).  ``lease.view`` is valid only while the lease is
+live; a view kept past that keeps its old bytes (the slot is quarantined until the view dies)
+and never aliases the slot's next owner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from ._errors import LeaseReleasedError
+from ._leak import Site
+from ._tracking import OVERHEAD, getrefcount
+
+if TYPE_CHECKING:
+    from ._pool import BufferPool
+    from ._tier import Tier
+
+__all__ = ["Lease", "LeaseChain"]
+
+
+class Lease:
+    """One slot of pool memory (or a heap buffer when the pool fell back), ``len(lease)``
+    bytes visible through ``lease.view``.
+
+    Refcounted: ``retain()`` adds an owner, ``release()`` drops one; the slot goes back to the
+    pool when the count reaches zero *and* no memoryview of it is alive any more.
+    """
+
+    __slots__ = ("__weakref__", "_buf", "_pool", "_refcount", "_site", "_size", "_tier", "_view")
+
+    _pool: BufferPool
+    _tier: Tier | None
+    _buf: bytearray | None
+    _view: memoryview | None
+    _size: int
+    _refcount: int
+    _site: Site | None
+
+    def __init__(
+        self,
+        pool: BufferPool,
+        tier: Tier | None,
+        buf: bytearray,
+        view: memoryview,
+        size: int,
+        site: Site | None,
+    ) -> None:
+        # BufferPool.acquire builds leases inline (object.__new__ + these assignments) on its
+        # hot path; keep the two in step.
+        self._pool = pool
+        self._tier = tier
+        self._buf = buf
+        self._view = view
+        self._size = size
+        self._refcount = 1
+        self._site = site
+
+    @property
+    def view(self) -> memoryview:
+        """Writable memoryview of exactly ``len(self)`` bytes, format "B".
+
+        Valid until the last ``release()``; raises LeaseReleasedError after it.
+        """
+        view = self._view
+        if view is None:
+            raise LeaseReleasedError(f"{self!r}: .view used after the lease was released")
+        return view
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def capacity(self) -> int:
+        """Bytes of the backing slot (>= len(self)); 0 once released."""
+        buf = self._buf
+        return 0 if buf is None else len(buf)
+
+    @property
+    def pooled(self) -> bool:
+        """True when backed by a pool slot, False for a heap fallback."""
+        return self._tier is not None
+
+    @property
+    def refcount(self) -> int:
+        return self._refcount
+
+    @property
+    def released(self) -> bool:
+        return self._refcount <= 0
+
+    def retain(self) -> Lease:
+        """Add an owner; each retain needs a matching release.  Returns self."""
+        self._pool._retain(self)
+        return self
+
+    def release(self) -> None:
+        """Drop one owner; at zero the slot returns to the pool (or to quarantine while any
+        view of it is still alive).  Releasing past zero raises LeaseReleasedError."""
+        pool = self._pool
+        lock = pool._lock
+        lock.acquire()
+        try:
+            rc = self._refcount
+            if rc != 1:
+                if rc > 1:
+                    self._refcount = rc - 1
+                    return
+                raise LeaseReleasedError(
+                    f"{self!r} released more times than retained (refcount {rc})"
+                )
+            self._refcount = 0
+            tier = self._tier
+            buf = self._buf
+            self._buf = None
+            self._view = None  # the slot's last view dies here unless someone else holds one
+            if tier is None:
+                pool._heap_in_use -= 1
+                return
+            tier.in_use -= 1
+            if getrefcount(buf) - OVERHEAD == 1 and not pool._slow_release:  # type: ignore[arg-type]
+                tier.free.append(buf)  # type: ignore[arg-type]
+            else:
+                pool._returned(tier, buf)  # type: ignore[arg-type]
+        finally:
+            lock.release()
+
+    def truncate(self, size: int) -> None:
+        """Shrink the visible length to ``size`` bytes (<= len(self)); views taken before keep
+        their length."""
+        view = self.view
+        if not 0 <= size <= self._size:
+            raise ValueError(f"truncate size must be within 0..{self._size}, got {size}")
+        self._view = view[:size]
+        self._size = size
+
+    def tobytes(self) -> bytes:
+        """Copy of the visible bytes, safe to keep after release."""
+        return self.view.tobytes()
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        if self._refcount > 0:
+            try:
+                self._pool._on_leak(self)
+            except Exception:  # interpreter shutdown: nothing left to report to
+                pass
+
+    def __repr__(self) -> str:
+        tier = self._tier
+        where = f"{tier.size}-byte class" if tier is not None else "heap"
+        return f"<Lease {self._size} B in {where}, refcount {self._refcount} at {id(self):#x}>"
+
+
+class LeaseChain:
+    """Several leases holding one logical buffer of ``len(chain)`` bytes, in order.
+
+    Used for data larger than the largest size class: no single giant allocation is made.
+    """
+
+    __slots__ = ("_leases", "_size")
+
+    def __init__(self, leases: list[Lease]) -> None:
+        self._leases = leases
+        self._size = sum(len(lease) for lease in leases)
+
+    def views(self) -> list[memoryview]:
+        """The leases' views, in order; valid until release()."""
+        return [lease.view for lease in self._leases]
+
+    def __iter__(self) -> Iterator[memoryview]:
+        return iter(self.views())
+
+    @property
+    def leases(self) -> tuple[Lease, ...]:
+        return tuple(self._leases)
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def capacity(self) -> int:
+        return sum(lease.capacity for lease in self._leases)
+
+    @property
+    def pooled(self) -> bool:
+        return all(lease.pooled for lease in self._leases)
+
+    @property
+    def released(self) -> bool:
+        return any(lease.released for lease in self._leases)
+
+    def tobytes(self) -> bytes:
+        """Copy of all bytes joined, safe to keep after release."""
+        return b"".join(self.views())
+
+    def release(self) -> None:
+        """Release every lease once; a second call raises LeaseReleasedError."""
+        if self.released:
+            raise LeaseReleasedError(f"{self!r} released twice")
+        first: BaseException | None = None
+        for lease in self._leases:
+            try:
+                lease.release()
+            except BaseException as exc:  # keep releasing the rest
+                first = first or exc
+        if first is not None:
+            raise first
+
+    def __enter__(self) -> LeaseChain:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<LeaseChain {self._size} B in {len(self._leases)} leases at {id(self):#x}>"

@@ -1,0 +1,612 @@
+"""BufferPool: size-classed slots under a byte budget, handed out as leases.
+
+Operations and costs: ``acquire``/``release`` are O(1) on a hit (a list pop/append under one
+lock, one memoryview, one Lease object); a miss scans the class's quarantine (O(quarantined)),
+then grows by one chunk, then applies ``on_exhausted``.  Memory is bounded by ``max_bytes`` for
+pooled slots; heap fallbacks are counted, not bounded.
+
+The central promise: a released slot is handed to a new owner only when no memoryview of its
+previous contents is alive anywhere (user code, a slice, a transport's write queue).  Until
+then it sits in quarantine.  See ``_tracking`` for how that is detected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import warnings
+import weakref
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Iterable, Mapping
+from typing import Final, Literal
+
+from ._classes import DEFAULT_CLASSES, build_classes
+from ._errors import LeakWarning, LeaseReleasedError, PoolExhausted, RequestTooLarge
+from ._leak import LEVELS, SAMPLE_INTERVAL, Site, capture_site, format_site
+from ._lease import Lease, LeaseChain
+
+_new_lease = object.__new__
+from ._stats import PoolStats, TierStats
+from ._tier import Tier
+from ._tracking import holders
+from ._waiters import Waiter
+
+__all__ = ["BufferPool", "report_leaks"]
+
+Policy = Literal["spill", "heap", "raise"]
+LeakLevel = Literal["off", "sample", "paranoid"]
+POLICIES: Final = ("spill", "heap", "raise")
+
+#: Default budget over all arenas: generous for a server, still a bound.
+DEFAULT_MAX_BYTES: Final = 256 * 1024 * 1024
+#: Default preallocation per class in bytes (about 0.8 MiB over the six default classes).
+DEFAULT_INITIAL_BYTES_PER_CLASS: Final = 128 * 1024
+#: While coroutines wait, quarantine and leaked leases are rechecked this often (seconds).
+WAITER_POLL_INTERVAL: Final = 0.002
+
+_pools: weakref.WeakSet[BufferPool] = weakref.WeakSet()
+
+_LeakRecord = tuple["Tier | None", "bytearray | None", int, "Site | None"]
+
+
+def report_leaks() -> int:
+    """Report pending leaks of every live pool now (as LeakWarning); returns how many."""
+    return sum(pool._collect_leaks() for pool in list(_pools))
+
+
+class BufferPool:
+    """A pool of byte buffers in six size classes (64 B .. 64 KiB by default).
+
+    Keyword-only options:
+
+    classes
+        Nominal class sizes in bytes, strictly increasing.
+    headroom
+        Extra bytes per slot by class size; default ``{16384: 2053}`` so the 16 KiB class holds
+        a maximal TLS 1.2 record with its header (18,437 bytes).
+    initial_slots
+        Slots preallocated per class: an int for every class or a mapping size -> count.
+        Default: about 128 KiB per class.
+    max_bytes
+        Budget over all slots, in bytes (default 256 MiB).
+    on_exhausted
+        What ``acquire`` does when the class has no free slot and the budget is spent:
+        "spill" (try larger classes, then raise), "heap" (unpooled bytearray, counted; the
+        default, so a plain ``acquire`` does not fail) or "raise" (PoolExhausted).
+    leak_detection
+        "off", "sample" (default) or "paranoid"; see ``bufpool._leak``.
+    scrub
+        Zero a slot's bytes before it is handed to a new owner.
+    """
+
+    def __init__(
+        self,
+        *,
+        classes: Iterable[int] = DEFAULT_CLASSES,
+        headroom: Mapping[int, int] | None = None,
+        initial_slots: int | Mapping[int, int] | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        on_exhausted: Policy = "heap",
+        leak_detection: LeakLevel = "sample",
+        scrub: bool = False,
+    ) -> None:
+        size_classes = build_classes(classes, headroom)
+        if on_exhausted not in POLICIES:
+            raise ValueError(f"on_exhausted must be one of {POLICIES}, got {on_exhausted!r}")
+        if leak_detection not in LEVELS:
+            raise ValueError(f"leak_detection must be one of {LEVELS}, got {leak_detection!r}")
+        if not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
+        self._policy: Policy = on_exhausted
+        self._leak_level: LeakLevel = leak_detection
+        self._scrub = bool(scrub)
+        self._max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._tiers = tuple(
+            Tier(i, c.size, c.slot_size, 0) for i, c in enumerate(size_classes)
+        )
+        self._ntiers = len(self._tiers)
+        self._slot_sizes = [t.slot_size for t in self._tiers]
+        self._largest = self._tiers[-1]
+        self._reserved = 0
+        self._heap_fallbacks = 0
+        self._heap_in_use = 0
+        self._oversize = 0
+        self._leaked = 0
+        self._timeouts = 0
+        self._trimmed = 0
+        self._waiting = 0
+        #: Release must take the slow path (scrub, or hand slots to waiters).
+        self._slow_release = self._scrub
+        self._pending_leaks: deque[_LeakRecord] = deque()
+        self._leak_reports: list[tuple[int, Site | None]] = []
+        self._pollers: set[asyncio.AbstractEventLoop] = set()
+        self._sampling = leak_detection != "off"
+        self._interval = 1 if leak_detection == "paranoid" else SAMPLE_INTERVAL
+        self._countdown = self._interval
+        for tier in self._tiers:
+            if scrub:
+                tier.zeros = bytes(tier.slot_size)
+            want = self._initial_count(tier, initial_slots)
+            if want < 0:
+                raise ValueError(f"initial_slots must be >= 0, got {want} for class {tier.size}")
+            want = min(want, (max_bytes - self._reserved) // tier.slot_size)
+            tier.add_slots(want)
+            tier.min_slots = want
+            self._reserved += want * tier.slot_size
+        _pools.add(self)
+
+    @staticmethod
+    def _initial_count(tier: Tier, spec: int | Mapping[int, int] | None) -> int:
+        if spec is None:
+            return max(1, DEFAULT_INITIAL_BYTES_PER_CLASS // tier.slot_size)
+        if isinstance(spec, int):
+            return spec
+        return int(spec.get(tier.size, 0))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def classes(self) -> tuple[int, ...]:
+        """Nominal class sizes in bytes."""
+        return tuple(t.size for t in self._tiers)
+
+    @property
+    def slot_sizes(self) -> tuple[int, ...]:
+        """Bytes reserved per slot of each class (size + headroom)."""
+        return tuple(self._slot_sizes)
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
+    @property
+    def on_exhausted(self) -> Policy:
+        return self._policy
+
+    @property
+    def leak_detection(self) -> LeakLevel:
+        return self._leak_level
+
+    @property
+    def scrub(self) -> bool:
+        return self._scrub
+
+    # ------------------------------------------------------------------ acquire
+    def acquire(self, size: int) -> Lease:
+        """Lease ``size`` bytes from the smallest class whose slot fits.
+
+        When that class has no free slot: reclaim quarantine, grow within the budget, then
+        follow ``on_exhausted``.  Requests above the largest class are served from the heap
+        (counted as ``oversize``) unless the policy is "raise" (RequestTooLarge).
+        """
+        if size.__class__ is not int or size < 0:
+            _bad_size(size)
+        site = None
+        if self._sampling:
+            left = self._countdown - 1
+            if left:
+                self._countdown = left
+            else:
+                self._countdown = self._interval
+                site = capture_site()
+        i = bisect_left(self._slot_sizes, size)
+        if i == self._ntiers:
+            return self._oversize_lease(size, site)
+        tier = self._tiers[i]
+        lock = self._lock
+        lock.acquire()
+        try:
+            free = tier.free
+            if free:
+                buf = free.pop()
+                tier.hits += 1
+            else:
+                served = self._take_slot(i, size)
+                if served is None:
+                    return self._heap_lease(size, site)
+                buf, tier = served
+            n = tier.in_use + 1
+            tier.in_use = n
+            if n > tier.high_water:
+                tier.high_water = n
+            tier.requested_bytes += size
+        finally:
+            lock.release()
+        view = memoryview(buf)
+        if size != tier.slot_size:
+            view = view[:size]
+        lease = _new_lease(Lease)
+        lease._pool = self
+        lease._tier = tier
+        lease._buf = buf
+        lease._view = view
+        lease._size = size
+        lease._refcount = 1
+        lease._site = site
+        return lease
+
+    def _take_slot(self, i: int, size: int) -> tuple[bytearray, Tier] | None:
+        """Miss path (lock held): a slot for class ``i`` or a larger one under "spill", or
+        None when the heap should serve.  Raises PoolExhausted under "raise"."""
+        tier = self._tiers[i]
+        if self._pending_leaks:
+            self._drain_leaks()
+        if tier.quarantine and tier.reclaim(self._scrub):
+            tier.hits += 1
+            return tier.free.pop(), tier
+        tier.misses += 1
+        if self._grow(tier):
+            tier.extra_served += 1
+            return tier.free.pop(), tier
+        if self._policy == "spill":
+            for bigger in self._tiers[i + 1 :]:
+                buf = self._slot_from(bigger)
+                if buf is not None:
+                    tier.spills += 1
+                    bigger.extra_served += 1
+                    return buf, bigger
+        if self._policy == "heap":
+            return None
+        raise PoolExhausted(self._exhausted_message(tier, size))
+
+    def _slot_from(self, tier: Tier) -> bytearray | None:
+        """A free slot of ``tier`` after reclaiming quarantine and growing; None if none.
+        Counts nothing: callers decide whether it was a hit."""
+        if tier.free:
+            return tier.free.pop()
+        if tier.quarantine and tier.reclaim(self._scrub):
+            return tier.free.pop()
+        if self._grow(tier):
+            return tier.free.pop()
+        return None
+
+    def _grow(self, tier: Tier) -> bool:
+        n = min(tier.chunk_slots, (self._max_bytes - self._reserved) // tier.slot_size)
+        if n <= 0:
+            return False
+        tier.add_slots(n)
+        self._reserved += n * tier.slot_size
+        return True
+
+    def _exhausted_message(self, tier: Tier, size: int) -> str:
+        quarantined = sum(len(t.quarantine) for t in self._tiers)
+        return (
+            f"pool exhausted: no free slot for {size} bytes in the {tier.size}-byte class and "
+            f"the budget max_bytes={self._max_bytes} is spent ({self._reserved} bytes "
+            f"reserved, {tier.in_use} of {tier.slots} slots of this class in use, "
+            f"{quarantined} quarantined); on_exhausted={self._policy!r}"
+        )
+
+    def _heap_lease(self, size: int, site: Site | None) -> Lease:
+        self._heap_fallbacks += 1
+        self._heap_in_use += 1
+        buf = bytearray(size)
+        return Lease(self, None, buf, memoryview(buf), size, site)
+
+    def _oversize_lease(self, size: int, site: Site | None) -> Lease:
+        self._oversize += 1
+        if self._policy == "raise":
+            raise RequestTooLarge(
+                f"{size} bytes exceeds the largest size class ({self._largest.size} bytes, "
+                f"{self._largest.slot_size}-byte slots) and on_exhausted='raise'; use "
+                f"acquire_chain() for data that may be larger"
+            )
+        return self._heap_lease(size, site)
+
+    def acquire_chain(self, size: int) -> LeaseChain:
+        """Lease ``size`` bytes (any size) as slots of the largest class, in order.
+
+        Every lease but the last holds the largest class's nominal size.  Never makes one
+        giant allocation.  On failure nothing stays acquired.
+        """
+        if size.__class__ is not int or size < 0:
+            _bad_size(size)
+        chunk = self._largest.size
+        leases: list[Lease] = []
+        try:
+            left = size
+            while left > 0:
+                n = min(chunk, left)
+                leases.append(self.acquire(n))
+                left -= n
+        except BaseException:
+            for lease in leases:
+                lease.release()
+            raise
+        return LeaseChain(leases)
+
+    async def acquire_async(self, size: int, *, timeout: float | None = None) -> Lease:
+        """Lease ``size`` bytes, waiting (FIFO per class) for a slot when the budget is spent.
+
+        Raises PoolExhausted after ``timeout`` seconds.  A cancelled or timed-out waiter never
+        loses a slot: one handed to it in the meantime goes to the next waiter.  Requests above
+        the largest class do not wait; they follow ``acquire``.
+        """
+        if size.__class__ is not int or size < 0:
+            _bad_size(size)
+        i = bisect_left(self._slot_sizes, size)
+        if i >= self._ntiers:
+            return self.acquire(size)
+        site = capture_site() if self._leak_level == "paranoid" else None
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            tier = self._tiers[i]
+            if not tier.waiters:
+                got = self._take_pooled(i)
+                if got is not None:
+                    return self._pooled_lease(got[0], got[1], size, site)
+            fut: asyncio.Future[Lease] = loop.create_future()
+            waiter = Waiter(fut, size, loop)
+            tier.waiters.append(waiter)
+            self._waiting += 1
+            self._slow_release = True
+            self._ensure_poller(loop)
+        got_it = False
+        try:
+            async with asyncio.timeout(timeout):
+                lease = await fut
+            got_it = True
+            return lease
+        except TimeoutError:
+            with self._lock:
+                self._timeouts += 1
+            raise PoolExhausted(
+                f"no {tier.size}-byte slot for {size} bytes became free within {timeout} s "
+                f"(budget max_bytes={self._max_bytes}, {self._reserved} bytes reserved)"
+            ) from None
+        finally:
+            with self._lock:
+                self._waiting -= 1
+                if not self._waiting:
+                    self._slow_release = self._scrub
+                try:
+                    tier.waiters.remove(waiter)
+                except ValueError:
+                    pass
+            if not got_it:
+                if not fut.done():
+                    fut.cancel()
+                elif not fut.cancelled():
+                    fut.result().release()  # handed over as we gave up: pass it on
+
+    async def acquire_chain_async(self, size: int, *, timeout: float | None = None) -> LeaseChain:
+        """``acquire_chain`` that waits for slots; ``timeout`` bounds the whole call."""
+        if size.__class__ is not int or size < 0:
+            _bad_size(size)
+        chunk = self._largest.size
+        leases: list[Lease] = []
+        try:
+            async with asyncio.timeout(timeout):
+                left = size
+                while left > 0:
+                    n = min(chunk, left)
+                    leases.append(await self.acquire_async(n))
+                    left -= n
+        except TimeoutError:
+            for lease in leases:
+                lease.release()
+            raise PoolExhausted(
+                f"no room for a {size}-byte chain within {timeout} s "
+                f"(budget max_bytes={self._max_bytes})"
+            ) from None
+        except BaseException:
+            for lease in leases:
+                lease.release()
+            raise
+        return LeaseChain(leases)
+
+    def _take_pooled(self, i: int) -> tuple[bytearray, Tier] | None:
+        """A pooled slot for class ``i`` (spilling under "spill"), or None.  Lock held."""
+        if self._pending_leaks:
+            self._drain_leaks()
+        own = self._tiers[i]
+        if own.free or (own.quarantine and own.reclaim(self._scrub)):
+            own.hits += 1
+            return own.free.pop(), own
+        if self._grow(own):
+            own.misses += 1
+            own.extra_served += 1
+            return own.free.pop(), own
+        if self._policy == "spill":
+            for bigger in self._tiers[i + 1 :]:
+                buf = self._slot_from(bigger)
+                if buf is not None:
+                    own.misses += 1
+                    own.spills += 1
+                    bigger.extra_served += 1
+                    return buf, bigger
+        return None
+
+    def _pooled_lease(self, buf: bytearray, tier: Tier, size: int, site: Site | None) -> Lease:
+        tier.in_use += 1
+        if tier.in_use > tier.high_water:
+            tier.high_water = tier.in_use
+        tier.requested_bytes += size
+        view = memoryview(buf)
+        if size != tier.slot_size:
+            view = view[:size]
+        return Lease(self, tier, buf, view, size, site)
+
+    def _serve_waiters(self) -> None:
+        """Hand free slots to waiting coroutines, oldest first per class.  Lock held."""
+        for tier in self._tiers:
+            waiters = tier.waiters
+            while waiters:
+                w = waiters[0]
+                if w.fut.done():
+                    waiters.popleft()
+                    continue
+                got = self._take_pooled(tier.index)
+                if got is None:
+                    break
+                waiters.popleft()
+                w.hand(self._pooled_lease(got[0], got[1], w.size, None))
+
+    def _ensure_poller(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop not in self._pollers:
+            self._pollers.add(loop)
+            loop.call_later(WAITER_POLL_INTERVAL, self._poll, loop)
+
+    def _poll(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Periodic recheck while coroutines wait: quarantined and leaked slots free up
+        without a release call, so nothing else would wake the waiters."""
+        with self._lock:
+            self._serve_waiters()
+            waiting = any(w.loop is loop for t in self._tiers for w in t.waiters)
+            if not waiting:
+                self._pollers.discard(loop)
+                return
+        if not loop.is_closed():
+            loop.call_later(WAITER_POLL_INTERVAL, self._poll, loop)
+        else:
+            self._pollers.discard(loop)
+
+    # ------------------------------------------------------------------ release
+    def _retain(self, lease: Lease) -> None:
+        with self._lock:
+            if lease._refcount <= 0:
+                raise LeaseReleasedError(f"{lease!r}: retain() after the lease was released")
+            lease._refcount += 1
+
+    def _release(self, lease: Lease) -> None:
+        lease.release()
+
+    def _returned(self, tier: Tier, buf: bytearray) -> None:
+        """A slot whose last owner released it while some view is alive, or waiters exist
+        (lock held): park or hand over."""
+        if holders(buf) > 2:  # this frame's ``buf`` and the caller's: anything more is a view
+            tier.quarantine.append(buf)
+            return
+        if self._scrub:
+            buf[:] = tier.zeros
+        tier.free.append(buf)
+        if self._waiting:
+            self._serve_waiters()
+
+    # ------------------------------------------------------------------ leaks
+    def _on_leak(self, lease: Lease) -> None:
+        """Called from Lease.__del__ (any thread, maybe with our lock held): queue only."""
+        self._pending_leaks.append((lease._tier, lease._buf, lease._size, lease._site))
+
+    def _drain_leaks(self) -> list[tuple[int, Site | None]]:
+        """Account queued leaks (lock held): their slots go to quarantine, then free."""
+        reports: list[tuple[int, Site | None]] = []
+        pending = self._pending_leaks
+        while pending:
+            tier, buf, size, site = pending.popleft()
+            self._leaked += 1
+            if tier is None:
+                self._heap_in_use -= 1
+            else:
+                tier.in_use -= 1
+                tier.quarantine.append(buf)  # type: ignore[arg-type]
+            reports.append((size, site))
+        self._leak_reports.extend(reports)
+        return reports
+
+    def _collect_leaks(self) -> int:
+        """Drain queued leaks and emit one LeakWarning per leaked lease; returns the count."""
+        with self._lock:
+            self._drain_leaks()
+            reports, self._leak_reports = self._leak_reports, []
+        if self._leak_level != "off":
+            for size, site in reports:
+                warnings.warn(
+                    f"bufpool: a {size}-byte lease was garbage-collected without release(); "
+                    f"its slot was returned to the pool. {format_site(site)}",
+                    LeakWarning,
+                    stacklevel=2,
+                )
+        return len(reports)
+
+    # ------------------------------------------------------------------ maintenance
+    def reclaim(self) -> int:
+        """Move quarantined slots whose views have all died back to the free lists now."""
+        self._collect_leaks()
+        with self._lock:
+            moved = sum(t.reclaim(self._scrub) for t in self._tiers)
+            if moved and self._waiting:
+                self._serve_waiters()
+        return moved
+
+    def trim(self, *, keep_initial: bool = True) -> int:
+        """Give idle slots back to the allocator; returns bytes freed.
+
+        Free slots beyond each class's initial preallocation are dropped (all free slots
+        with ``keep_initial=False``).  Slots in use or quarantined are never touched.
+        """
+        self.reclaim()
+        freed = 0
+        with self._lock:
+            for tier in self._tiers:
+                floor = tier.min_slots if keep_initial else 0
+                n = tier.drop_free(tier.slots - floor)
+                freed += n * tier.slot_size
+            self._reserved -= freed
+            self._trimmed += freed
+            if self._waiting:
+                self._serve_waiters()
+        return freed
+
+    def stats(self) -> PoolStats:
+        """Snapshot of counters; also reports pending leaks (LeakWarning)."""
+        self._collect_leaks()
+        with self._lock:
+            tiers = tuple(
+                TierStats(
+                    size=t.size,
+                    slot_size=t.slot_size,
+                    slots=t.slots,
+                    free=len(t.free),
+                    in_use=t.in_use,
+                    quarantined=len(t.quarantine),
+                    high_water=t.high_water,
+                    hits=t.hits,
+                    misses=t.misses,
+                    spills=t.spills,
+                    leased_bytes=(t.hits + t.extra_served) * t.slot_size,
+                    requested_bytes=t.requested_bytes,
+                )
+                for t in self._tiers
+            )
+            hits = sum(t.hits for t in tiers)
+            misses = sum(t.misses for t in tiers) + self._oversize
+            leased = sum(t.leased_bytes for t in tiers)
+            requested = sum(t.requested_bytes for t in tiers)
+            return PoolStats(
+                in_use=sum(t.in_use for t in tiers),
+                reserved_bytes=self._reserved,
+                max_bytes=self._max_bytes,
+                hits=hits,
+                misses=misses,
+                spills=sum(t.spills for t in tiers),
+                heap_fallbacks=self._heap_fallbacks,
+                heap_in_use=self._heap_in_use,
+                oversize=self._oversize,
+                quarantined=sum(t.quarantined for t in tiers),
+                leaked=self._leaked,
+                waiting=self._waiting,
+                timeouts=self._timeouts,
+                trimmed_bytes=self._trimmed,
+                hit_rate=hits / (hits + misses) if hits + misses else 1.0,
+                waste_ratio=(leased - requested) / leased if leased else 0.0,
+                tiers=tiers,
+            )
+
+    def class_for(self, size: int) -> int | None:
+        """Nominal size of the class that serves ``size`` bytes, None above the largest."""
+        i = bisect_left(self._slot_sizes, size)
+        return self._tiers[i].size if i < self._ntiers else None
+
+    def __repr__(self) -> str:
+        return (
+            f"<BufferPool classes={self.classes} reserved={self._reserved}/{self._max_bytes} B "
+            f"policy={self._policy!r}>"
+        )
+
+
+def _bad_size(size: object) -> None:
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise TypeError(f"size must be an int number of bytes, got {type(size).__name__}")
+    raise ValueError(f"size must be >= 0 bytes, got {size}")
