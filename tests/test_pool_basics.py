@@ -1,0 +1,172 @@
+"""BufferPool: routing, lease views, retain/release, chains, errors on nonsense input."""
+
+from __future__ import annotations
+
+import pytest
+
+import bufpool
+from bufpool import BufferPool, LeaseReleasedError
+
+
+@pytest.mark.parametrize(
+    ("size", "cls"),
+    [
+        (0, 64), (1, 64), (64, 64), (65, 256), (256, 256), (1000, 1024), (1500, 4096),
+        (4096, 4096), (4097, 16384), (16384, 16384), (18437, 16384), (18438, 65536),
+        (65536, 65536),
+    ],
+)
+def test_acquire_routes_to_smallest_class_that_fits(size: int, cls: int) -> None:
+    pool = BufferPool()
+    with pool.acquire(size) as lease:
+        assert lease.pooled
+        assert pool.class_for(size) == cls
+        assert lease.capacity == pool.slot_sizes[pool.classes.index(cls)]
+    tier = next(t for t in pool.stats().tiers if t.size == cls)
+    assert tier.hits == 1
+
+
+def test_view_is_writable_exact_size_bytes() -> None:
+    pool = BufferPool()
+    lease = pool.acquire(1500)
+    view = lease.view
+    assert len(lease) == len(view) == 1500
+    assert view.format == "B" and view.itemsize == 1 and not view.readonly
+    view[:] = b"a" * 1500
+    assert lease.tobytes() == b"a" * 1500
+    del view
+    lease.release()
+
+
+def test_default_classes_and_tls_headroom() -> None:
+    pool = BufferPool()
+    assert pool.classes == (64, 256, 1024, 4096, 16384, 65536)
+    assert pool.slot_sizes[4] == bufpool.TLS12_MAX_RECORD == 18437
+
+
+def test_context_manager_releases_on_exit_and_on_error() -> None:
+    pool = BufferPool()
+    with pool.acquire(10) as lease:
+        assert pool.stats().in_use == 1
+    assert lease.released and pool.stats().in_use == 0
+    with pytest.raises(RuntimeError), pool.acquire(10) as lease2:
+        raise RuntimeError("boom")
+    assert lease2.released and pool.stats().in_use == 0
+
+
+def test_retain_release_refcount() -> None:
+    pool = BufferPool()
+    lease = pool.acquire(100)
+    assert lease.retain() is lease
+    assert lease.refcount == 2
+    lease.release()
+    assert lease.refcount == 1 and pool.stats().in_use == 1
+    lease.release()
+    assert lease.refcount == 0 and pool.stats().in_use == 0
+
+
+def test_double_release_names_the_lease_and_refcount() -> None:
+    pool = BufferPool()
+    lease = pool.acquire(100)
+    lease.release()
+    with pytest.raises(LeaseReleasedError, match=r"100 B in 256-byte class, refcount 0.*refcount 0"):
+        lease.release()
+    with pytest.raises(LeaseReleasedError, match="retain"):
+        lease.retain()
+
+
+def test_view_after_release_raises() -> None:
+    pool = BufferPool()
+    lease = pool.acquire(100)
+    lease.release()
+    with pytest.raises(LeaseReleasedError, match=r"\.view used after the lease was released"):
+        _ = lease.view
+    assert lease.capacity == 0
+
+
+def test_truncate_shrinks_visible_length() -> None:
+    pool = BufferPool()
+    with pool.acquire(1000) as lease:
+        lease.view[:] = bytes(range(250)) * 4
+        lease.truncate(10)
+        assert len(lease) == 10 and lease.tobytes() == bytes(range(10))
+        with pytest.raises(ValueError, match=r"0\.\.10"):
+            lease.truncate(11)
+
+
+@pytest.mark.parametrize("bad", [-1, -100])
+def test_negative_size_is_value_error(bad: int) -> None:
+    pool = BufferPool()
+    with pytest.raises(ValueError, match=f"size must be >= 0 bytes, got {bad}"):
+        pool.acquire(bad)
+    with pytest.raises(ValueError, match="size must be >= 0"):
+        pool.acquire_chain(bad)
+
+
+@pytest.mark.parametrize("bad", [1.5, "10", None, True])
+def test_non_int_size_is_type_error(bad: object) -> None:
+    pool = BufferPool()
+    with pytest.raises(TypeError, match="size must be an int number of bytes"):
+        pool.acquire(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "msg"),
+    [
+        ({"classes": (64, 64)}, ValueError, "strictly increasing, got 64 then 64"),
+        ({"classes": (256, 64)}, ValueError, "strictly increasing"),
+        ({"classes": ()}, ValueError, "at least one"),
+        ({"classes": (0, 64)}, ValueError, "positive"),
+        ({"classes": (64.0,)}, TypeError, "must be int"),
+        ({"on_exhausted": "wait"}, ValueError, "on_exhausted must be one of"),
+        ({"leak_detection": "loud"}, ValueError, "leak_detection must be one of"),
+        ({"max_bytes": -1}, ValueError, "max_bytes"),
+        ({"initial_slots": -1}, ValueError, "initial_slots"),
+        ({"classes": (64, 128), "headroom": {64: 100}}, ValueError, "headroom makes class 64"),
+    ],
+)
+def test_nonsense_configuration_is_rejected(kwargs: dict[str, object], exc: type, msg: str) -> None:
+    with pytest.raises(exc, match=msg):
+        BufferPool(**kwargs)  # type: ignore[arg-type]
+
+
+def test_chain_covers_any_size_with_largest_class_slots() -> None:
+    pool = BufferPool()
+    chain = pool.acquire_chain(300_000)
+    sizes = [len(v) for v in chain.views()]
+    assert sizes == [65536] * 4 + [300_000 - 4 * 65536]
+    assert len(chain) == 300_000 and chain.pooled
+    assert all(lease.capacity == 65536 for lease in chain.leases)
+    for i, v in enumerate(chain.views()):
+        v[:] = bytes([i]) * len(v)
+    assert chain.tobytes() == b"".join(bytes([i]) * n for i, n in enumerate(sizes))
+    chain.release()
+    assert pool.stats().in_use == 0
+    with pytest.raises(LeaseReleasedError, match="released twice"):
+        chain.release()
+
+
+def test_chain_zero_and_context_manager() -> None:
+    pool = BufferPool()
+    with pool.acquire_chain(0) as chain:
+        assert len(chain) == 0 and chain.views() == []
+    with pool.acquire_chain(65537) as chain2:
+        assert [len(v) for v in chain2] == [65536, 1]
+    assert pool.stats().in_use == 0
+
+
+def test_chain_failure_releases_what_it_took() -> None:
+    pool = BufferPool(initial_slots=0, max_bytes=2 * 65536, on_exhausted="raise")
+    with pytest.raises(bufpool.PoolExhausted):
+        pool.acquire_chain(3 * 65536)
+    assert pool.stats().in_use == 0
+
+
+def test_public_names_exported() -> None:
+    for name in bufpool.__all__:
+        assert hasattr(bufpool, name), name
+    assert issubclass(bufpool.PoolExhausted, bufpool.BufPoolError)
+    assert issubclass(bufpool.LeaseReleasedError, bufpool.BufPoolError)
+    assert issubclass(bufpool.RequestTooLarge, bufpool.BufPoolError)
+    assert issubclass(bufpool.BufferFull, bufpool.BufPoolError)
+    assert issubclass(bufpool.LeakWarning, ResourceWarning)

@@ -1,0 +1,95 @@
+"""Leak detection: a lease dropped without release is reported and its slot comes back."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+
+import pytest
+
+import bufpool
+from bufpool import BufferPool, LeakWarning
+
+
+def leak_one(pool: BufferPool, size: int = 100) -> None:
+    pool.acquire(size)  # dropped on the floor
+
+
+def test_paranoid_leak_warns_with_acquisition_site() -> None:
+    pool = BufferPool(leak_detection="paranoid", classes=(256,), initial_slots=1, max_bytes=256)
+    leak_one(pool)
+    gc.collect()
+    with pytest.warns(LeakWarning, match=r"a 100-byte lease was garbage-collected") as rec:
+        bufpool.report_leaks()
+    text = str(rec[0].message)
+    assert "test_pool_leaks.py" in text and "leak_one" in text
+    st = pool.stats()
+    assert st.leaked == 1 and st.in_use == 0
+    with pool.acquire(100) as lease:  # the slot came back
+        assert lease.pooled
+
+
+def test_sample_level_warns_and_records_site_for_about_1_in_128() -> None:
+    pool = BufferPool(leak_detection="sample")
+    for _ in range(256):
+        leak_one(pool, 10)
+    gc.collect()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        assert bufpool.report_leaks() == 256
+    texts = [str(w.message) for w in rec if issubclass(w.category, LeakWarning)]
+    assert len(texts) == 256
+    with_site = [t for t in texts if "acquired at:" in t]
+    assert len(with_site) == 2  # exactly every 128th lease is sampled
+    assert "leak_one" in with_site[0]
+
+
+def test_off_level_reclaims_silently_but_counts() -> None:
+    pool = BufferPool(leak_detection="off", classes=(64,), initial_slots=1, max_bytes=64)
+    leak_one(pool, 64)
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        st = pool.stats()
+    assert st.leaked == 1 and st.in_use == 0
+    with pool.acquire(64) as lease:
+        assert lease.pooled
+
+
+def test_leaked_slot_with_live_view_waits_for_the_view() -> None:
+    pool = BufferPool(leak_detection="off", classes=(64,), initial_slots=1, max_bytes=64)
+    lease = pool.acquire(64)
+    view = lease.view
+    view[:] = b"L" * 64
+    del lease
+    gc.collect()
+    st = pool.stats()
+    assert st.leaked == 1 and st.quarantined == 1
+    other = pool.acquire(64)
+    assert not other.pooled
+    other.release()
+    assert bytes(view) == b"L" * 64
+    del view
+    with pool.acquire(64) as lease2:
+        assert lease2.pooled
+
+
+def test_leak_from_miss_path_is_reported_by_next_stats() -> None:
+    pool = BufferPool(leak_detection="paranoid", classes=(64,), initial_slots=1, max_bytes=64)
+    leak_one(pool, 64)
+    gc.collect()
+    lease = pool.acquire(64)  # miss: drains the leak queue, reuses the slot
+    assert lease.pooled
+    lease.release()
+    with pytest.warns(LeakWarning):
+        pool.stats()
+    assert pool.stats().leaked == 1
+
+
+def test_released_lease_is_not_a_leak() -> None:
+    pool = BufferPool(leak_detection="paranoid")
+    pool.acquire(10).release()
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bufpool.report_leaks() == 0

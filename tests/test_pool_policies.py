@@ -1,0 +1,163 @@
+"""Budget and on_exhausted policies, oversize requests, growth, trim, stats."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import bufpool
+from bufpool import BufferPool, PoolExhausted, RequestTooLarge
+
+
+def small_pool(policy: str, **kw: object) -> BufferPool:
+    # 2 slots of 1 KiB, 1 of 4 KiB; budget exactly that.
+    return BufferPool(
+        classes=(1024, 4096),
+        initial_slots={1024: 2, 4096: 1},
+        max_bytes=2 * 1024 + 4096,
+        on_exhausted=policy,  # type: ignore[arg-type]
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_raise_policy_names_budget_and_class() -> None:
+    pool = small_pool("raise")
+    a, b = pool.acquire(1000), pool.acquire(1000)
+    with pytest.raises(PoolExhausted, match=r"1000 bytes in the 1024-byte class.*max_bytes=6144"):
+        pool.acquire(1000)
+    # Nothing already leased is disturbed.
+    a.view[:] = b"a" * 1000
+    assert a.tobytes() == b"a" * 1000
+    a.release()
+    b.release()
+    assert pool.stats().in_use == 0
+
+
+def test_spill_policy_uses_next_larger_class_then_raises() -> None:
+    pool = small_pool("spill")
+    leases = [pool.acquire(1000), pool.acquire(1000)]
+    spilled = pool.acquire(1000)
+    assert spilled.capacity == 4096 and len(spilled) == 1000
+    st = pool.stats()
+    assert st.spills == 1 and st.tiers[0].spills == 1 and st.tiers[0].misses == 1
+    with pytest.raises(PoolExhausted):
+        pool.acquire(1000)
+    for lease in [*leases, spilled]:
+        lease.release()
+    assert pool.stats().tiers[1].free == 1
+
+
+def test_heap_policy_serves_unpooled_and_counts() -> None:
+    pool = small_pool("heap")
+    leases = [pool.acquire(1000) for _ in range(3)]
+    assert [x.pooled for x in leases] == [True, True, False]
+    st = pool.stats()
+    assert st.heap_fallbacks == 1 and st.heap_in_use == 1 and st.in_use == 2
+    for lease in leases:
+        lease.release()
+    assert pool.stats().heap_in_use == 0
+
+
+def test_default_policy_never_fails_a_plain_acquire() -> None:
+    pool = BufferPool(max_bytes=0, initial_slots=0)
+    lease = pool.acquire(100)
+    assert not lease.pooled and len(lease.view) == 100
+    lease.release()
+
+
+def test_oversize_heap_is_counted() -> None:
+    pool = BufferPool()
+    with pool.acquire(100_000) as lease:
+        assert not lease.pooled and len(lease) == 100_000
+    st = pool.stats()
+    assert st.oversize == 1 and st.heap_fallbacks == 1
+
+
+def test_oversize_raise_points_to_acquire_chain() -> None:
+    pool = BufferPool(on_exhausted="raise")
+    with pytest.raises(RequestTooLarge, match=r"100000 bytes exceeds the largest size class \(65536"):
+        pool.acquire(100_000)
+    assert isinstance(RequestTooLarge("x"), ValueError)
+    with pool.acquire_chain(100_000) as chain:
+        assert chain.pooled
+
+
+def test_grows_in_chunks_within_budget() -> None:
+    pool = BufferPool(classes=(1024,), initial_slots=0, max_bytes=10 * 1024)
+    leases = [pool.acquire(1024) for _ in range(10)]
+    st = pool.stats()
+    assert st.reserved_bytes == 10 * 1024 and st.tiers[0].slots == 10
+    assert all(x.pooled for x in leases)
+    extra = pool.acquire(1024)  # budget spent: heap (default policy)
+    assert not extra.pooled
+    for x in [*leases, extra]:
+        x.release()
+
+
+def test_trim_gives_back_idle_slots_above_initial() -> None:
+    pool = BufferPool(classes=(4096,), initial_slots=2, max_bytes=1 << 20)
+    leases = [pool.acquire(4096) for _ in range(40)]
+    held = leases.pop()
+    for x in leases:
+        x.release()
+    before = pool.stats()
+    freed = pool.trim()
+    after = pool.stats()
+    assert freed == (before.tiers[0].slots - 2) * 4096
+    assert after.reserved_bytes == before.reserved_bytes - freed
+    assert after.tiers[0].slots == 2 and after.trimmed_bytes == freed
+    # The held lease is untouched.
+    held.view[:4] = b"keep"
+    assert held.tobytes()[:4] == b"keep"
+    held.release()
+    assert pool.trim(keep_initial=False) == 2 * 4096
+    assert pool.stats().reserved_bytes == 0
+    with pool.acquire(10) as again:  # grows again after a full trim
+        assert again.pooled
+
+
+def test_stats_counts_hits_misses_high_water_and_waste() -> None:
+    pool = BufferPool(classes=(100, 1000), initial_slots=1, max_bytes=10_000)
+    a = pool.acquire(50)  # hit in class 100
+    b = pool.acquire(50)  # miss: grows
+    c = pool.acquire(500)  # hit in class 1000
+    st = pool.stats()
+    assert (st.hits, st.misses) == (2, 1)
+    assert st.hit_rate == pytest.approx(2 / 3)
+    assert st.tiers[0].high_water == 2 and st.tiers[0].in_use == 2
+    # leased capacity: 100 + 100 + 1000; requested: 50 + 50 + 500
+    assert st.waste_ratio == pytest.approx((1200 - 600) / 1200)
+    for x in (a, b, c):
+        x.release()
+    st = pool.stats()
+    assert st.in_use == 0 and st.tiers[0].high_water == 2
+
+
+def test_stats_export_as_dict_json_and_prometheus() -> None:
+    pool = BufferPool()
+    with pool.acquire(200):
+        st = pool.stats()
+    d = st.as_dict()
+    assert json.loads(json.dumps(d))["in_use"] == 1
+    assert d["tiers"][1]["size"] == 256 and d["tiers"][1]["in_use"] == 1
+    text = st.prometheus()
+    assert "# TYPE bufpool_in_use gauge\nbufpool_in_use 1\n" in text
+    assert 'bufpool_tier_in_use{size="256",slot_size="256"} 1' in text
+    assert "bufpool_hits_total 1" in text
+
+
+def test_tls_record_mix_waste_at_most_15_percent() -> None:
+    # Full records of TLS 1.2 and 1.3 plus small handshake/alert records.
+    pool = BufferPool()
+    sizes = [bufpool.TLS12_MAX_RECORD] * 40 + [bufpool.TLS13_MAX_RECORD] * 40 + [16384 + 5] * 20
+    leases = [pool.acquire(n) for n in sizes]
+    assert all(x.capacity == 18437 for x in leases)
+    assert pool.stats().waste_ratio <= 0.15
+    for x in leases:
+        x.release()
+    plain16k = BufferPool(headroom={})
+    leases = [plain16k.acquire(n) for n in sizes]
+    assert plain16k.stats().waste_ratio > 0.70  # what a plain 16 KiB class would waste
+    for x in leases:
+        x.release()

@@ -1,0 +1,175 @@
+"""The central promise: a slot never reaches a new owner while any view of it is alive."""
+
+from __future__ import annotations
+
+import gc
+import random
+import threading
+
+import pytest
+
+from bufpool import BufferPool
+
+
+def one_slot_pool(**kw: object) -> BufferPool:
+    """One 1 KiB slot and no room to grow, so reuse is immediate if allowed."""
+    return BufferPool(classes=(1024,), initial_slots=1, max_bytes=1024, **kw)  # type: ignore[arg-type]
+
+
+def test_released_slot_is_reused_when_no_view_survives() -> None:
+    pool = one_slot_pool()
+    first = pool.acquire(100)
+    first.release()
+    second = pool.acquire(100)
+    assert second.pooled  # same single slot came back
+    second.release()
+    assert pool.stats().quarantined == 0
+
+
+@pytest.mark.parametrize("keep", ["view", "slice", "slice_of_slice", "obj", "cast", "exported"])
+def test_live_view_keeps_slot_quarantined_with_old_bytes(keep: str) -> None:
+    pool = one_slot_pool()
+    lease = pool.acquire(100)
+    lease.view[:] = b"A" * 100
+    held: object
+    if keep == "view":
+        held = lease.view
+    elif keep == "slice":
+        held = lease.view[10:20]
+    elif keep == "slice_of_slice":
+        tmp = lease.view[10:90]
+        held = tmp[5:10]
+        del tmp
+    elif keep == "obj":
+        held = lease.view.obj  # the slot's bytearray itself
+    elif keep == "cast":
+        held = lease.view.cast("c")
+    else:  # a buffer export taken by another object, as a transport or C library would
+        held = memoryview(lease.view).toreadonly()
+    lease.release()
+    assert pool.stats().quarantined == 1
+    other = pool.acquire(100)
+    assert not other.pooled  # the only slot is quarantined: the heap served instead
+    other.view[:] = b"Z" * 100
+    # The old view still shows the old owner's bytes, never the new owner's.
+    data = bytes(held)  # type: ignore[call-overload]
+    assert set(data) <= {ord("A"), 0} and data
+    other.release()
+    del held
+    assert pool.reclaim() == 1
+    st = pool.stats()
+    assert st.quarantined == 0 and st.tiers[0].free == 1
+
+
+def test_quarantined_slot_is_reclaimed_on_miss_without_explicit_call() -> None:
+    pool = one_slot_pool(on_exhausted="raise")
+    lease = pool.acquire(100)
+    v = lease.view
+    lease.release()
+    del v
+    again = pool.acquire(100)  # miss path rescans quarantine
+    assert again.pooled
+    again.release()
+
+
+def test_view_used_after_release_is_not_aliased_by_next_owner() -> None:
+    pool = one_slot_pool()
+    lease = pool.acquire(64)
+    stale = lease.view
+    lease.release()
+    new = pool.acquire(64)
+    new.view[:] = b"N" * 64
+    stale[:] = b"S" * 64  # writing through the stale view must not reach the new owner
+    assert new.tobytes() == b"N" * 64
+    new.release()
+    del stale
+    pool.reclaim()
+
+
+def test_scrub_zeroes_bytes_before_next_owner() -> None:
+    pool = one_slot_pool(scrub=True)
+    with pool.acquire(1024) as lease:
+        lease.view[:] = b"\xff" * 1024
+    with pool.acquire(1024) as lease:
+        assert lease.tobytes() == bytes(1024)
+    # Also after quarantine.
+    lease = pool.acquire(1024)
+    lease.view[:] = b"\xee" * 1024
+    held = lease.view[:1]
+    lease.release()
+    del held
+    with pool.acquire(1024) as lease:
+        assert lease.pooled and lease.tobytes() == bytes(1024)
+
+
+def test_without_scrub_old_bytes_remain_visible() -> None:
+    # The contrast that makes the scrub test meaningful.
+    pool = one_slot_pool()
+    with pool.acquire(16) as lease:
+        lease.view[:] = b"\xff" * 16
+    with pool.acquire(16) as lease:
+        assert lease.tobytes() == b"\xff" * 16
+
+
+def test_threads_never_share_a_slot() -> None:
+    pool = BufferPool(classes=(64, 1024), initial_slots=4, max_bytes=64 * 1024)
+    errors: list[str] = []
+    owners: dict[int, int] = {}
+    owners_lock = threading.Lock()
+    start = threading.Barrier(4)
+
+    def worker(tid: int) -> None:
+        rnd = random.Random(tid)
+        start.wait()
+        for i in range(3000):
+            lease = pool.acquire(rnd.choice((10, 64, 500, 1024)))
+            if not lease.pooled:
+                lease.release()
+                continue
+            slot = id(lease.view.obj)
+            with owners_lock:
+                if slot in owners:
+                    errors.append(f"slot {slot:#x} owned by {owners[slot]} and {tid}")
+                owners[slot] = tid
+            stamp = bytes([tid]) * len(lease)
+            lease.view[:] = stamp
+            if i % 3 == 0:
+                lease.retain()
+                lease.release()
+            if lease.tobytes() != stamp:
+                errors.append(f"thread {tid}: bytes changed under its lease")
+            with owners_lock:
+                del owners[slot]
+            lease.release()
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:5]
+    st = pool.stats()
+    assert st.in_use == 0 and st.heap_in_use == 0 and st.quarantined == 0
+
+
+def test_concurrent_release_of_shared_lease_returns_slot_once() -> None:
+    pool = BufferPool(classes=(64,), initial_slots=1, max_bytes=64)
+    for _ in range(200):
+        lease = pool.acquire(64)
+        for _ in range(7):
+            lease.retain()
+        go = threading.Barrier(8)
+
+        def rel() -> None:
+            go.wait()
+            lease.release()
+
+        ts = [threading.Thread(target=rel) for _ in range(8)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(10)
+        assert lease.refcount == 0
+        st = pool.stats()
+        assert st.tiers[0].free == 1 and st.in_use == 0
+    gc.collect()
