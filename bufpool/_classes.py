@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from itertools import pairwise
 
 __all__ = [
     "DEFAULT_CLASSES",
@@ -52,7 +53,7 @@ def build_classes(
             raise TypeError(f"class sizes must be int, got {type(s).__name__} {s!r}")
         if s <= 0:
             raise ValueError(f"class sizes must be positive, got {s}")
-    for a, b in zip(sizes, sizes[1:], strict=False):
+    for a, b in pairwise(sizes):
         if b <= a:
             raise ValueError(f"classes must be strictly increasing, got {a} then {b}")
     extra = dict(DEFAULT_HEADROOM if headroom is None else headroom)
@@ -60,10 +61,10 @@ def build_classes(
         if not isinstance(v, int) or v < 0:
             raise ValueError(f"headroom for class {k} must be a non-negative int, got {v!r}")
     out = tuple(SizeClass(s, s + extra.get(s, 0)) for s in sizes)
-    for a, b in zip(out, out[1:], strict=False):
-        if b.slot_size <= a.slot_size:
+    for lo, hi in pairwise(out):
+        if hi.slot_size <= lo.slot_size:
             raise ValueError(
-                f"headroom makes class {a.size} ({a.slot_size} B slots) no smaller than "
-                f"class {b.size} ({b.slot_size} B slots)"
+                f"headroom makes class {lo.size} ({lo.slot_size} B slots) no smaller than "
+                f"class {hi.size} ({hi.slot_size} B slots)"
             )
     return out

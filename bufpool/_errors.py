@@ -25,7 +25,7 @@ class PoolExhausted(BufPoolError):
 
 
 class RequestTooLarge(BufPoolError, ValueError):
-    """A single contiguous lease was asked for beyond the largest size class under ``on_exhausted="raise"``."""
+    """A contiguous lease beyond the largest size class, under ``on_exhausted="raise"``."""
 
 
 class LeaseReleasedError(BufPoolError):

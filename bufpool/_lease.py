@@ -122,7 +122,7 @@ class Lease:
                 pool._heap_in_use -= 1
                 return
             tier.in_use -= 1
-            if getrefcount(buf) - OVERHEAD == 1 and not pool._slow_release:  # type: ignore[arg-type]
+            if getrefcount(buf) - OVERHEAD == 1 and not pool._slow_release:
                 tier.free.append(buf)  # type: ignore[arg-type]
             else:
                 pool._returned(tier, buf)  # type: ignore[arg-type]

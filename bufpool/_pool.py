@@ -25,8 +25,6 @@ from ._classes import DEFAULT_CLASSES, build_classes
 from ._errors import LeakWarning, LeaseReleasedError, PoolExhausted, RequestTooLarge
 from ._leak import LEVELS, SAMPLE_INTERVAL, Site, capture_site, format_site
 from ._lease import Lease, LeaseChain
-
-_new_lease = object.__new__
 from ._stats import PoolStats, TierStats
 from ._tier import Tier
 from ._tracking import holders
@@ -45,6 +43,7 @@ DEFAULT_INITIAL_BYTES_PER_CLASS: Final = 128 * 1024
 #: While coroutines wait, quarantine and leaked leases are rechecked this often (seconds).
 WAITER_POLL_INTERVAL: Final = 0.002
 
+_new_lease = object.__new__
 _pools: weakref.WeakSet[BufferPool] = weakref.WeakSet()
 
 _LeakRecord = tuple["Tier | None", "bytearray | None", int, "Site | None"]

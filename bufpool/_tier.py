@@ -28,12 +28,12 @@ CHUNK_MAX_SLOTS = 64
 class Tier:
     __slots__ = (
         "chunk_slots",
+        "extra_served",
         "free",
         "high_water",
         "hits",
         "in_use",
         "index",
-        "extra_served",
         "min_slots",
         "misses",
         "quarantine",

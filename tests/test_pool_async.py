@@ -26,7 +26,8 @@ async def test_returns_immediately_when_a_slot_is_free() -> None:
 async def test_timeout_raises_pool_exhausted_naming_the_wait() -> None:
     pool = tight_pool()
     held = pool.acquire(100)
-    with pytest.raises(PoolExhausted, match=r"no 1024-byte slot for 100 bytes became free within 0\.05 s"):
+    msg = r"no 1024-byte slot for 100 bytes became free within 0\.05 s"
+    with pytest.raises(PoolExhausted, match=msg):
         await pool.acquire_async(100, timeout=0.05)
     st = pool.stats()
     assert st.timeouts == 1 and st.waiting == 0

@@ -69,7 +69,8 @@ def test_double_release_names_the_lease_and_refcount() -> None:
     pool = BufferPool()
     lease = pool.acquire(100)
     lease.release()
-    with pytest.raises(LeaseReleasedError, match=r"100 B in 256-byte class, refcount 0.*refcount 0"):
+    msg = r"100 B in 256-byte class, refcount 0.*refcount 0"
+    with pytest.raises(LeaseReleasedError, match=msg):
         lease.release()
     with pytest.raises(LeaseReleasedError, match="retain"):
         lease.retain()

@@ -76,7 +76,8 @@ def test_oversize_heap_is_counted() -> None:
 
 def test_oversize_raise_points_to_acquire_chain() -> None:
     pool = BufferPool(on_exhausted="raise")
-    with pytest.raises(RequestTooLarge, match=r"100000 bytes exceeds the largest size class \(65536"):
+    msg = r"100000 bytes exceeds the largest size class \(65536"
+    with pytest.raises(RequestTooLarge, match=msg):
         pool.acquire(100_000)
     assert isinstance(RequestTooLarge("x"), ValueError)
     with pool.acquire_chain(100_000) as chain:

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from bufpool import BufferPool
+from bufpool import BufferPool, Lease
 
 
 def one_slot_pool(**kw: object) -> BufferPool:
@@ -160,7 +160,7 @@ def test_concurrent_release_of_shared_lease_returns_slot_once() -> None:
             lease.retain()
         go = threading.Barrier(8)
 
-        def rel() -> None:
+        def rel(lease: Lease = lease, go: threading.Barrier = go) -> None:
             go.wait()
             lease.release()
 

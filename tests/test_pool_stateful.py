@@ -25,9 +25,10 @@ class PoolMachine(RuleBasedStateMachine):
             on_exhausted="spill",
             leak_detection="off",
         )
-        self.live: dict[int, tuple[Lease, int, bytes]] = {}  # id -> (lease, refs, stamp)
+        self.live: dict[int, tuple[Lease, int, bytes]] = {}  # key -> (lease, refs, stamp)
         self.held: list[tuple[memoryview, bytes]] = []  # stale views and the bytes they saw
         self.counter = 0
+        self.next_key = 0
         self.heap_or_failed = 0
 
     @rule(target=leases, size=st.integers(0, 300))
@@ -40,8 +41,9 @@ class PoolMachine(RuleBasedStateMachine):
         self.counter = (self.counter + 1) % 251
         stamp = bytes([self.counter]) * size
         lease.view[:] = stamp
-        self.live[id(lease)] = (lease, 1, stamp)
-        return id(lease)
+        self.next_key += 1
+        self.live[self.next_key] = (lease, 1, stamp)
+        return self.next_key
 
     @rule(key=leases)
     def retain(self, key: int) -> None:
