@@ -1,0 +1,53 @@
+"""bufpool for aiohttp servers: request bodies read into pool memory, responses sent from it.
+
+Floor 3 (adapter).  Usage::
+
+    app = web.Application()
+    bufpool.aiohttp.setup(app, pool=bufpool.BufferPool(max_bytes=64 << 20), max_body_size=8 << 20)
+
+    async def upload(request):
+        body = await bufpool.aiohttp.read_body(request)   # PooledBody, valid until request end
+        return bufpool.aiohttp.pooled_response(request, body)  # sent from pool memory
+
+Statuses: 413 body over ``max_body_size``; 503 + Retry-After when the pool had no room within
+``acquire_timeout``; 400 malformed or truncated body.  Every lease a request took is released
+when it ends, after its response was written; see ``docs/aiohttp.md``.
+"""
+
+from ._body import PooledBody, read_body
+from ._endpoint import PROMETHEUS_CONTENT_TYPE
+from ._errors import BodyNotContiguous, NotSetUp
+from ._headers import SUPPORTED as HEADER_REUSE_SUPPORTED
+from ._headers import HeaderMaps
+from ._lifetime import RequestLeases, owner_of
+from ._response import PooledResponse, pooled_response
+from ._settings import (
+    DEFAULT_ACQUIRE_TIMEOUT,
+    DEFAULT_MAX_BODY_SIZE,
+    DEFAULT_POOL_MAX_BYTES,
+    POOL_KEY,
+    SETTINGS_KEY,
+    Settings,
+)
+from ._setup import setup
+
+__all__ = [
+    "DEFAULT_ACQUIRE_TIMEOUT",
+    "DEFAULT_MAX_BODY_SIZE",
+    "DEFAULT_POOL_MAX_BYTES",
+    "HEADER_REUSE_SUPPORTED",
+    "POOL_KEY",
+    "PROMETHEUS_CONTENT_TYPE",
+    "SETTINGS_KEY",
+    "BodyNotContiguous",
+    "HeaderMaps",
+    "NotSetUp",
+    "PooledBody",
+    "PooledResponse",
+    "RequestLeases",
+    "Settings",
+    "owner_of",
+    "pooled_response",
+    "read_body",
+    "setup",
+]

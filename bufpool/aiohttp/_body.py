@@ -1,0 +1,314 @@
+"""Request bodies read straight into pool memory: ``read_body`` and ``PooledBody``.
+
+Supports Content-Length and chunked uploads, and compressed bodies as aiohttp decodes them
+(``Content-Encoding: gzip``/``deflate``).  Goals: never join the body into one ``bytes``; peak
+memory about 1x the body plus what aiohttp buffers (at most about two 64 KiB chunks), against
+about 2x for ``await request.read()`` (bytearray growth, then a copy to ``bytes``).
+
+Layout: a body up to the pool's largest class (64 KiB by default) is one lease; a larger one is
+a LeaseChain of largest-class slots, never one giant allocation.  With a Content-Length the
+memory is leased once up front; without one the first lease grows through the classes (its
+bytes copied, at most 64 KiB in all) and further slots are appended.
+
+Bounds: O(body bytes) work, one copy of each byte; a body over ``max_body_size`` is refused
+with 413 before any byte is read when Content-Length says so, otherwise as soon as the limit is
+crossed, and every slot taken so far is released at once.
+
+Lifetime: the PooledBody and its views are valid until the request ends (the middleware
+releases them) or until ``PooledBody.release()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from hashlib import sha256
+
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from .._errors import PoolExhausted
+from .._lease import Lease, LeaseChain
+from .._pool import BufferPool
+from ._errors import BodyNotContiguous
+from ._lifetime import owner_of
+from ._settings import Settings, settings_of
+
+__all__ = ["PooledBody", "read_body"]
+
+_EMPTY = memoryview(b"")
+
+
+class PooledBody:
+    """A request body held in pool memory: one lease, a LeaseChain, or nothing (0 bytes).
+
+    Valid until the request ends or ``release()``; copy with ``tobytes()`` to keep it longer.
+    """
+
+    __slots__ = ("_owned", "_request", "_size")
+
+    def __init__(
+        self, owned: Lease | LeaseChain | None, request: web.BaseRequest | None = None
+    ) -> None:
+        self._owned = owned
+        self._request = request
+        self._size = 0 if owned is None else len(owned)
+
+    def __len__(self) -> int:
+        """Body size in bytes."""
+        return self._size
+
+    def __bool__(self) -> bool:
+        return self._size > 0
+
+    @property
+    def owned(self) -> Lease | LeaseChain | None:
+        """The lease or chain holding the bytes (None for an empty body)."""
+        return self._owned
+
+    @property
+    def contiguous(self) -> bool:
+        """True when the whole body is one memoryview (one lease, or empty)."""
+        owned = self._owned
+        return not isinstance(owned, LeaseChain) or len(owned.leases) <= 1
+
+    def views(self) -> list[memoryview]:
+        """The body's memoryviews in order (none for an empty body); valid until release."""
+        owned = self._owned
+        if owned is None:
+            return []
+        if isinstance(owned, Lease):
+            return [owned.view]
+        return owned.views()
+
+    def __iter__(self) -> Iterator[memoryview]:
+        return iter(self.views())
+
+    def memoryview(self) -> memoryview:
+        """The body as one read-write memoryview, when it is in one slot.
+
+        Raises BodyNotContiguous for a body held in several slots (larger than the pool's
+        largest class): use ``views()`` or ``tobytes()`` then.
+        """
+        owned = self._owned
+        if owned is None:
+            return _EMPTY
+        if isinstance(owned, Lease):
+            return owned.view
+        leases = owned.leases
+        if len(leases) == 1:
+            return leases[0].view
+        raise BodyNotContiguous(
+            f"this {self._size}-byte body is held in {len(leases)} pool slots (it is larger "
+            f"than the largest size class); use .views() to walk it or .tobytes() for a copy"
+        )
+
+    def tobytes(self) -> bytes:
+        """One joined copy of the body, safe to keep after the request ends."""
+        owned = self._owned
+        return b"" if owned is None else owned.tobytes()
+
+    def sha256(self) -> str:
+        """Hex SHA-256 of the body, hashed view by view (no joined copy)."""
+        h = sha256()
+        for view in self.views():
+            h.update(view)
+        return h.hexdigest()
+
+    @property
+    def released(self) -> bool:
+        owned = self._owned
+        return owned is None or owned.released
+
+    def release(self) -> None:
+        """Give the memory back before the request ends (optional; idempotent)."""
+        owned = self._owned
+        if owned is None or owned.released:
+            return
+        if self._request is not None:
+            owner_of(self._request).forget(owned)
+        owned.release()
+
+    def __repr__(self) -> str:
+        kind = type(self._owned).__name__ if self._owned is not None else "empty"
+        return f"<PooledBody {self._size} B ({kind})>"
+
+
+async def read_body(request: web.Request) -> PooledBody:
+    """Read the whole request body into pool memory.
+
+    Statuses raised (as aiohttp HTTP exceptions, nothing left leased): 413 when the body is
+    over ``max_body_size`` (the message names the limit), 503 with Retry-After when the pool
+    had no room within ``acquire_timeout`` seconds, 400 when the body is malformed or
+    truncated (bad chunked framing, bad compressed data, fewer bytes than Content-Length).
+    ConnectionResetError propagates when the client went away.
+
+    The body is owned by the request: released when it ends.
+    """
+    settings = settings_of(request)
+    owner = owner_of(request)
+    length = request.content_length
+    if length is not None and hdrs.CONTENT_ENCODING not in request.headers:
+        owned = await _read_sized(request, settings, length)
+    else:
+        owned = await _read_streamed(request, settings)
+    if owned is not None:
+        owner.items.append(owned)
+    return PooledBody(owned, request)
+
+
+def _too_large(limit: int, size: int | None) -> web.HTTPRequestEntityTooLarge:
+    if size is not None:
+        text = (
+            f"request body of {size} bytes (Content-Length) exceeds max_body_size={limit} "
+            "bytes"
+        )
+    else:
+        text = f"request body exceeds max_body_size={limit} bytes"
+    return web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size or limit + 1, text=text)
+
+
+def _exhausted(settings: Settings, size: int, exc: PoolExhausted) -> web.HTTPServiceUnavailable:
+    return web.HTTPServiceUnavailable(
+        headers={hdrs.RETRY_AFTER: str(settings.retry_after)},
+        text=(
+            f"no buffer memory for a {size}-byte request body within acquire_timeout="
+            f"{settings.acquire_timeout} s; retry later ({exc})"
+        ),
+    )
+
+
+def _malformed(exc: HttpProcessingError) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=f"malformed request body: {exc.message or exc!r}")
+
+
+async def _acquire(pool: BufferPool, settings: Settings, size: int) -> Lease | LeaseChain:
+    try:
+        if size <= pool.classes[-1]:
+            return await pool.acquire_async(size, timeout=settings.acquire_timeout)
+        return await pool.acquire_chain_async(size, timeout=settings.acquire_timeout)
+    except PoolExhausted as exc:
+        raise _exhausted(settings, size, exc) from None
+
+
+async def _read_sized(
+    request: web.Request, settings: Settings, length: int
+) -> Lease | LeaseChain | None:
+    """Content-Length known and not encoded: lease ``length`` bytes once, then fill."""
+    if length > settings.max_body_size:
+        raise _too_large(settings.max_body_size, length)
+    if length == 0:
+        return None
+    owned = await _acquire(settings.pool, settings, length)
+    try:
+        views = [owned.view] if isinstance(owned, Lease) else owned.views()
+        await _fill(request, views, length)
+    except BaseException:
+        owned.release()
+        raise
+    return owned
+
+
+async def _fill(request: web.BaseRequest, views: list[memoryview], length: int) -> None:
+    content = request.content
+    readchunk = content.readchunk
+    vi = 0
+    view = views[0]
+    off = 0
+    got = 0
+    try:
+        while got < length:
+            data, end_of_chunk = await readchunk()
+            n = len(data)
+            if not n:
+                if end_of_chunk:
+                    continue
+                raise web.HTTPBadRequest(
+                    text=f"request body truncated: {got} of {length} bytes (Content-Length)"
+                )
+            if n > length - got:  # the parser caps at Content-Length; stay safe anyway
+                n = length - got
+            room = len(view) - off
+            if n <= room and n == len(data):
+                view[off : off + n] = data
+                off += n
+            else:
+                src = memoryview(data)
+                p = 0
+                while p < n:
+                    if off == len(view):
+                        vi += 1
+                        view = views[vi]
+                        off = 0
+                    k = min(len(view) - off, n - p)
+                    view[off : off + k] = src[p : p + k]
+                    off += k
+                    p += k
+                src.release()
+            got += n
+    except HttpProcessingError as exc:
+        raise _malformed(exc) from None
+
+
+async def _read_streamed(request: web.Request, settings: Settings) -> Lease | LeaseChain | None:
+    """Unknown length (chunked, or decoded from Content-Encoding): grow as bytes arrive."""
+    pool = settings.pool
+    limit = settings.max_body_size
+    largest = pool.classes[-1]
+    # Sizes a growing first lease steps through: whole slots of each class up to the largest.
+    steps = [s for s in pool.slot_sizes if s <= largest] or [largest]
+    readchunk = request.content.readchunk
+    leases: list[Lease] = []
+    cur: Lease | None = None
+    filled = 0
+    total = 0
+    try:
+        while True:
+            try:
+                data, end_of_chunk = await readchunk()
+            except HttpProcessingError as exc:
+                raise _malformed(exc) from None
+            n = len(data)
+            if not n:
+                if end_of_chunk:
+                    continue
+                break
+            if total + n > limit:
+                raise _too_large(limit, None)
+            src = memoryview(data)
+            p = 0
+            while p < n:
+                if cur is None or filled == len(cur):
+                    need = filled + n - p
+                    if cur is not None and len(leases) == 1 and len(cur) < largest:
+                        # Grow the only lease to the next class that fits (copying <= 64 KiB).
+                        size = next((s for s in steps if s >= need), largest)
+                        bigger = await _acquire(pool, settings, size)
+                        assert isinstance(bigger, Lease)
+                        bigger.view[:filled] = cur.view[:filled]
+                        cur.release()
+                        leases[0] = cur = bigger
+                    else:
+                        size = next((s for s in steps if s >= n - p), largest)
+                        if cur is not None:
+                            size = largest
+                        fresh = await _acquire(pool, settings, size)
+                        assert isinstance(fresh, Lease)
+                        leases.append(fresh)
+                        cur = fresh
+                        filled = 0
+                k = min(len(cur) - filled, n - p)
+                cur.view[filled : filled + k] = src[p : p + k]
+                filled += k
+                p += k
+            src.release()
+            total += n
+        if cur is None:
+            return None
+        cur.truncate(filled)
+        if len(leases) == 1:
+            return cur
+        return LeaseChain(leases)
+    except BaseException:
+        for lease in leases:
+            lease.release()
+        raise

@@ -1,0 +1,64 @@
+"""Reuse of response header maps (``CIMultiDict``) across requests.
+
+aiohttp builds a new ``CIMultiDict`` for every response.  ``StreamResponse`` accepts a
+pre-built map through its internal ``_real_headers`` argument (aiohttp >= 3.9.4), which lets a
+response adopt a recycled map without copying it.  ``CIMultiDict.clear()`` frees the map's
+hash table, so reuse saves the map *object* (one allocation), not its table: the measured
+gain is small (see ``bench/bench_headers.py`` and ``docs/aiohttp.md``).
+
+Lifetime: a map handed to a response belongs to it until the request ends; it is cleared only
+when it is taken again, so aiohttp's access log (which runs after the middleware returns) still
+sees the response's headers.  Bound: at most ``limit`` idle maps are kept (O(limit) memory).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Final
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+__all__ = ["SUPPORTED", "HeaderMaps"]
+
+
+def _supports_real_headers() -> bool:
+    try:
+        return "_real_headers" in inspect.signature(web.StreamResponse.__init__).parameters
+    except (TypeError, ValueError):  # pragma: no cover - exotic builds
+        return False
+
+
+#: True when this aiohttp lets a response adopt a map without copying it.
+SUPPORTED: Final = _supports_real_headers()
+
+
+class HeaderMaps:
+    """A free list of response header maps.  Not thread-safe (one event loop per app)."""
+
+    __slots__ = ("_free", "limit", "made", "reused")
+
+    def __init__(self, limit: int = 1024) -> None:
+        self._free: list[CIMultiDict[str]] = []
+        self.limit = limit
+        self.reused = 0  #: maps handed out again
+        self.made = 0  #: maps created because none was idle
+
+    def take(self) -> CIMultiDict[str]:
+        """An empty map, recycled when one is idle."""
+        free = self._free
+        if free:
+            headers = free.pop()
+            headers.clear()
+            self.reused += 1
+            return headers
+        self.made += 1
+        return CIMultiDict()
+
+    def give(self, headers: CIMultiDict[str]) -> None:
+        """Return a map whose response is finished; it is cleared on its next ``take()``."""
+        if len(self._free) < self.limit:
+            self._free.append(headers)
+
+    def __len__(self) -> int:
+        return len(self._free)

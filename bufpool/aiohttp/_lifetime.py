@@ -1,0 +1,118 @@
+"""Per-request ownership of pooled memory and the middleware that ends it.
+
+Every lease ``read_body`` takes and every lease handed to ``pooled_response`` is recorded on
+the request.  The middleware (installed outermost by ``setup()``) releases them all in a
+``finally`` when the request ends: normal return, exception, client disconnect, cancellation.
+
+Why the middleware also finishes the response: when the handler returns, aiohttp has not
+written the response yet (``resp.prepared`` is False; FINDINGS section 4), so the body's memory
+would be released before the bytes left.  When the request holds pooled memory the middleware
+therefore calls ``prepare()`` and ``write_eof()`` itself (aiohttp's own later calls are no-ops)
+and releases afterwards.  Whatever the transport still queues after that keeps the slot alive
+through its memoryview, and the pool quarantines the slot until the view dies (the core
+promise), so even a release right after the handler returned would never corrupt a response.
+
+Cost per request: one small object and one request-dict store; releases are O(leases held).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from multidict import CIMultiDict
+
+from .._lease import Lease, LeaseChain
+from ._errors import NotSetUp
+from ._headers import HeaderMaps
+
+__all__ = ["OWNED_KEY", "RequestLeases", "make_middleware", "owner_of"]
+
+#: Request-dict key of the request's RequestLeases (a plain string: RequestKey is 3.13+).
+OWNED_KEY: Final = "bufpool.aiohttp.owned"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class RequestLeases:
+    """The pooled memory one request owns; valid until the request ends."""
+
+    __slots__ = ("header_maps", "headers", "items")
+
+    def __init__(self, header_maps: HeaderMaps | None) -> None:
+        self.items: list[Lease | LeaseChain] = []
+        self.header_maps = header_maps
+        #: Header maps lent to this request's responses, returned at the end.
+        self.headers: list[CIMultiDict[str]] = []
+
+    def adopt(self, owned: Lease | LeaseChain) -> None:
+        """Take over one reference: released when the request ends (unless already)."""
+        for item in self.items:
+            if item is owned:
+                return
+        self.items.append(owned)
+
+    def forget(self, owned: Lease | LeaseChain) -> None:
+        """Stop owning ``owned`` (the caller released it or took it over)."""
+        items = self.items
+        for i, item in enumerate(items):
+            if item is owned:
+                del items[i]
+                return
+
+    def close(self) -> None:
+        """Release everything still held; keeps going past errors and re-raises the first."""
+        items, self.items = self.items, []
+        first: BaseException | None = None
+        for item in items:
+            if item.released:
+                continue
+            try:
+                item.release()
+            except BaseException as exc:  # keep releasing the rest
+                first = first or exc
+        maps = self.header_maps
+        if maps is not None:
+            for headers in self.headers:
+                maps.give(headers)
+        self.headers = []
+        if first is not None:
+            raise first
+
+
+def owner_of(request: web.BaseRequest) -> RequestLeases:
+    """The request's RequestLeases; NotSetUp when the middleware is not installed."""
+    try:
+        owned: RequestLeases = request[OWNED_KEY]
+    except KeyError:
+        raise NotSetUp(
+            "no bufpool middleware saw this request: call bufpool.aiohttp.setup(app, ...) "
+            "before the application starts"
+        ) from None
+    return owned
+
+
+def make_middleware(header_maps: HeaderMaps | None) -> Middleware:
+    """The middleware for one application (it closes over the app's header-map list)."""
+
+    @web.middleware
+    async def bufpool_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        owned = RequestLeases(header_maps)
+        request[OWNED_KEY] = owned
+        try:
+            resp = await handler(request)
+            if owned.items and isinstance(resp, web.StreamResponse):
+                # Send it now, while the memory is still leased (see module docstring).
+                try:
+                    await resp.prepare(request)
+                    await resp.write_eof()
+                except ConnectionError:
+                    pass  # client gone; aiohttp meets the same error and drops the connection
+            return resp
+        finally:
+            owned.close()
+
+    return bufpool_middleware
+

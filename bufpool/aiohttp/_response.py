@@ -1,0 +1,105 @@
+"""Responses whose body is sent straight from pool memory: ``pooled_response``.
+
+The body's memoryviews are written to aiohttp's payload writer one by one (a LeaseChain is
+streamed, never joined); the headers go out with the first piece in one transport write.
+Content-Length is always set.  Header maps are taken from the application's free list when
+reuse is on (see ``_headers``).
+
+Lifetime: the request takes over one reference to the lease or chain and releases it when the
+request ends, after the middleware has written the response; views a transport still queues
+keep the slot quarantined until they die (the core promise), so nothing is overwritten early.
+A PooledResponse is valid until its request ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+
+from .._lease import Lease, LeaseChain
+from ._body import PooledBody
+from ._headers import SUPPORTED as HEADER_REUSE_SUPPORTED
+from ._lifetime import owner_of
+from ._settings import settings_of
+
+__all__ = ["PooledResponse", "pooled_response"]
+
+Body = Lease | LeaseChain | PooledBody
+
+
+class PooledResponse(web.StreamResponse):
+    """A StreamResponse that writes the given memoryviews as its body on ``write_eof()``.
+
+    The views must stay valid until the response is written: ``pooled_response`` ensures
+    that by letting the request own their leases.
+    """
+
+    _send_headers_immediately = False  # coalesce the headers with the first body piece
+
+    def __init__(
+        self,
+        views: Sequence[memoryview],
+        *,
+        status: int = 200,
+        reason: str | None = None,
+        headers: CIMultiDict[str] | None = None,
+    ) -> None:
+        if headers is not None and HEADER_REUSE_SUPPORTED:
+            super().__init__(status=status, reason=reason, _real_headers=headers)
+        else:
+            super().__init__(status=status, reason=reason, headers=headers)
+        self._views: Sequence[memoryview] = views
+        self.content_length = sum(len(v) for v in views)
+
+    @property
+    def body_views(self) -> Sequence[memoryview]:
+        """The views still to be written (empty once written)."""
+        return self._views
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        views, self._views = self._views, ()
+        if views and not self._eof_sent and not self._must_be_empty_body:
+            for view in views:
+                await self.write(view)
+        await super().write_eof(data)
+
+
+def pooled_response(
+    request: web.Request,
+    body: Body,
+    *,
+    status: int = 200,
+    reason: str | None = None,
+    content_type: str | None = "application/octet-stream",
+    headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+) -> PooledResponse:
+    """A response whose body is the bytes of ``body`` (a Lease, LeaseChain or PooledBody),
+    sent from pool memory without a copy.
+
+    The request takes over one reference to ``body``'s memory: do not release it yourself
+    (``retain()`` first if you keep using it).  ``content_type`` is set unless ``headers``
+    already has a Content-Type.
+    """
+    settings = settings_of(request)
+    owner = owner_of(request)
+    if isinstance(body, PooledBody):
+        owned = body.owned
+        views = body.views()
+    else:
+        owned = body
+        views = [body.view] if isinstance(body, Lease) else body.views()
+    if owned is not None:
+        owner.adopt(owned)
+    maps = settings.header_maps
+    if maps is not None:
+        real = maps.take()
+        owner.headers.append(real)
+    else:
+        real = CIMultiDict()
+    if headers is not None:
+        real.extend(headers)
+    if content_type is not None and hdrs.CONTENT_TYPE not in real:
+        real[hdrs.CONTENT_TYPE] = content_type
+    return PooledResponse(views, status=status, reason=reason, headers=real)
