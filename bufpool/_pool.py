@@ -225,6 +225,17 @@ class BufferPool:
         lease._site = site
         return lease
 
+    def _sample_site(self) -> Site | None:
+        """The caller's acquisition site when this lease is sampled (as ``acquire`` inlines)."""
+        if not self._sampling:
+            return None
+        left = self._countdown - 1
+        if left:
+            self._countdown = left
+            return None
+        self._countdown = self._interval
+        return capture_site()
+
     def _take_slot(self, i: int, size: int) -> tuple[bytearray, Tier] | None:
         """Miss path (lock held): a slot for class ``i`` or a larger one under "spill", or
         None when the heap should serve.  Raises PoolExhausted under "raise"."""
@@ -278,20 +289,22 @@ class BufferPool:
         )
 
     def _heap_lease(self, size: int, site: Site | None) -> Lease:
+        """An unpooled lease (lock held)."""
         self._heap_fallbacks += 1
         self._heap_in_use += 1
         buf = bytearray(size)
         return Lease(self, None, buf, memoryview(buf), size, site)
 
     def _oversize_lease(self, size: int, site: Site | None) -> Lease:
-        self._oversize += 1
-        if self._policy == "raise":
-            raise RequestTooLarge(
-                f"{size} bytes exceeds the largest size class ({self._largest.size} bytes, "
-                f"{self._largest.slot_size}-byte slots) and on_exhausted='raise'; use "
-                f"acquire_chain() for data that may be larger"
-            )
-        return self._heap_lease(size, site)
+        with self._lock:
+            self._oversize += 1
+            if self._policy != "raise":
+                return self._heap_lease(size, site)
+        raise RequestTooLarge(
+            f"{size} bytes exceeds the largest size class ({self._largest.size} bytes, "
+            f"{self._largest.slot_size}-byte slots) and on_exhausted='raise'; use "
+            f"acquire_chain() for data that may be larger"
+        )
 
     def acquire_chain(self, size: int) -> LeaseChain:
         """Lease ``size`` bytes (any size) as slots of the largest class, in order.
@@ -327,7 +340,7 @@ class BufferPool:
         i = bisect_left(self._slot_sizes, size)
         if i >= self._ntiers:
             return self.acquire(size)
-        site = capture_site() if self._leak_level == "paranoid" else None
+        site = self._sample_site()
         loop = asyncio.get_running_loop()
         with self._lock:
             tier = self._tiers[i]
