@@ -15,6 +15,7 @@ from ._errors import (
 )
 from ._lease import Lease, LeaseChain
 from ._pool import BufferPool, report_leaks
+from ._ring import RingBuffer
 from ._stats import PoolStats, TierStats
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "PoolExhausted",
     "PoolStats",
     "RequestTooLarge",
+    "RingBuffer",
     "TierStats",
     "report_leaks",
 ]
