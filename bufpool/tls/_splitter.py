@@ -1,0 +1,402 @@
+"""TLSRecordSplitter: a byte stream in, complete validated TLS records out.  Sans-IO.
+
+Operations:
+
+* ``feed(data)`` -- bytes you read; returns the complete records they finish.  Records that lie
+  wholly inside ``data`` are views of ``data`` itself (zero-copy); only the bytes of a record
+  still incomplete at the end are copied into the splitter's ring.
+* ``get_buffer(sizehint)`` / ``buffer_updated(nbytes)`` -- the ``asyncio.BufferedProtocol``
+  path: the socket reads straight into the ring and records are views of ring memory.
+* ``feed_eof()`` -- the stream ended; raises if it ended inside a record.
+
+Goals: zero-copy whenever a record does not cross a boundary (the ring's wrap point, or the
+seam between bytes buffered earlier and new input); otherwise one counted copy of that record
+into a pooled lease (``joined``, ``joined_bytes``).  Every header is validated before its
+length is trusted (see ``_records``); after an error the splitter refuses all further input.
+
+Bounds: work is O(n) in bytes fed plus O(1) per record; pending bytes (``buffered``) never
+exceed one maximal record plus its header (5 + 18432 bytes, or 5 + 16640 in TLS-1.3-only mode)
+whatever the input.  Memory held between calls: the ring (``ring_capacity`` bytes, from the
+pool) plus, until the next call, the records handed out by the last one.
+
+Lifetimes: records returned by a call are valid until the next ``feed``/``get_buffer``/
+``close``; their views are then released (stale use raises ValueError).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Final
+
+from ._errors import SplitterFailedError, TLSRecordError, TruncatedRecordError
+from ._records import (
+    CONTENT_TYPES,
+    HEADER,
+    MAX_CIPHERTEXT,
+    MAX_CIPHERTEXT_TLS13,
+    TLSRecord,
+    diagnose_header,
+)
+
+from bufpool import RingBuffer
+
+if TYPE_CHECKING:
+    from bufpool import BufferPool, Lease
+
+__all__ = ["DEFAULT_RING_CAPACITY", "RecordViewHeldError", "TLSRecordSplitter", "default_pool"]
+
+#: Ring size in bytes: room for a pending maximal record plus large socket reads.
+DEFAULT_RING_CAPACITY: Final = 65536
+_MIN_RING: Final = 2 * (5 + MAX_CIPHERTEXT)
+
+_new = object.__new__
+_default: BufferPool | None = None
+_default_lock = threading.Lock()
+
+
+def default_pool() -> BufferPool:
+    """The pool used by splitters and framers made without ``pool=`` (created on first use)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            from bufpool import BufferPool
+
+            _default = BufferPool()
+        return _default
+
+
+class RecordViewHeldError(BufferError):
+    """A record view from the previous call is still exported (for example queued by a
+    transport): its memory is about to be reused.  Forward records with ``detach()``."""
+
+
+class TLSRecordSplitter:
+    """Split a TLS byte stream into validated records.
+
+    Keyword options: ``pool`` (BufferPool for the ring and joined records; default
+    :func:`default_pool`), ``tls13_only`` (payload limit 16640 instead of 18432 bytes),
+    ``mid_stream`` (skip the first-record rule when attaching to a stream already under way),
+    ``ring_capacity`` (bytes, at least 36,874 so a maximal record always fits twice).
+    """
+
+    def __init__(
+        self,
+        *,
+        pool: BufferPool | None = None,
+        tls13_only: bool = False,
+        mid_stream: bool = False,
+        ring_capacity: int = DEFAULT_RING_CAPACITY,
+    ) -> None:
+        if ring_capacity < _MIN_RING:
+            raise ValueError(
+                f"ring_capacity must be at least {_MIN_RING} bytes (two maximal records), "
+                f"got {ring_capacity}"
+            )
+        self._pool = pool if pool is not None else default_pool()
+        self._max = MAX_CIPHERTEXT_TLS13 if tls13_only else MAX_CIPHERTEXT
+        self._first = not mid_stream
+        self._ring = RingBuffer(ring_capacity, max_capacity=ring_capacity, pool=self._pool)
+        self._fed = 0  # stream offset just past the last byte received
+        self._deferred = 0  # ring bytes of handed-out records, consumed at the next call
+        self._handed: list[TLSRecord] = []
+        self._leases: list[Lease] = []  # joins handed out, released at the next call
+        self._error: TLSRecordError | None = None
+        self._closed = False
+        #: Records handed out, ever.
+        self.records = 0
+        #: Records that crossed a boundary and were copied into a lease (and their bytes).
+        self.joined = 0
+        self.joined_bytes = 0
+        #: Bytes copied into the ring by ``feed`` (incomplete tails).
+        self.tail_bytes = 0
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete record (< 5 + max payload)."""
+        return len(self._ring) - self._deferred
+
+    @property
+    def offset(self) -> int:
+        """Stream offset (bytes) of the first byte not yet handed out in a record."""
+        return self._fed - self.buffered
+
+    @property
+    def max_payload(self) -> int:
+        """Largest accepted payload in bytes (18432, or 16640 in TLS-1.3-only mode)."""
+        return self._max
+
+    @property
+    def pool(self) -> BufferPool:
+        return self._pool
+
+    @property
+    def failed(self) -> TLSRecordError | None:
+        """The error that stopped the splitter, or None."""
+        return self._error
+
+    # ------------------------------------------------------------------ input
+    def feed(self, data: bytes | bytearray | memoryview) -> list[TLSRecord]:
+        """Take ``data`` (any bytes-like object); return the records it completes, in order.
+
+        Records wholly inside ``data`` are views of it: do not modify ``data`` before the next
+        call.  Raises a :class:`TLSRecordError` subclass on bad input (its ``records`` attribute
+        holds the good records that preceded the fault in this call).
+        """
+        self._check_open()
+        if self._handed or self._deferred or self._leases:
+            self._expire()
+        mv = memoryview(data)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        n = len(mv)
+        base = self._fed
+        self._fed = base + n
+        out: list[TLSRecord] = []
+        pos = self._complete_pending(mv, base, out) if len(self._ring) else 0
+        if pos < n:
+            pos = self._scan(mv, pos, n, base, out)
+            if pos < n:
+                self._ring.write(mv[pos:])
+                self.tail_bytes += n - pos
+        self._handed = out.copy()
+        self.records += len(out)
+        return out
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Writable view of free ring space to receive into (BufferedProtocol.get_buffer).
+
+        Also ends the lifetime of the records handed out by the previous call.
+        """
+        self._check_open()
+        if self._handed or self._deferred or self._leases:
+            self._expire()
+        return self._ring.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> list[TLSRecord]:
+        """Commit ``nbytes`` written into the last ``get_buffer`` view; return the records
+        completed, as views of ring memory (valid until the next call)."""
+        self._check_open()
+        ring = self._ring
+        ring.buffer_updated(nbytes)
+        self._fed += nbytes
+        base = self._fed - len(ring)
+        out: list[TLSRecord] = []
+        views = ring.readable_views()
+        first = views[0]
+        end = len(first)
+        pos = self._scan(first, 0, end, base, out)
+        if len(views) > 1:
+            second = views[1]
+            pos2 = self._join(first, pos, second, base + pos, out)
+            if pos2 >= 0:
+                pos = end + self._scan(second, pos2, len(second), base + end, out)
+        self._deferred = pos
+        self._handed = out.copy()
+        self.records += len(out)
+        return out
+
+    def feed_eof(self) -> None:
+        """The peer closed: raise TruncatedRecordError if the stream ended inside a record."""
+        self._check_open()
+        pending = self.buffered
+        if pending:
+            self._fail(TruncatedRecordError(
+                f"stream ended with {pending} bytes of an incomplete record",
+                offset=self._fed - pending, header=self._pending_head(),
+            ))
+
+    def close(self) -> None:
+        """End the lifetime of handed-out records and give the ring memory back.  Idempotent."""
+        if self._closed:
+            return
+        try:
+            self._expire(strict=False)
+        finally:
+            self._closed = True
+            self._ring.close()
+
+    # ------------------------------------------------------------------ internals
+    def _check_open(self) -> None:
+        if self._error is not None:
+            raise SplitterFailedError(self._error)
+        if self._closed:
+            raise ValueError("TLSRecordSplitter used after close()")
+
+    def _fail(self, err: TLSRecordError, out: list[TLSRecord] | None = None) -> None:
+        err.records = out if out is not None else []  # type: ignore[attr-defined]
+        self._error = err
+        if out:
+            self._handed = out.copy()
+        raise err
+
+    def _expire(self, strict: bool = True) -> None:
+        held = 0
+        for rec in self._handed:
+            try:
+                rec.raw.release()
+            except BufferError:
+                held += 1
+            p = rec._payload
+            if p is not None:
+                try:
+                    p.release()
+                except BufferError:
+                    held += 1
+        self._handed = []
+        if self._deferred:
+            self._ring.consume(self._deferred)
+            self._deferred = 0
+        leases, self._leases = self._leases, []
+        for lease in leases:
+            lease.release()
+        if held and strict:
+            raise RecordViewHeldError(
+                f"{held} record view(s) from the previous call are still exported (a transport "
+                "or buffer consumer holds them); their memory is reused now. Keep records "
+                "with detach() instead"
+            )
+
+    def _pending_head(self) -> bytes:
+        views = self._ring.readable_views()
+        head = b"".join(bytes(v[:5]) for v in views)
+        skip = self._deferred
+        return head[skip:skip + 5] if skip < len(head) else b""
+
+    def _check_partial(self, head: bytes, offset: int, out: list[TLSRecord]) -> None:
+        err = diagnose_header(head, offset=offset, first=self._first, max_length=self._max)
+        if err is not None:
+            self._fail(err, out)
+
+    def _scan(
+        self, mv: memoryview, pos: int, end: int, base: int, out: list[TLSRecord]
+    ) -> int:
+        """Hand out every complete record in ``mv[pos:end]``; return where the rest starts.
+
+        ``base`` is the stream offset of ``mv[0]``.  O(1) per record plus nothing per byte.
+        """
+        if self._first and pos < end:
+            self._check_partial(bytes(mv[pos:pos + 5]), base + pos, out)
+            if end - pos >= 5:
+                self._first = False
+        unpack = HEADER.unpack_from
+        limit = self._max
+        cts = CONTENT_TYPES
+        pool = self._pool
+        append = out.append
+        new = _new
+        while end - pos >= 5:
+            ct, ver, ln = unpack(mv, pos)
+            if ln > limit or ver >> 8 != 3 or not 20 <= ct <= 24 or (not ln and ct != 23):
+                self._check_partial(bytes(mv[pos:pos + 5]), base + pos, out)
+            stop = pos + 5 + ln
+            if stop > end:
+                return pos
+            rec = new(TLSRecord)
+            rec.content_type = cts[ct]  # 20..24 checked above
+            rec.version = ver
+            rec.offset = base + pos
+            rec.raw = mv[pos:stop]
+            rec._payload = None
+            rec._pool = pool
+            rec._lease = None
+            append(rec)
+            pos = stop
+        if pos < end:
+            self._check_partial(bytes(mv[pos:end]), base + pos, out)
+        return pos
+
+    def _join(
+        self, first: memoryview, pos: int, second: memoryview, offset: int,
+        out: list[TLSRecord],
+    ) -> int:
+        """The record starting at ``first[pos:]`` continues in ``second`` (the ring wrapped).
+
+        If it is complete, copy it into a lease and hand it out; return where scanning of
+        ``second`` resumes, or -1 when the record is still incomplete.
+        """
+        a = len(first) - pos
+        if a == 0:
+            return 0
+        head = bytes(first[pos:pos + 5])
+        if a < 5:
+            head += bytes(second[:5 - a])
+        self._check_partial(head, offset, out)
+        if self._first and len(head) >= 5:
+            self._first = False
+        if len(head) < 5:
+            return -1
+        total = 5 + ((head[3] << 8) | head[4])
+        b = total - a
+        if b > len(second):
+            return -1
+        lease = self._pool.acquire(total)
+        view = lease.view
+        view[:a] = first[pos:]
+        view[a:] = second[:b]
+        self._hand_joined(lease, head, offset, out)
+        return b
+
+    def _complete_pending(
+        self, mv: memoryview, base: int, out: list[TLSRecord]
+    ) -> int:
+        """Bytes are pending in the ring: top them up from ``mv``.  Returns how much of ``mv``
+        was used (``len(mv)`` when the record is still incomplete)."""
+        ring = self._ring
+        n = len(mv)
+        k = len(ring)
+        offset = base - k
+        views = ring.readable_views()
+        head = b"".join(bytes(v[:5]) for v in views)[:5]
+        used = 0
+        if len(head) < 5:
+            used = min(5 - len(head), n)
+            head += bytes(mv[:used])
+            self._check_partial(head, offset, out)
+            if len(head) < 5:
+                ring.write(mv[:used])
+                self.tail_bytes += used
+                return n
+        else:
+            self._check_partial(head, offset, out)
+        if self._first:
+            self._first = False
+        total = 5 + ((head[3] << 8) | head[4])
+        need = total - k
+        if need > n:
+            ring.write(mv)
+            self.tail_bytes += n
+            return n
+        lease = self._pool.acquire(total)
+        view = lease.view
+        at = 0
+        for v in views:
+            view[at:at + len(v)] = v
+            at += len(v)
+        view[at:] = mv[:need]
+        ring.consume(k)
+        self._hand_joined(lease, head, offset, out)
+        return need
+
+    def _hand_joined(
+        self, lease: Lease, head: bytes, offset: int, out: list[TLSRecord]
+    ) -> None:
+        self._leases.append(lease)
+        self.joined += 1
+        self.joined_bytes += len(lease)
+        rec = _new(TLSRecord)
+        rec.content_type = CONTENT_TYPES[head[0]]  # type: ignore[assignment]
+        rec.version = (head[1] << 8) | head[2]
+        rec.offset = offset
+        rec.raw = lease.view[:]
+        rec._payload = None
+        rec._pool = self._pool
+        rec._lease = lease
+        out.append(rec)
+
+    def __repr__(self) -> str:
+        state = "failed" if self._error else "closed" if self._closed else "open"
+        return (
+            f"<TLSRecordSplitter {state} offset={self.offset} buffered={self.buffered} "
+            f"records={self.records} joined={self.joined}>"
+        )
