@@ -28,6 +28,8 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Final
 
+from bufpool import RingBuffer
+
 from ._errors import SplitterFailedError, TLSRecordError, TruncatedRecordError
 from ._records import (
     CONTENT_TYPES,
@@ -37,8 +39,6 @@ from ._records import (
     TLSRecord,
     diagnose_header,
 )
-
-from bufpool import RingBuffer
 
 if TYPE_CHECKING:
     from bufpool import BufferPool, Lease
@@ -76,7 +76,9 @@ class TLSRecordSplitter:
     Keyword options: ``pool`` (BufferPool for the ring and joined records; default
     :func:`default_pool`), ``tls13_only`` (payload limit 16640 instead of 18432 bytes),
     ``mid_stream`` (skip the first-record rule when attaching to a stream already under way),
-    ``ring_capacity`` (bytes, at least 36,874 so a maximal record always fits twice).
+    ``ring_capacity`` (bytes, at least 36,874 so a maximal record always fits twice);
+    ``ring``: parse from a RingBuffer someone else fills and owns (e.g.
+    :class:`bufpool.aio.PooledProtocol`'s) with :meth:`pull` instead of owning one.
     """
 
     def __init__(
@@ -86,7 +88,10 @@ class TLSRecordSplitter:
         tls13_only: bool = False,
         mid_stream: bool = False,
         ring_capacity: int = DEFAULT_RING_CAPACITY,
+        ring: RingBuffer | None = None,
     ) -> None:
+        if ring is not None:
+            ring_capacity = ring.max_capacity
         if ring_capacity < _MIN_RING:
             raise ValueError(
                 f"ring_capacity must be at least {_MIN_RING} bytes (two maximal records), "
@@ -95,7 +100,11 @@ class TLSRecordSplitter:
         self._pool = pool if pool is not None else default_pool()
         self._max = MAX_CIPHERTEXT_TLS13 if tls13_only else MAX_CIPHERTEXT
         self._first = not mid_stream
-        self._ring = RingBuffer(ring_capacity, max_capacity=ring_capacity, pool=self._pool)
+        self._own_ring = ring is None
+        self._ring = ring if ring is not None else RingBuffer(
+            ring_capacity, max_capacity=ring_capacity, pool=self._pool
+        )
+        self._seen = 0  # ring bytes already accounted in _fed
         self._fed = 0  # stream offset just past the last byte received
         self._deferred = 0  # ring bytes of handed-out records, consumed at the next call
         self._handed: list[TLSRecord] = []
@@ -159,6 +168,7 @@ class TLSRecordSplitter:
             if pos < n:
                 self._ring.write(mv[pos:])
                 self.tail_bytes += n - pos
+        self._seen = len(self._ring)
         self._handed = out.copy()
         self.records += len(out)
         return out
@@ -177,12 +187,26 @@ class TLSRecordSplitter:
         """Commit ``nbytes`` written into the last ``get_buffer`` view; return the records
         completed, as views of ring memory (valid until the next call)."""
         self._check_open()
+        self._ring.buffer_updated(nbytes)
+        return self.pull()
+
+    def pull(self) -> list[TLSRecord]:
+        """Hand out the complete records among the bytes now readable in the ring (the path
+        for a ring filled by someone else).  Records are views of ring memory, valid until
+        the next call or :meth:`expire`; a record that wraps the ring's end is joined into a
+        pooled lease (counted in ``joined``)."""
+        self._check_open()
+        if self._handed or self._deferred or self._leases:
+            self._expire()
         ring = self._ring
-        ring.buffer_updated(nbytes)
-        self._fed += nbytes
-        base = self._fed - len(ring)
+        total = len(ring)
+        self._fed += total - self._seen
+        self._seen = total
+        base = self._fed - total
         out: list[TLSRecord] = []
         views = ring.readable_views()
+        if not views:
+            return out
         first = views[0]
         end = len(first)
         pos = self._scan(first, 0, end, base, out)
@@ -195,6 +219,12 @@ class TLSRecordSplitter:
         self._handed = out.copy()
         self.records += len(out)
         return out
+
+    def expire(self) -> None:
+        """End the lifetime of the records handed out by the last call now rather than at
+        the next one: their views are released and their ring bytes consumed."""
+        if self._handed or self._deferred or self._leases:
+            self._expire()
 
     def feed_eof(self) -> None:
         """The peer closed: raise TruncatedRecordError if the stream ended inside a record."""
@@ -214,7 +244,8 @@ class TLSRecordSplitter:
             self._expire(strict=False)
         finally:
             self._closed = True
-            self._ring.close()
+            if self._own_ring:
+                self._ring.close()
 
     # ------------------------------------------------------------------ internals
     def _check_open(self) -> None:
@@ -246,6 +277,7 @@ class TLSRecordSplitter:
         self._handed = []
         if self._deferred:
             self._ring.consume(self._deferred)
+            self._seen -= self._deferred
             self._deferred = 0
         leases, self._leases = self._leases, []
         for lease in leases:
