@@ -48,7 +48,7 @@ class CertBundle:
 def make_certs(names: list[str], directory: str | Path | None = None) -> CertBundle:
     """A fresh EC P-256 CA and a leaf per DNS name (valid one day)."""
     d = Path(directory or tempfile.mkdtemp(prefix="bufpool-tls-"))
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bufpool test CA")])
     ca = (
