@@ -25,6 +25,7 @@ from hashlib import sha256
 
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from .._errors import PoolExhausted
 from .._lease import Lease, LeaseChain
@@ -177,8 +178,14 @@ def _exhausted(settings: Settings, size: int, exc: PoolExhausted) -> web.HTTPSer
     )
 
 
-def _malformed(exc: HttpProcessingError) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(text=f"malformed request body: {exc.message or exc!r}")
+#: What aiohttp raises from ``request.content`` for a body it cannot parse or decode.
+_MALFORMED = (HttpProcessingError, RequestPayloadError)
+
+
+def _malformed(exc: BaseException) -> web.HTTPBadRequest:
+    cause = exc.__cause__ if isinstance(exc, RequestPayloadError) else exc
+    detail = getattr(cause, "message", "") or str(cause) or repr(cause)
+    return web.HTTPBadRequest(text=f"malformed request body: {detail.strip()}")
 
 
 async def _acquire(pool: BufferPool, settings: Settings, size: int) -> Lease | LeaseChain:
@@ -245,7 +252,7 @@ async def _fill(request: web.BaseRequest, views: list[memoryview], length: int) 
                     p += k
                 src.release()
             got += n
-    except HttpProcessingError as exc:
+    except _MALFORMED as exc:
         raise _malformed(exc) from None
 
 
@@ -265,7 +272,7 @@ async def _read_streamed(request: web.Request, settings: Settings) -> Lease | Le
         while True:
             try:
                 data, end_of_chunk = await readchunk()
-            except HttpProcessingError as exc:
+            except _MALFORMED as exc:
                 raise _malformed(exc) from None
             n = len(data)
             if not n:

@@ -18,7 +18,7 @@ Cost per request: one small object and one request-dict store; releases are O(le
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -29,9 +29,6 @@ from ._errors import NotSetUp
 from ._headers import HeaderMaps
 
 __all__ = ["OWNED_KEY", "RequestLeases", "make_middleware", "owner_of"]
-
-#: Request-dict key of the request's RequestLeases (a plain string: RequestKey is 3.13+).
-OWNED_KEY: Final = "bufpool.aiohttp.owned"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -80,6 +77,15 @@ class RequestLeases:
         self.headers = []
         if first is not None:
             raise first
+
+
+#: Request-dict key of the request's RequestLeases: a typed ``web.RequestKey`` where aiohttp
+#: has it (3.13+), a plain string before.
+OWNED_KEY: Final[Any] = (
+    web.RequestKey("bufpool.aiohttp.owned", RequestLeases)
+    if hasattr(web, "RequestKey")
+    else "bufpool.aiohttp.owned"
+)
 
 
 def owner_of(request: web.BaseRequest) -> RequestLeases:
