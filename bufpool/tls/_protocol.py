@@ -114,6 +114,9 @@ class TLSRecordProtocol(PooledProtocol):
         super().connection_lost(exc)
 
     def _fail(self, exc: TLSRecordError) -> None:
+        # The traceback's frames reach the event loop's receive frame and its get_buffer view:
+        # kept, it would pin the ring's slot in quarantine for as long as the error is kept.
+        exc.__traceback__ = None
         self.error = exc
         records = getattr(exc, "records", None)
         splitter = self.splitter

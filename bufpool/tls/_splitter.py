@@ -237,9 +237,14 @@ class TLSRecordSplitter:
             ))
 
     def close(self) -> None:
-        """End the lifetime of handed-out records and give the ring memory back.  Idempotent."""
+        """End the lifetime of handed-out records and give the ring memory back.  Idempotent.
+
+        Also drops the traceback of a stored failure (its frames would keep views of ring
+        memory alive)."""
         if self._closed:
             return
+        if self._error is not None:
+            self._error.__traceback__ = None
         try:
             self._expire(strict=False)
         finally:
