@@ -314,6 +314,65 @@ class RingBuffer:
         self._peeked = view
         return view
 
+    def peek_frame(
+        self, header: int, length_at: int, length_size: int, adjust: int = 0
+    ) -> memoryview | None:
+        """View of the next complete length-prefixed frame, or None while it is incomplete.
+
+        The frame is ``header`` bytes whose big-endian unsigned field of ``length_size``
+        bytes at offset ``length_at`` holds a length ``L``; the whole frame is
+        ``header + L + adjust`` bytes (TLS records: ``peek_frame(5, 3, 2)``; HTTP/2 frames:
+        ``peek_frame(9, 0, 3)``; a length that counts itself: a negative ``adjust``).
+        Consume ``len(view)`` bytes when done.  Same lifetime and copy rules as ``peek``.
+
+        Raises BufferFull (nothing consumed) when the frame could never fit in
+        ``max_capacity``, and ValueError when it would be shorter than its header.
+        """
+        ln = self._len
+        if ln < header:
+            return None
+        mv = self._mv
+        a = self._head + length_at
+        b = a + length_size
+        if b <= self._cap:
+            n = mv[a] << 8 | mv[a + 1] if length_size == 2 else int.from_bytes(mv[a:b], "big")
+        else:
+            n = int.from_bytes(self._gather(length_at, length_size), "big")
+        total = header + n + adjust
+        if total > ln:
+            if total > self._max:
+                raise BufferFull(
+                    f"frame of {total} bytes (length field {n}) exceeds "
+                    f"max_capacity={self._max} bytes"
+                )
+            return None
+        if total < header:
+            raise ValueError(
+                f"frame length field {n} gives {total} bytes, under the {header}-byte header"
+            )
+        old = self._peeked  # from here on: peek(total), inlined for the per-record path
+        if old is not None:
+            try:
+                old.release()
+            except BufferError:
+                pass
+        h = self._head
+        e = h + total
+        view = mv[h:e] if e <= self._cap else self._linearize(h, total)
+        self._peeked = view
+        return view
+
+    def _gather(self, offset: int, n: int) -> bytes:
+        """Copy of readable bytes [offset, offset + n), wherever they sit (small reads)."""
+        cap = self._cap
+        start = self._head + offset
+        if start >= cap:
+            start -= cap
+        mv = self._mv
+        if start + n <= cap:
+            return mv[start : start + n].tobytes()
+        return mv[start:].tobytes() + mv[: start + n - cap].tobytes()
+
     def _linearize(self, h: int, n: int) -> memoryview:
         s = self._scratch
         if s is None or len(s) < n:

@@ -119,6 +119,23 @@ class RingModel(RuleBasedStateMachine):
         assert buf[got:] == b"\xff" * (size - got)
         del self.model[:got]
 
+    @rule(length_size=st.sampled_from([1, 2]), at=st.integers(0, 2))
+    def peek_frame(self, length_size: int, at: int) -> None:
+        header = at + length_size + 1
+        model = self.model
+        if len(model) < header:
+            assert self.ring.peek_frame(header, at, length_size) is None
+            return
+        total = header + int.from_bytes(model[at : at + length_size], "big")
+        if total > self.ring.max_capacity:
+            with pytest.raises(BufferFull, match="exceeds max_capacity"):
+                self.ring.peek_frame(header, at, length_size)
+        elif total > len(model):
+            assert self.ring.peek_frame(header, at, length_size) is None
+        else:
+            view = self.ring.peek_frame(header, at, length_size)
+            assert view is not None and bytes(view) == model[:total]
+
     @precondition(lambda self: len(self.model) > 0)
     @rule(data=st.data())
     def find_existing(self, data: st.DataObject) -> None:
@@ -190,6 +207,39 @@ def test_find_matches_straddling_the_wrap() -> None:
     assert ring.find(b"89", 0, 9) == -1
     assert ring.find(ord("5")) == 5
     assert ring.copies == 0  # find never linearizes
+
+
+def test_peek_frame_extracts_length_prefixed_frames_across_the_wrap() -> None:
+    ring = RingBuffer(16, max_capacity=16)
+    ring.write(b"x" * 13)
+    ring.consume(13)
+    ring.write(b"\x17\x03\x03\x00\x02ab\x17\x03")  # 2nd header's length straddles the wrap
+    first = ring.peek_frame(5, 3, 2)
+    assert first is not None and bytes(first) == b"\x17\x03\x03\x00\x02ab"
+    ring.consume(len(first))
+    assert ring.peek_frame(5, 3, 2) is None  # incomplete header
+    ring.write(b"\x03\x00\x01")
+    assert ring.peek_frame(5, 3, 2) is None  # header complete, payload not yet
+    ring.write(b"z")
+    second = ring.peek_frame(5, 3, 2)
+    assert second is not None and bytes(second) == b"\x17\x03\x03\x00\x01z"
+    ring.consume(len(second))
+    ring.write(b"\x00\x00\x00\x06abcd")  # a length that counts its own 4 bytes
+    third = ring.peek_frame(4, 0, 4, adjust=-4)
+    assert third is not None and bytes(third) == b"\x00\x00\x00\x06ab"
+
+
+def test_peek_frame_rejects_frames_that_can_never_fit_and_keeps_the_data() -> None:
+    ring = RingBuffer(64, max_capacity=1024)
+    ring.write(b"\x17\x03\x03\x40\x00abc")  # claims 16384 bytes of payload
+    with pytest.raises(BufferFull, match=r"frame of 16389 bytes .* max_capacity=1024"):
+        ring.peek_frame(5, 3, 2)
+    assert len(ring) == 8
+    ring.clear()
+    ring.write(b"\x00\x00\x00\x01")
+    with pytest.raises(ValueError, match="under the 4-byte header"):
+        ring.peek_frame(4, 0, 4, adjust=-4)
+    assert len(ring) == 4
 
 
 def test_grows_by_doubling_only_when_the_data_does_not_fit() -> None:
