@@ -8,6 +8,7 @@ socket read would deliver) and parsed by:
   hand         one fixed buffer, parse by offset, move the tail to the front (what a
                hand-written BufferedProtocol does)
   ring-peek    RingBuffer: ``peek(5)``, ``peek(size)``, ``consume(size)`` per record
+  ring-frame   RingBuffer: ``peek_frame(5, 3, 2)``, ``consume`` per record
   ring-batch   RingBuffer: parse the contiguous readable view by offset, one ``consume``
                per batch, ``peek`` only for a record that straddles the wrap
 
@@ -105,6 +106,19 @@ def ring_peek(chunks: list[bytes], pool: BufferPool | None = None) -> int:
     return records
 
 
+def ring_frame(chunks: list[bytes], pool: BufferPool | None = None) -> int:
+    records = 0
+    with RingBuffer(256 * 1024, max_capacity=1 << 20, pool=pool) as ring:
+        for chunk in chunks:
+            _feed(ring, chunk)
+            while (rec := ring.peek_frame(HEADER, 3, 2)) is not None:
+                if rec[0] != RECORD_TYPE:
+                    raise ValueError("bad record")
+                ring.consume(len(rec))
+                records += 1
+    return records
+
+
 def ring_batch(chunks: list[bytes], pool: BufferPool | None = None) -> int:
     records = 0
     with RingBuffer(256 * 1024, max_capacity=1 << 20, pool=pool) as ring:
@@ -159,6 +173,8 @@ def main() -> None:
         "hand": hand,
         "ring-peek": ring_peek,
         "ring-peek (pool)": lambda c: ring_peek(c, pool),
+        "ring-frame": ring_frame,
+        "ring-frame (pool)": lambda c: ring_frame(c, pool),
         "ring-batch": ring_batch,
         "ring-batch (pool)": lambda c: ring_batch(c, pool),
     }

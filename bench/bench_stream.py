@@ -7,7 +7,8 @@ as fast as it can.  The server parses every record and checks its type byte, wit
   ceiling       BufferedProtocol into one fixed buffer, no parsing (loopback + client limit)
   naive         Protocol: ``buf += data``, ``bytes`` slice per record, ``del buf[:n]``
   streamreader  ``await reader.readexactly(5)`` then ``readexactly(length)``
-  pooled        ``bufpool.aio.PooledProtocol``: peek header, peek record, consume, per record
+  pooled        ``bufpool.aio.PooledProtocol``: ``ring.peek_frame(5, 3, 2)``, ``consume``, per
+                record
   pooled-batch  the same protocol parsing the ring's contiguous readable view by offset, one
                 ``consume`` per batch (``peek`` only for a record straddling the wrap)
 
@@ -202,14 +203,10 @@ class Pooled(PooledProtocol):
     def data_available(self, ring: RingBuffer) -> None:
         records = 0
         consumed = 0
-        while len(ring) >= HEADER:
-            hdr = ring.peek(HEADER)
-            size = HEADER + (hdr[3] << 8 | hdr[4])
-            if len(ring) < size:
-                break
-            rec = ring.peek(size)
+        while (rec := ring.peek_frame(HEADER, 3, 2)) is not None:
             if rec[0] != RECORD_TYPE:
                 bad_record(rec)
+            size = len(rec)
             ring.consume(size)
             records += 1
             consumed += size
