@@ -153,3 +153,28 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
     else:
         body = await reader.read()
     return status, headers, body
+
+
+@asynccontextmanager
+async def served_runner(app: web.Application, **runner_kw: Any) -> AsyncIterator[int]:
+    """``web.AppRunner`` + ``TCPSite`` on 127.0.0.1:0 (aiohttp's production defaults, e.g.
+    handler_cancellation=False); yields the port."""
+    runner = web.AppRunner(app, **runner_kw)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield int(runner.addresses[0][1])
+    finally:
+        await runner.cleanup()
+
+
+async def wait_for(predicate: Any, timeout: float = 10.0) -> bool:
+    """Poll ``predicate()`` until true or ``timeout`` seconds pass; returns its last value."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            return bool(predicate())
+        await asyncio.sleep(0.01)
+    return True

@@ -207,17 +207,21 @@ async def _read_sized(
         return None
     owned = await _acquire(settings.pool, settings, length)
     try:
-        views = [owned.view] if isinstance(owned, Lease) else owned.views()
-        await _fill(request, views, length)
+        await _fill(request, owned, length)
     except BaseException:
         owned.release()
         raise
     return owned
 
 
-async def _fill(request: web.BaseRequest, views: list[memoryview], length: int) -> None:
-    content = request.content
-    readchunk = content.readchunk
+async def _fill(request: web.Request, owned: Lease | LeaseChain, length: int) -> None:
+    """Copy ``length`` body bytes into ``owned``'s views, in order.
+
+    On failure the frame drops its views before the exception leaves: a traceback kept by a
+    logger must not pin the slots (they would stay quarantined as long as it lives).
+    """
+    views = [owned.view] if isinstance(owned, Lease) else owned.views()
+    readchunk = request.content.readchunk
     vi = 0
     view = views[0]
     off = 0
@@ -253,7 +257,11 @@ async def _fill(request: web.BaseRequest, views: list[memoryview], length: int) 
                 src.release()
             got += n
     except _MALFORMED as exc:
+        del view, views
         raise _malformed(exc) from None
+    except BaseException:
+        del view, views
+        raise
 
 
 async def _read_streamed(request: web.Request, settings: Settings) -> Lease | LeaseChain | None:
