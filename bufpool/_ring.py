@@ -2,9 +2,9 @@
 
 Supports: receiving in place (``get_buffer``/``buffer_updated``, the shape of
 ``asyncio.BufferedProtocol``), copying in (``write``), zero-copy inspection (``peek``,
-``readable_views``), searching (``find``, across the wrap point), and taking bytes out
-(``consume``, ``read``, ``readinto``).  Vectored I/O gets up to two segments from
-``writable_views``/``readable_views``.
+``peek_frame`` for length-prefixed frames, ``readable_views``), searching (``find``, across
+the wrap point), and taking bytes out (``consume``, ``read``, ``readinto``).  Vectored I/O
+gets up to two segments from ``writable_views``/``readable_views``.
 
 Goals: no allocation and no copy on the receive path; a copy only where a caller asks for
 contiguous bytes that straddle the end of the storage (a *linearization*, counted in
@@ -17,7 +17,7 @@ Worst-case bounds (n = bytes buffered): every operation is O(1) plus the bytes i
 ``bytearray.find`` scans and a window of at most ``2 * len(sub) - 2`` bytes across the wrap);
 growth copies n bytes and happens at most log2(max_capacity / capacity) times per ring.
 
-Lifetimes: a view returned by ``peek`` is valid until the next ``peek``, ``consume``,
+Lifetimes: a view returned by ``peek``/``peek_frame`` is valid until the next ``peek``, ``consume``,
 ``read``, ``readinto``, ``clear``, growth or ``close``; the ring releases it then, so using it
 afterwards raises ``ValueError`` (unless something else holds a buffer export of it, in which
 case it keeps the storage alive but its bytes may change).  A view from ``get_buffer`` or
