@@ -13,12 +13,11 @@ import zlib
 from collections.abc import AsyncIterator
 
 import pytest
+from _helpers_aiohttp import assert_drained, make_app, make_pool, served
 from aiohttp import web
 
 import bufpool
 import bufpool.aiohttp as bpa
-
-from _helpers_aiohttp import assert_drained, make_app, make_pool, served
 
 EDGE_SIZES = [0, 1, 63, 64, 65, 1000, 4096, 16384, 18437, 18438, 65535, 65536, 65537, 131072,
               200_001, 2 * 1024 * 1024]

@@ -15,11 +15,6 @@ import sys
 from typing import Any
 
 import pytest
-from aiohttp import web
-
-import bufpool
-import bufpool.aiohttp as bpa
-
 from _helpers_aiohttp import (
     PATTERN_LEN,
     SCRIBBLE,
@@ -35,7 +30,11 @@ from _helpers_aiohttp import (
     served_runner,
     wait_for,
 )
+from aiohttp import web
 from conftest import loop_kind
+
+import bufpool
+import bufpool.aiohttp as bpa
 
 
 def _app_with_probe(pool: bufpool.BufferPool, events: list[Any]) -> web.Application:
@@ -73,7 +72,7 @@ async def test_client_disconnect_mid_upload(cancellation: bool) -> None:
     events: list[Any] = []
     app = _app_with_probe(pool, events)
     async with served_runner(app, handler_cancellation=cancellation) as port:
-        reader, writer = await raw_connect(port)
+        _reader, writer = await raw_connect(port)
         writer.write(b"POST /read HTTP/1.1\r\nHost: t\r\nContent-Length: 1048576\r\n\r\n")
         writer.write(b"u" * 300_000)
         await writer.drain()
@@ -134,7 +133,7 @@ async def test_handler_cancelled_when_client_leaves() -> None:
     events: list[Any] = []
     app = _app_with_probe(pool, events)
     async with served_runner(app, handler_cancellation=True) as port:
-        reader, writer = await raw_connect(port)
+        _reader, writer = await raw_connect(port)
         writer.write(b"POST /stall HTTP/1.1\r\nHost: t\r\nContent-Length: 200000\r\n\r\n")
         writer.write(b"s" * 200_000)
         await writer.drain()

@@ -9,11 +9,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp import web
-
-import bufpool
-import bufpool.aiohttp as bpa
-
 from _helpers_aiohttp import (
     assert_drained,
     make_app,
@@ -22,6 +17,10 @@ from _helpers_aiohttp import (
     read_response,
     served,
 )
+from aiohttp import web
+
+import bufpool
+import bufpool.aiohttp as bpa
 
 
 def _recording_app(pool: bufpool.BufferPool, seen: list[Any], **setup_kw: Any) -> web.Application:

@@ -1,0 +1,144 @@
+"""setup() conventions, the stats endpoint (JSON / Prometheus text) and header-map reuse."""
+
+from __future__ import annotations
+
+import pytest
+from _helpers_aiohttp import assert_drained, make_app, make_pool, served
+from aiohttp import web
+
+import bufpool
+import bufpool.aiohttp as bpa
+
+
+@pytest.mark.asyncio
+async def test_stats_json_and_prometheus_by_accept_and_by_path() -> None:
+    pool = make_pool()
+    app = make_app(pool, stats_path="/bufpool/stats", prometheus_path="/metrics")
+    async with served(app) as client:
+        for size in (100, 70_000):
+            r = await client.post("/upload", data=b"s" * size)
+            assert r.status == 200
+        r = await client.get("/bufpool/stats")
+        assert r.status == 200 and r.content_type == "application/json"
+        stats = await r.json()
+        assert stats["in_use"] == 0 and stats["leaked"] == 0
+        assert stats["hits"] + stats["misses"] >= 3  # 1 lease + a 2-slot chain
+        assert [t["size"] for t in stats["tiers"]] == list(pool.classes)
+        r = await client.get("/bufpool/stats", headers={"Accept": "text/plain"})
+        text = await r.text()
+        assert r.headers["Content-Type"] == bpa.PROMETHEUS_CONTENT_TYPE
+        assert "# TYPE bufpool_in_use gauge" in text and "\nbufpool_in_use 0\n" in text
+        assert 'bufpool_tier_slots{size="65536"' in text
+        r = await client.get("/metrics")  # always text
+        assert r.headers["Content-Type"] == bpa.PROMETHEUS_CONTENT_TYPE
+        assert "bufpool_hits_total" in await r.text()
+    await assert_drained(pool)
+
+
+@pytest.mark.asyncio
+async def test_no_stats_route_unless_asked() -> None:
+    pool = make_pool()
+    async with served(make_app(pool)) as client:
+        r = await client.get("/bufpool/stats")
+        assert r.status == 404
+
+
+def test_setup_conventions() -> None:
+    app = web.Application()
+    pool = bpa.setup(app, max_body_size=1234)
+    assert isinstance(bpa.POOL_KEY, web.AppKey)
+    assert app[bpa.POOL_KEY] is pool and isinstance(pool, bufpool.BufferPool)
+    settings = app[bpa.SETTINGS_KEY]
+    assert settings.max_body_size == 1234 and settings.owns_pool
+    assert len(app.middlewares) == 1 and len(app.cleanup_ctx) == 1
+    with pytest.raises(RuntimeError, match="already called"):
+        bpa.setup(app)
+    with pytest.raises(ValueError, match="max_body_size"):
+        bpa.setup(web.Application(), max_body_size=-1)
+    with pytest.raises(ValueError, match="acquire_timeout"):
+        bpa.setup(web.Application(), acquire_timeout=-1.0)
+
+
+def test_middleware_goes_outermost() -> None:
+    @web.middleware
+    async def other(request: web.Request, handler: object) -> web.StreamResponse:
+        raise AssertionError("not called")
+
+    app = web.Application(middlewares=[other])
+    bpa.setup(app)
+    assert app.middlewares[1] is other
+    assert app.middlewares[0].__name__ == "bufpool_middleware"
+
+
+@pytest.mark.asyncio
+async def test_owned_pool_is_trimmed_at_cleanup_and_given_pool_is_kept() -> None:
+    app = web.Application()
+    owned = bpa.setup(app)
+    given = make_pool()
+    app2 = make_app(given)
+    async with served(app) as client:
+        assert (await client.get("/nothing")).status == 404
+        assert owned.stats().reserved_bytes > 0
+    assert owned.stats().reserved_bytes == 0  # trimmed at shutdown
+    async with served(app2) as client:
+        assert (await client.post("/upload", data=b"x" * 10)).status == 200
+    assert given.stats().reserved_bytes > 0  # the caller's pool is the caller's business
+
+
+@pytest.mark.asyncio
+async def test_helpers_without_setup_raise_not_set_up() -> None:
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        try:
+            await bpa.read_body(request)
+        except bpa.NotSetUp as exc:
+            seen.append(str(exc))
+        return web.Response(text="x")
+
+    app = web.Application()
+    app.router.add_post("/", handler)
+    async with served(app) as client:
+        assert (await client.post("/", data=b"abc")).status == 200
+    assert seen and "setup(app" in seen[0]
+
+
+@pytest.mark.asyncio
+async def test_header_maps_are_reused_without_leaking_headers_between_responses() -> None:
+    pool = make_pool()
+
+    async def tagged(request: web.Request) -> web.StreamResponse:
+        tag = request.match_info["tag"]
+        lease = pool.acquire(len(tag))
+        lease.view[:] = tag.encode()
+        return bpa.pooled_response(
+            request, lease, content_type=f"text/x-{tag}", headers={f"X-Only-{tag}": tag}
+        )
+
+    app = make_app(pool)
+    app.router.add_get("/t/{tag}", tagged)
+    maps = app[bpa.SETTINGS_KEY].header_maps
+    assert maps is not None and bpa.HEADER_REUSE_SUPPORTED
+    async with served(app) as client:
+        for i in range(50):
+            tag = f"t{i}"
+            r = await client.get(f"/t/{tag}")
+            assert await r.text() == tag
+            assert r.headers["Content-Type"] == f"text/x-{tag}"
+            assert r.headers[f"X-Only-{tag}"] == tag
+            others = [h for h in r.headers if h.lower().startswith("x-only-")]
+            assert others == [f"X-Only-{tag}"]
+            assert r.headers["Content-Length"] == str(len(tag))
+    assert maps.reused >= 45 and maps.made <= 5
+    await assert_drained(pool)
+
+
+@pytest.mark.asyncio
+async def test_reuse_can_be_turned_off() -> None:
+    pool = make_pool()
+    app = make_app(pool, reuse_headers=False)
+    assert app[bpa.SETTINGS_KEY].header_maps is None
+    async with served(app) as client:
+        r = await client.post("/echo", data=b"hello")
+        assert await r.read() == b"hello"
+    await assert_drained(pool)
