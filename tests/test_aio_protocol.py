@@ -4,13 +4,17 @@ runs as [asyncio] and [uvloop]).  Each test ends with the pool holding nothing."
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import random
 import socket
 import struct
+import warnings
+from collections.abc import Callable
 
 import pytest
 
+import bufpool
 from bufpool import BufferPool, RingBuffer
 from bufpool.aio import PooledProtocol
 from tests._helpers_streams import (
@@ -205,4 +209,42 @@ async def test_pooled_ring_memory_counts_in_the_pool_while_connected() -> None:
         assert isinstance(proto.ring, RingBuffer) and proto.ring.pool is pool
         await _close(writer)
         await wait_until(lambda: proto.transport is None)
+    assert_pool_clean(pool)
+
+
+def test_loop_closed_with_the_connection_open_returns_ring_memory_as_a_counted_leak(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """asyncio never calls connection_lost when the loop itself is closed under an open
+    connection.  The ring's slot still comes back: through the pool's leak path, counted in
+    ``leaked`` and reported as LeakWarning (see docs/streams.md)."""
+    pool = BufferPool()
+    lost: list[Exception | None] = []
+
+    class Tracked(PooledProtocol):
+        def connection_lost(self, exc: Exception | None) -> None:
+            lost.append(exc)
+            super().connection_lost(exc)
+
+    peer: list[socket.socket] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: Tracked(pool), HOST, 0)
+        sock = socket.create_connection((HOST, server.sockets[0].getsockname()[1]))
+        peer.append(sock)
+        sock.sendall(b"abc")
+        await wait_until(lambda: pool.stats().in_use == 1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # unclosed transport/server
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(main())
+        gc.collect()
+    with pytest.warns(bufpool.LeakWarning, match="65536-byte lease"):
+        bufpool.report_leaks()
+    peer[0].close()
+    assert lost == []
+    stats = pool.stats()
+    assert stats.leaked == 1
     assert_pool_clean(pool)
