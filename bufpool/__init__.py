@@ -13,6 +13,7 @@ from ._errors import (
     PoolExhausted,
     RequestTooLarge,
 )
+from ._impl import IMPLEMENTATION
 from ._lease import Lease, LeaseChain
 from ._pool import BufferPool, report_leaks
 from ._ring import RingBuffer
@@ -20,6 +21,7 @@ from ._stats import PoolStats, TierStats
 
 __all__ = [
     "DEFAULT_CLASSES",
+    "IMPLEMENTATION",
     "TLS12_MAX_RECORD",
     "TLS13_MAX_RECORD",
     "BufPoolError",

@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from ._errors import LeaseReleasedError
+from ._impl import speedups
 from ._leak import Site
 from ._tracking import OVERHEAD, getrefcount
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from ._pool import BufferPool
     from ._tier import Tier
 
-__all__ = ["Lease", "LeaseChain"]
+__all__ = ["Lease", "LeaseChain", "PyLease"]
 
 
 class Lease:
@@ -164,6 +165,13 @@ class Lease:
         tier = self._tier
         where = f"{tier.size}-byte class" if tier is not None else "heap"
         return f"<Lease {self._size} B in {where}, refcount {self._refcount} at {id(self):#x}>"
+
+
+#: The pure-Python lease: the reference implementation.  The compiled ``Lease`` falls back to
+#: its methods whenever the pool lock is held or the release needs the slow path.
+PyLease = Lease
+if not TYPE_CHECKING and speedups is not None:
+    Lease = speedups.Lease  # same API; see bufpool._impl
 
 
 class LeaseChain:

@@ -13,18 +13,18 @@ then it sits in quarantine.  See ``_tracking`` for how that is detected.
 from __future__ import annotations
 
 import asyncio
-import threading
 import warnings
 import weakref
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable, Mapping
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from ._classes import DEFAULT_CLASSES, build_classes
 from ._errors import LeakWarning, LeaseReleasedError, PoolExhausted, RequestTooLarge
-from ._leak import LEVELS, SAMPLE_INTERVAL, Site, capture_site, format_site
-from ._lease import Lease, LeaseChain
+from ._impl import new_lock, speedups
+from ._leak import _PKG_DIR, LEVELS, SAMPLE_INTERVAL, SITE_DEPTH, Site, capture_site, format_site
+from ._lease import Lease, LeaseChain, PyLease
 from ._stats import PoolStats, TierStats
 from ._tier import Tier
 from ._tracking import holders
@@ -54,7 +54,14 @@ def report_leaks() -> int:
     return sum(pool._collect_leaks() for pool in list(_pools))
 
 
-class BufferPool:
+if TYPE_CHECKING:
+    _PoolBase = object
+else:
+    # The compiled base (``_speedups.PoolCore``) holds acquire's hit path and the fields it reads.
+    _PoolBase = object if speedups is None else speedups.PoolCore
+
+
+class BufferPool(_PoolBase):
     """A pool of byte buffers in six size classes (64 B .. 64 KiB by default).
 
     Keyword-only options:
@@ -101,7 +108,7 @@ class BufferPool:
         self._leak_level: LeakLevel = leak_detection
         self._scrub = bool(scrub)
         self._max_bytes = max_bytes
-        self._lock = threading.Lock()
+        self._lock = new_lock()
         self._tiers = tuple(
             Tier(i, c.size, c.slot_size, 0) for i, c in enumerate(size_classes)
         )
@@ -224,6 +231,22 @@ class BufferPool:
         lease._refcount = 1
         lease._site = site
         return lease
+
+    def _acquire_slow(self, i: int, size: int, site: Site | None) -> Lease:
+        """The compiled ``acquire`` calls this when the lock is held or class ``i`` has no
+        free slot (its ``size`` and ``site`` already checked and sampled): the locked part of
+        ``acquire`` above."""
+        tier = self._tiers[i]
+        with self._lock:
+            if tier.free:
+                buf = tier.free.pop()
+                tier.hits += 1
+            else:
+                served = self._take_slot(i, size)
+                if served is None:
+                    return self._heap_lease(size, site)
+                buf, tier = served
+            return self._pooled_lease(buf, tier, size, site)
 
     def _sample_site(self) -> Site | None:
         """The caller's acquisition site when this lease is sampled (as ``acquire`` inlines)."""
@@ -622,3 +645,16 @@ def _bad_size(size: object) -> None:
     if not isinstance(size, int) or isinstance(size, bool):
         raise TypeError(f"size must be an int number of bytes, got {type(size).__name__}")
     raise ValueError(f"size must be >= 0 bytes, got {size}")
+
+
+if speedups is not None:
+    speedups.setup(
+        released_error=LeaseReleasedError,
+        py_release=PyLease.release,
+        py_truncate=PyLease.truncate,
+        bad_size=_bad_size,
+        pkg_dir=_PKG_DIR,
+        site_depth=SITE_DEPTH,
+    )
+    if not TYPE_CHECKING:
+        BufferPool.acquire = speedups.PoolCore.acquire

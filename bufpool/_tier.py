@@ -13,10 +13,17 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
+from ._impl import speedups
 from ._tracking import holders
 
 if TYPE_CHECKING:
     from ._waiters import Waiter
+
+    _TierBase = object
+else:
+    # With the compiled core the fields live in C (``_speedups.TierCore``) so its hot paths
+    # read the counters as C integers; the methods below are the same either way.
+    _TierBase = object if speedups is None else speedups.TierCore
 
 __all__ = ["Tier"]
 
@@ -25,8 +32,8 @@ CHUNK_BYTES = 128 * 1024
 CHUNK_MAX_SLOTS = 64
 
 
-class Tier:
-    __slots__ = (
+class Tier(_TierBase):
+    __slots__ = () if speedups is not None else (
         "chunk_slots",
         "extra_served",
         "free",

@@ -1,0 +1,271 @@
+"""Choosing the implementation (compiled or pure Python) and proving the two behave alike.
+
+The implementation is fixed at import, so comparisons run a script in two subprocesses, one
+with ``BUFPOOL_NO_EXTENSIONS=1``, and compare what they print.  The rest of the suite runs
+against whichever implementation is active (CI runs it once per implementation).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import weakref
+from pathlib import Path
+
+import pytest
+
+import bufpool
+from bufpool import BufferPool, LeakWarning
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILT = importlib.util.find_spec("bufpool._speedups") is not None
+
+
+def run_py(code: str, **env: str) -> str:
+    """Run ``code`` in a fresh interpreter with ``env`` on top of ours (bufpool from ROOT)."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("BUFPOOL_")}
+    full["PYTHONPATH"] = os.pathsep.join([str(ROOT), full.get("PYTHONPATH", "")])
+    full.update(env)
+    out = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", textwrap.dedent(code)],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+REPORT = "import bufpool; print(bufpool.IMPLEMENTATION, type(bufpool.BufferPool().acquire(1)))"
+
+
+def test_env_var_forces_pure_python() -> None:
+    assert run_py(REPORT, BUFPOOL_NO_EXTENSIONS="1").split()[0] == "python"
+    assert "bufpool._lease.Lease" in run_py(REPORT, BUFPOOL_NO_EXTENSIONS="1")
+
+
+def test_default_uses_the_extension_when_built() -> None:
+    impl = run_py(REPORT).split()[0]
+    assert impl == ("c" if BUILT else "python")
+    assert run_py(REPORT, BUFPOOL_NO_EXTENSIONS="0").split()[0] == impl  # "0" means unset
+
+
+def test_require_extensions_fails_loudly_or_gets_c() -> None:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("BUFPOOL_")}
+    full["PYTHONPATH"] = str(ROOT)
+    full["BUFPOOL_REQUIRE_EXTENSIONS"] = "1"
+    out = subprocess.run(
+        [sys.executable, "-c", REPORT], env=full, capture_output=True, text=True, timeout=120
+    )
+    if BUILT:
+        assert out.returncode == 0 and out.stdout.startswith("c ")
+    else:
+        assert out.returncode != 0 and "ImportError" in out.stderr
+
+
+def test_implementation_is_reported_consistently() -> None:
+    assert bufpool.IMPLEMENTATION in ("c", "python")
+    lease = BufferPool().acquire(10)
+    assert isinstance(lease, bufpool.Lease)
+    compiled = type(lease).__module__ == "bufpool"  # the C type's name is "bufpool.Lease"
+    assert compiled == (bufpool.IMPLEMENTATION == "c")
+    lease.release()
+
+
+# A script exercising every error and observable of the core; both implementations must print
+# the same lines (object addresses masked).
+BEHAVIOUR = r"""
+import gc, re, warnings
+import bufpool
+from bufpool import BufferPool
+
+def show(label, fn):
+    try:
+        r = fn()
+    except BaseException as e:
+        r = f"{type(e).__name__}: {e}"
+    print(label, "->", re.sub(r"0x[0-9a-f]+", "0x?", str(r)))
+
+class MyInt(int):
+    pass
+
+pool = BufferPool(leak_detection="paranoid", classes=(64, 1024), initial_slots={64: 2, 1024: 2},
+                  max_bytes=2 * 64 + 2 * 1024, on_exhausted="raise")
+for bad in (1.5, "10", None, True, -1, -(2**70), MyInt(5)):
+    show(f"acquire({bad!r})", lambda: pool.acquire(bad))
+show("oversize raise", lambda: pool.acquire(5000))
+show("huge", lambda: pool.acquire(2**70))
+a = pool.acquire(10)
+show("repr", lambda: repr(a))
+show("attrs", lambda: (len(a), a.capacity, a.pooled, a.refcount, a.released, bool(a)))
+show("view", lambda: (len(a.view), a.view.format, a.view.readonly, type(a.view.obj).__name__,
+                      len(a.view.obj), a.view is a.view))
+show("retain", lambda: (a.retain() is a, a.refcount))
+a.release()
+show("after one release", lambda: (a.refcount, a.released))
+a.view[:] = b"0123456789"
+a.truncate(4)
+show("truncate", lambda: (len(a), a.tobytes(), bytes(a.view)))
+show("truncate too far", lambda: a.truncate(5))
+show("truncate negative", lambda: a.truncate(-1))
+show("truncate float", lambda: a.truncate(1.5))
+a.release()
+show("after release", lambda: (a.refcount, a.released, a.capacity, len(a), repr(a)))
+show("release again", lambda: a.release())
+show("retain after", lambda: a.retain())
+show("view after", lambda: a.view)
+show("tobytes after", lambda: a.tobytes())
+show("truncate after", lambda: a.truncate(1))
+b = pool.acquire(64)
+z = pool.acquire(0)
+show("bool(zero)", lambda: (bool(z), len(z.view)))
+z.release()
+c = pool.acquire(1000)
+d = pool.acquire(1000)
+show("exhausted", lambda: pool.acquire(1000))
+held = c.view[:3]
+c.release()
+show("quarantined", lambda: pool.stats().quarantined)
+del held
+show("reclaim", lambda: pool.reclaim())
+with pool.acquire(500) as e:
+    show("with", lambda: (e.refcount, e.pooled, len(e)))
+show("with after", lambda: e.released)
+heap_pool = BufferPool(classes=(64,), initial_slots=0, max_bytes=0)
+h = heap_pool.acquire(10)
+show("heap", lambda: (repr(h), h.pooled, h.capacity, len(h.view)))
+h.release()
+show("heap release again", lambda: h.release())
+
+def leak():
+    pool.acquire(7)
+
+d.release()
+b.release()
+leak()
+gc.collect()
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    show("report_leaks", lambda: bufpool.report_leaks())
+for x in w:
+    show("leak warning", lambda: (x.category.__name__, str(x.message)))
+st = pool.stats()
+show("stats", lambda: st.as_dict())
+sampled = BufferPool(leak_detection="sample")
+for i in range(300):
+    sampled.acquire(20 + i % 2000)
+gc.collect()
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    show("sampled leaks", lambda: bufpool.report_leaks())
+show("sites", lambda: [i for i, x in enumerate(w) if "acquired at" in str(x.message)])
+show("sampled stats", lambda: sampled.stats().as_dict())
+"""
+
+
+def test_behaviour_errors_and_messages_identical_on_both() -> None:
+    pure = run_py(BEHAVIOUR, BUFPOOL_NO_EXTENSIONS="1")
+    active = run_py(BEHAVIOUR)
+    assert "LeaseReleasedError" in pure and "acquired at" in pure  # the script did its job
+    assert active.splitlines() == pure.splitlines()
+
+
+def test_many_cycles_leave_refcounts_and_objects_unchanged() -> None:
+    pool = BufferPool(leak_detection="sample", classes=(64, 1024), initial_slots=2)
+    tier_refs = [sys.getrefcount(t) for t in pool._tiers]
+
+    def cycle(n: int) -> None:
+        for i in range(n):
+            lease = pool.acquire(10 if i % 2 else 1000)
+            if i % 3 == 0:
+                lease.view[0] = 1
+            if i % 5 == 0:
+                lease.retain()
+                lease.release()
+            if i % 7 == 0:
+                lease.truncate(3)
+                lease.tobytes()
+            if i % 11 == 0:
+                v = lease.view[:2]
+                lease.release()
+                del v
+            else:
+                lease.release()
+
+    cycle(2000)
+    gc.collect()
+    pool.reclaim()
+    before = (sys.getrefcount(pool), len(gc.get_objects()))
+    cycle(20000)
+    gc.collect()
+    pool.reclaim()
+    assert (sys.getrefcount(pool), len(gc.get_objects())) == before
+    assert [sys.getrefcount(t) for t in pool._tiers] == tier_refs
+    st = pool.stats()
+    assert st.in_use == 0 and st.quarantined == 0
+    assert all(t.free == t.slots for t in st.tiers)
+
+
+def test_gc_collects_a_leaked_lease_in_a_cycle_and_reports_it() -> None:
+    pool = BufferPool(leak_detection="paranoid", classes=(64,), initial_slots=1, max_bytes=64)
+
+    class Holder:
+        lease: object
+        me: object
+
+    holder = Holder()
+    lease = pool.acquire(60)
+    holder.lease, holder.me = lease, holder
+    pool.cycle = holder  # type: ignore[attr-defined]  # lease -> pool -> holder -> lease
+    ref = weakref.ref(lease)
+    del lease, holder
+    del pool.cycle  # type: ignore[attr-defined]
+    gc.collect()
+    assert ref() is None
+    with pytest.warns(LeakWarning, match=r"(?s)a 60-byte lease.*test_speedups\.py"):
+        assert bufpool.report_leaks() == 1
+    with pool.acquire(60) as again:
+        assert again.pooled
+
+
+def test_hot_paths_wait_for_a_held_pool_lock() -> None:
+    pool = BufferPool(classes=(64,), initial_slots=2, max_bytes=128)
+    first = pool.acquire(10)
+    done = threading.Event()
+
+    def other() -> None:
+        lease = pool.acquire(10)  # a hit, but the lock is held: must wait for it
+        first.release()
+        lease.release()
+        done.set()
+
+    with pool._lock:
+        t = threading.Thread(target=other)
+        t.start()
+        t.join(0.2)
+        assert not done.is_set()  # blocked on the lock, not racing the locked section
+        assert pool._tiers[0].in_use == 1
+    t.join(30)
+    assert done.is_set()
+    st = pool.stats()
+    assert st.in_use == 0 and st.tiers[0].free == 2 and st.tiers[0].hits == 2
+
+
+def test_view_is_a_slot_view_made_on_first_use() -> None:
+    pool = BufferPool()
+    lease = pool.acquire(100)
+    view = lease.view
+    assert view is lease.view
+    assert type(view.obj) is bytearray and len(view.obj) == lease.capacity == 256
+    assert view.nbytes == 100 and view.contiguous and not view.readonly
+    view[:] = bytes(range(100))
+    assert lease.tobytes() == bytes(range(100)) == bytes(view.obj[:100])
+    del view
+    lease.release()
+    assert pool.stats().quarantined == 0
