@@ -41,7 +41,12 @@ from ._records import (
     DetachedRecord,
     TLSRecord,
 )
-from ._splitter import RecordViewHeldError, TLSRecordSplitter, default_pool
+from ._splitter import (
+    RECORD_POOL_CLASSES,
+    RecordViewHeldError,
+    TLSRecordSplitter,
+    default_pool,
+)
 
 if TYPE_CHECKING:
     from ._protocol import TLSRecordProtocol
@@ -73,6 +78,7 @@ __all__ = [
     "UnsupportedVersionError",
     "alert_record",
     "default_pool",
+    "RECORD_POOL_CLASSES",
     "is_grease",
     "parse_client_hello",
 ]
