@@ -454,6 +454,35 @@ typedef struct {
 
 static PyTypeObject LeaseType;
 
+/* Freed leases kept for reuse: saves the allocator round trip on every acquire.  Only leases
+ * the GC never finalized go here (PyObject_GC_IsFinalized), so a reused object's leak report
+ * still runs. */
+#define LEASE_FREELIST_MAX 256
+static Lease *lease_freelist[LEASE_FREELIST_MAX];
+static int lease_nfree = 0;
+
+static Lease *
+lease_alloc(void)
+{
+    if (lease_nfree > 0) {
+        Lease *self = lease_freelist[--lease_nfree];
+        PyObject_Init((PyObject *)self, &LeaseType);
+        return self;
+    }
+    return PyObject_GC_New(Lease, &LeaseType);
+}
+
+/* Free an untracked lease whose fields are cleared (or were never set). */
+static void
+lease_free(Lease *self)
+{
+    if (lease_nfree < LEASE_FREELIST_MAX && !PyObject_GC_IsFinalized((PyObject *)self)) {
+        lease_freelist[lease_nfree++] = self;
+        return;
+    }
+    PyObject_GC_Del(self);
+}
+
 static PyObject *
 lease_repr(Lease *self)
 {
@@ -592,7 +621,12 @@ lease_dealloc(Lease *self)
         PyObject_ClearWeakRefs((PyObject *)self);
     }
     lease_clear(self);
-    PyObject_GC_Del(self);
+    if (Py_TYPE(self) == &LeaseType) {
+        lease_free(self);
+    }
+    else {
+        PyObject_GC_Del(self);
+    }
 }
 
 /* Append ``item`` to ``list``, stealing the reference.  Never runs Python code. */
@@ -956,7 +990,7 @@ pool_acquire(PoolCore *self, PyObject *arg)
     }
     Lease *lease = NULL;
     if (!huge) {
-        lease = PyObject_GC_New(Lease, &LeaseType); /* may run the cyclic GC: before the checks */
+        lease = lease_alloc(); /* may run the cyclic GC: before the checks */
         if (lease == NULL) {
             Py_XDECREF(site);
             return NULL;
@@ -973,7 +1007,7 @@ pool_acquire(PoolCore *self, PyObject *arg)
     }
     if (huge || i == n) {
         if (lease != NULL) {
-            PyObject_GC_Del(lease);
+            lease_free(lease);
         }
         PyObject *r = PyObject_CallMethodObjArgs((PyObject *)self, str_oversize_lease, arg,
                                                  site ? site : Py_None, NULL);
@@ -985,7 +1019,7 @@ pool_acquire(PoolCore *self, PyObject *arg)
     Py_ssize_t nfree;
     if (self->lock == NULL || self->lock->held || free == NULL || !PyList_CheckExact(free)
         || (nfree = PyList_GET_SIZE(free)) == 0) {
-        PyObject_GC_Del(lease);
+        lease_free(lease);
         PyObject *index = PyLong_FromSsize_t(i);
         if (index == NULL) {
             Py_XDECREF(site);
