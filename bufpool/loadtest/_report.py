@@ -1,0 +1,241 @@
+"""Reporting a session: terminal table (rich), JSON document, markdown table.
+
+The JSON document (``--json FILE``) has this shape (schema id ``bufpool-loadtest/1``)::
+
+    {"schema": "bufpool-loadtest/1", "created": ISO-8601, "host": {...}, "settings": {...},
+     "runs": [RUN, ...],                       # one per measured run, in run order
+     "summary": {"configs": {NAME: RUN-without-round, ...},
+                 "ratios": {"baseline": "no-pool", "candidate": "pool", METRIC: float, ...}}}
+
+    RUN = {"config": str, "round": int, "mode": "closed"|"open", "duration_s": float,
+           "requests": int, "late": int, "rps": float, "bytes_sent": int, "bytes_received": int,
+           "latency_ms": {"p50","p90","p99","p99_9","max","mean": float},
+           "send_lag_ms": {"p99","max": float},
+           "errors": {KIND: int}, "status": {"200": int, ...},
+           "server": {"rss_peak_bytes", "minor_faults", "major_faults": int,
+                      "cpu_seconds": float, "cpu_us_per_request": float,
+                      "rss_samples": [[seconds, bytes], ...]} | null,
+           "pool": {"hit_rate", "in_use", "quarantined", "waste_ratio", "reserved_bytes",
+                    ...} | null}
+
+Ratios are candidate / baseline (``pool`` over ``no-pool``): above 1 means more of it with
+the pool -- good for ``rps``, bad for latency, RSS, faults and CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+from rich.console import Console
+from rich.table import Table
+
+from ._metrics import LoadResult, ServerUsage
+from ._run import BASELINE, CANDIDATE, Session
+
+__all__ = ["SCHEMA", "render_table", "session_json", "session_markdown", "write_json",
+           "write_markdown"]
+
+SCHEMA: Final = "bufpool-loadtest/1"
+_MIB: Final = 1024 * 1024
+
+# (key in the run dict, label, formatter); keys with dots reach into nested dicts.
+_ROWS: Final = (
+    ("rps", "requests/s", "{:,.0f}"),
+    ("latency_ms.p50", "p50 ms", "{:.2f}"),
+    ("latency_ms.p90", "p90 ms", "{:.2f}"),
+    ("latency_ms.p99", "p99 ms", "{:.2f}"),
+    ("latency_ms.p99_9", "p99.9 ms", "{:.2f}"),
+    ("latency_ms.max", "max ms", "{:.2f}"),
+    ("requests", "responses", "{:,}"),
+    ("error_total", "errors", "{:,}"),
+    ("mb_sent", "MB sent", "{:,.1f}"),
+    ("mb_received", "MB received", "{:,.1f}"),
+    ("server.rss_peak_mib", "server peak RSS MiB", "{:.1f}"),
+    ("server.minor_faults", "server minor faults", "{:,}"),
+    ("server.cpu_seconds", "server CPU s", "{:.2f}"),
+    ("server.cpu_us_per_request", "server CPU us/request", "{:.1f}"),
+    ("pool.hit_rate", "pool hit rate", "{:.1%}"),
+    ("pool.in_use", "pool in use (after)", "{}"),
+    ("pool.quarantined", "pool quarantined (after)", "{}"),
+    ("pool.waste_ratio", "pool waste ratio", "{:.1%}"),
+    ("pool.reserved_mib", "pool reserved MiB", "{:.1f}"),
+)
+#: Metrics whose candidate/baseline ratio is reported.
+RATIO_KEYS: Final = (
+    "rps", "latency_ms.p50", "latency_ms.p90", "latency_ms.p99", "latency_ms.p99_9",
+    "latency_ms.max", "server.rss_peak_mib", "server.minor_faults", "server.cpu_seconds",
+    "server.cpu_us_per_request",
+)
+
+
+def run_dict(
+    load: LoadResult, usage: ServerUsage | None, pool: dict[str, Any] | None, mode: str
+) -> dict[str, Any]:
+    """One run (or one configuration's combined rounds) as plain JSON-ready data."""
+    lag = load.send_lag
+    out: dict[str, Any] = {
+        "mode": mode,
+        "duration_s": round(load.duration_s, 3),
+        "requests": load.requests,
+        "late": load.late,
+        "rps": round(load.rps, 1),
+        "bytes_sent": load.bytes_sent,
+        "bytes_received": load.bytes_received,
+        "latency_ms": {k: round(v, 3) for k, v in load.latency_ms().items()},
+        "send_lag_ms": {
+            "p99": lag.get_value_at_percentile(99.0) / 1000 if lag.get_total_count() else 0.0,
+            "max": lag.get_max_value() / 1000 if lag.get_total_count() else 0.0,
+        },
+        "errors": dict(sorted(load.errors.items())),
+        "status": {str(k): v for k, v in sorted(load.status.items())},
+        "server": None,
+        "pool": pool or None,
+    }
+    if usage is not None:
+        server = usage.as_dict()
+        server["cpu_us_per_request"] = (
+            round(usage.cpu_seconds / load.requests * 1e6, 2) if load.requests else 0.0
+        )
+        out["server"] = server
+    return out
+
+
+def _get(d: dict[str, Any], key: str) -> Any:
+    derived: dict[str, Callable[[dict[str, Any]], Any]] = {
+        "error_total": lambda r: sum(r["errors"].values())
+        + sum(n for s, n in r["status"].items() if int(s) >= 400),
+        "mb_sent": lambda r: r["bytes_sent"] / 1e6,
+        "mb_received": lambda r: r["bytes_received"] / 1e6,
+        "server.rss_peak_mib": lambda r: r["server"]["rss_peak_bytes"] / _MIB
+        if r["server"] else None,
+        "pool.reserved_mib": lambda r: r["pool"]["reserved_bytes"] / _MIB
+        if r["pool"] and r["pool"].get("reserved_bytes") is not None else None,
+    }
+    if key in derived:
+        return derived[key](d)
+    cur: Any = d
+    for part in key.split("."):
+        if not isinstance(cur, dict) or cur.get(part) is None:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def session_json(session: Session) -> dict[str, Any]:
+    """The whole session as the documented JSON object."""
+    mode = session.settings.mode
+    runs = []
+    for r in session.runs:
+        d = {"config": r.config, "round": r.round, **run_dict(r.load, r.server, r.pool, mode)}
+        runs.append(d)
+    configs = {
+        name: run_dict(load, usage, pool, mode)
+        for name, (load, usage, pool) in session.by_config().items()
+    }
+    ratios: dict[str, Any] = {}
+    if BASELINE in configs and CANDIDATE in configs:
+        ratios = {"baseline": BASELINE, "candidate": CANDIDATE}
+        for key in RATIO_KEYS:
+            ratios[key.split(".")[-1].replace("_mib", "")] = _ratio(
+                _get(configs[CANDIDATE], key), _get(configs[BASELINE], key)
+            )
+    return {
+        "schema": SCHEMA,
+        "created": datetime.datetime.fromtimestamp(session.started, datetime.UTC).isoformat(),
+        "host": {
+            "python": platform.python_version(),
+            "implementation": platform.python_implementation(),
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "argv": sys.argv[1:],
+        },
+        "settings": session.settings.as_dict(),
+        "runs": runs,
+        "summary": {"configs": configs, "ratios": ratios},
+    }
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    if not isinstance(a, int | float) or not isinstance(b, int | float) or not b:
+        return None
+    return round(a / b, 3)
+
+
+def _fmt(fmt: str, v: Any) -> str:
+    if v is None:
+        return "-"
+    return fmt.format(v)
+
+
+def _rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    configs = doc["summary"]["configs"]
+    names = list(configs)
+    paired = BASELINE in configs and CANDIDATE in configs
+    header = ["", *names] + (["ratio pool/no-pool"] if paired else [])
+    rows = []
+    for key, label, fmt in _ROWS:
+        values = [_get(configs[n], key) for n in names]
+        if all(v is None for v in values):
+            continue
+        row = [label, *(_fmt(fmt, v) for v in values)]
+        if paired:
+            ratio = _ratio(_get(configs[CANDIDATE], key), _get(configs[BASELINE], key))
+            row.append("-" if ratio is None or key.startswith("pool.") else f"{ratio:.2f}x")
+        rows.append(row)
+    return header, rows
+
+
+def _title(doc: dict[str, Any]) -> str:
+    s = doc["settings"]
+    load = (f"open loop {s['rate']:,.0f} req/s" if s["mode"] == "open"
+            else "closed loop")
+    return (f"{load}, {s['connections']} connections, {s['rounds']} x {s['duration_s']:g} s "
+            f"per config, bodies {s['mix']}, replies {s['reply']}, {s['method']}"
+            + (", TLS via SNI proxy" if s["tls"] else "")
+            + (f", {s['workers']} load processes" if s["workers"] > 1 else "")
+            + (f", gunicorn x{s['server_workers']}" if s["server_workers"] else ""))
+
+
+def render_table(doc: dict[str, Any], console: Console) -> None:
+    """Side-by-side table of the combined rounds, with ratios, plus error detail."""
+    header, rows = _rows(doc)
+    table = Table(title=_title(doc), title_justify="left")
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    for name, cfg in doc["summary"]["configs"].items():
+        bad = {**cfg["errors"], **{f"HTTP {k}": v for k, v in cfg["status"].items()
+                                   if int(k) >= 400}}
+        if bad:
+            detail = ", ".join(f"{k}: {v:,}" for k, v in bad.items())
+            console.print(f"[yellow]{name} errors[/]: {detail}")
+        if cfg["send_lag_ms"]["p99"] > 5.0 and doc["settings"]["mode"] == "open":
+            console.print(
+                f"[yellow]{name}: the load generator itself ran late (send lag p99 "
+                f"{cfg['send_lag_ms']['p99']:.1f} ms); use --workers or a lower --rate[/]"
+            )
+
+
+def session_markdown(doc: dict[str, Any]) -> str:
+    header, rows = _rows(doc)
+    lines = [f"**{_title(doc)}**", "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    lines.extend("| " + " | ".join(r) + " |" for r in rows)
+    return "\n".join(lines) + "\n"
+
+
+def write_json(doc: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def write_markdown(doc: dict[str, Any], path: Path) -> None:
+    path.write_text(session_markdown(doc))
