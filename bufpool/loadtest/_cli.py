@@ -63,50 +63,117 @@ def _methods(text: str) -> Mix:
 
 def add_loadtest_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("load")
-    g.add_argument("--duration", type=_positive_float, default=5.0, metavar="SECONDS",
-                   help="measured seconds per run (default 5)")
-    g.add_argument("--rounds", type=_positive_int, default=2,
-                   help="A/B rounds, interleaved A B A B ... (default 2)")
-    g.add_argument("--warmup", type=float, default=1.0, metavar="SECONDS",
-                   help="unmeasured load per configuration before round 1 (default 1)")
-    g.add_argument("--rate", type=_positive_float, metavar="REQ_PER_S",
-                   help="open loop at this constant rate; latency from each request's "
-                        "scheduled send time (coordinated-omission corrected). Default: "
-                        "closed loop")
-    g.add_argument("--connections", type=_positive_int, default=64,
-                   help="keep-alive connections (default 64)")
-    g.add_argument("--mix", type=_sizes, default=None, metavar="SIZE:W,...",
-                   help="request body sizes and weights (default 1k:1,16k:1,256k:1)")
-    g.add_argument("--reply", type=_sizes, default=None, metavar="BYTES[:W,...]",
-                   help="response sizes asked of the server (default 4k)")
-    g.add_argument("--method", type=_methods, default=None, metavar="METHOD[:W,...]",
-                   help="HTTP methods and weights (default POST); GET/HEAD send no body")
-    g.add_argument("--timeout", type=_positive_float, default=10.0, metavar="SECONDS",
-                   help="per-request timeout (default 10)")
-    g.add_argument("--workers", type=_positive_int, default=1,
-                   help="load processes; histograms are merged (default 1: in process)")
-    g.add_argument("--client", choices=("raw", "aiohttp"), default="raw",
-                   help="load generator: the bufpool/uvloop one (default) or aiohttp's client")
+    g.add_argument(
+        "--duration",
+        type=_positive_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="measured seconds per run (default 5)",
+    )
+    g.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=2,
+        help="A/B rounds, interleaved A B A B ... (default 2)",
+    )
+    g.add_argument(
+        "--warmup",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="unmeasured load per configuration before round 1 (default 1)",
+    )
+    g.add_argument(
+        "--rate",
+        type=_positive_float,
+        metavar="REQ_PER_S",
+        help="open loop at this constant rate; latency from each request's "
+        "scheduled send time (coordinated-omission corrected). Default: "
+        "closed loop",
+    )
+    g.add_argument(
+        "--connections", type=_positive_int, default=64, help="keep-alive connections (default 64)"
+    )
+    g.add_argument(
+        "--mix",
+        type=_sizes,
+        default=None,
+        metavar="SIZE:W,...",
+        help="request body sizes and weights (default 1k:1,16k:1,256k:1)",
+    )
+    g.add_argument(
+        "--reply",
+        type=_sizes,
+        default=None,
+        metavar="BYTES[:W,...]",
+        help="response sizes asked of the server (default 4k)",
+    )
+    g.add_argument(
+        "--method",
+        type=_methods,
+        default=None,
+        metavar="METHOD[:W,...]",
+        help="HTTP methods and weights (default POST); GET/HEAD send no body",
+    )
+    g.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="per-request timeout (default 10)",
+    )
+    g.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="load processes; histograms are merged (default 1: in process)",
+    )
+    g.add_argument(
+        "--client",
+        choices=("raw", "aiohttp"),
+        default="raw",
+        help="load generator: the bufpool/uvloop one (default) or aiohttp's client",
+    )
     g.add_argument("--seed", type=int, default=1, help="seed of the request order")
     t = p.add_argument_group("target")
-    t.add_argument("--url", metavar="URL",
-                   help="load this server instead of the embedded A/B pair")
-    t.add_argument("--server-pid", type=int, metavar="PID",
-                   help="with --url: sample this process tree's RSS, faults and CPU")
-    t.add_argument("--stats-url", metavar="URL",
-                   help="with --url: a bufpool stats endpoint to scrape")
-    t.add_argument("--server-workers", type=int, default=0, metavar="N",
-                   help="run the embedded app under gunicorn with N aiohttp uvloop workers")
+    t.add_argument("--url", metavar="URL", help="load this server instead of the embedded A/B pair")
+    t.add_argument(
+        "--server-pid",
+        type=int,
+        metavar="PID",
+        help="with --url: sample this process tree's RSS, faults and CPU",
+    )
+    t.add_argument(
+        "--stats-url", metavar="URL", help="with --url: a bufpool stats endpoint to scrape"
+    )
+    t.add_argument(
+        "--server-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the embedded app under gunicorn with N aiohttp uvloop workers",
+    )
     t.add_argument("--server-loop", choices=("uvloop", "asyncio"), default="uvloop")
-    t.add_argument("--tls", action="store_true",
-                   help="embedded servers over TLS behind the SNI passthrough proxy")
-    t.add_argument("--app", type=Path, metavar="PATH",
-                   help="the example app to start (default: examples/aiohttp_app.py)")
+    t.add_argument(
+        "--tls",
+        action="store_true",
+        help="embedded servers over TLS behind the SNI passthrough proxy",
+    )
+    t.add_argument(
+        "--app",
+        type=Path,
+        metavar="PATH",
+        help="the example app to start (default: examples/aiohttp_app.py)",
+    )
     o = p.add_argument_group("output")
     o.add_argument("--json", type=Path, metavar="FILE", help="write every run and a summary")
     o.add_argument("--markdown", type=Path, metavar="FILE", help="write the table as markdown")
-    o.add_argument("--plot", type=Path, metavar="FILE.png",
-                   help="latency percentile curves and server RSS over time")
+    o.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="latency percentile curves and server RSS over time",
+    )
     o.add_argument("--quiet", action="store_true", help="no progress bar or status lines")
 
 

@@ -92,9 +92,7 @@ def build_templates(
         owned.append(chain)
         _fill(chain.views(), head)
         templates.append(
-            RequestTemplate(
-                method, path, body_size, tuple(chain.views()), total, method == "HEAD"
-            )
+            RequestTemplate(method, path, body_size, tuple(chain.views()), total, method == "HEAD")
         )
     return templates, owned
 
@@ -340,9 +338,7 @@ class LoadGenerator:
 
     async def connect(self) -> None:
         """Open every connection; connection failures here raise (the target is down)."""
-        self.conns = list(
-            await asyncio.gather(*(self._open() for _ in range(self.nconn)))
-        )
+        self.conns = list(await asyncio.gather(*(self._open() for _ in range(self.nconn))))
 
     async def _open(self) -> _Connection:
         conn = _Connection(self)

@@ -62,8 +62,14 @@ def write_plot(session: Session, path: Path) -> None:
     if ax_rss.lines:
         ax_rss.legend()
     else:
-        ax_rss.text(0.5, 0.5, "no server process to sample", ha="center", va="center",
-                    transform=ax_rss.transAxes)
+        ax_rss.text(
+            0.5,
+            0.5,
+            "no server process to sample",
+            ha="center",
+            va="center",
+            transform=ax_rss.transAxes,
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

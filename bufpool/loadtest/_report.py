@@ -39,8 +39,14 @@ from rich.table import Table
 from ._metrics import LoadResult, ServerUsage
 from ._run import BASELINE, CANDIDATE, Session
 
-__all__ = ["SCHEMA", "render_table", "session_json", "session_markdown", "write_json",
-           "write_markdown"]
+__all__ = [
+    "SCHEMA",
+    "render_table",
+    "session_json",
+    "session_markdown",
+    "write_json",
+    "write_markdown",
+]
 
 SCHEMA: Final = "bufpool-loadtest/1"
 _MIB: Final = 1024 * 1024
@@ -69,8 +75,15 @@ _ROWS: Final = (
 )
 #: Metrics whose candidate/baseline ratio is reported.
 RATIO_KEYS: Final = (
-    "rps", "latency_ms.p50", "latency_ms.p90", "latency_ms.p99", "latency_ms.p99_9",
-    "latency_ms.max", "server.rss_peak_mib", "server.minor_faults", "server.cpu_seconds",
+    "rps",
+    "latency_ms.p50",
+    "latency_ms.p90",
+    "latency_ms.p99",
+    "latency_ms.p99_9",
+    "latency_ms.max",
+    "server.rss_peak_mib",
+    "server.minor_faults",
+    "server.cpu_seconds",
     "server.cpu_us_per_request",
 )
 
@@ -109,14 +122,19 @@ def run_dict(
 
 def _get(d: dict[str, Any], key: str) -> Any:
     derived: dict[str, Callable[[dict[str, Any]], Any]] = {
-        "error_total": lambda r: sum(r["errors"].values())
-        + sum(n for s, n in r["status"].items() if int(s) >= 400),
+        "error_total": lambda r: (
+            sum(r["errors"].values()) + sum(n for s, n in r["status"].items() if int(s) >= 400)
+        ),
         "mb_sent": lambda r: r["bytes_sent"] / 1e6,
         "mb_received": lambda r: r["bytes_received"] / 1e6,
-        "server.rss_peak_mib": lambda r: r["server"]["rss_peak_bytes"] / _MIB
-        if r["server"] else None,
-        "pool.reserved_mib": lambda r: r["pool"]["reserved_bytes"] / _MIB
-        if r["pool"] and r["pool"].get("reserved_bytes") is not None else None,
+        "server.rss_peak_mib": lambda r: (
+            r["server"]["rss_peak_bytes"] / _MIB if r["server"] else None
+        ),
+        "pool.reserved_mib": lambda r: (
+            r["pool"]["reserved_bytes"] / _MIB
+            if r["pool"] and r["pool"].get("reserved_bytes") is not None
+            else None
+        ),
     }
     if key in derived:
         return derived[key](d)
@@ -194,13 +212,14 @@ def _rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def _title(doc: dict[str, Any]) -> str:
     s = doc["settings"]
-    load = (f"open loop {s['rate']:,.0f} req/s" if s["mode"] == "open"
-            else "closed loop")
-    return (f"{load}, {s['connections']} connections, {s['rounds']} x {s['duration_s']:g} s "
-            f"per config, bodies {s['mix']}, replies {s['reply']}, {s['method']}"
-            + (", TLS via SNI proxy" if s["tls"] else "")
-            + (f", {s['workers']} load processes" if s["workers"] > 1 else "")
-            + (f", gunicorn x{s['server_workers']}" if s["server_workers"] else ""))
+    load = f"open loop {s['rate']:,.0f} req/s" if s["mode"] == "open" else "closed loop"
+    return (
+        f"{load}, {s['connections']} connections, {s['rounds']} x {s['duration_s']:g} s "
+        f"per config, bodies {s['mix']}, replies {s['reply']}, {s['method']}"
+        + (", TLS via SNI proxy" if s["tls"] else "")
+        + (f", {s['workers']} load processes" if s["workers"] > 1 else "")
+        + (f", gunicorn x{s['server_workers']}" if s["server_workers"] else "")
+    )
 
 
 def render_table(doc: dict[str, Any], console: Console) -> None:
@@ -213,8 +232,10 @@ def render_table(doc: dict[str, Any], console: Console) -> None:
         table.add_row(*row)
     console.print(table)
     for name, cfg in doc["summary"]["configs"].items():
-        bad = {**cfg["errors"], **{f"HTTP {k}": v for k, v in cfg["status"].items()
-                                   if int(k) >= 400}}
+        bad = {
+            **cfg["errors"],
+            **{f"HTTP {k}": v for k, v in cfg["status"].items() if int(k) >= 400},
+        }
         if bad:
             detail = ", ".join(f"{k}: {v:,}" for k, v in bad.items())
             console.print(f"[yellow]{name} errors[/]: {detail}")
@@ -227,8 +248,7 @@ def render_table(doc: dict[str, Any], console: Console) -> None:
 
 def session_markdown(doc: dict[str, Any]) -> str:
     header, rows = _rows(doc)
-    lines = [f"**{_title(doc)}**", "", "| " + " | ".join(header) + " |",
-             "|" + "---|" * len(header)]
+    lines = [f"**{_title(doc)}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines.extend("| " + " | ".join(r) + " |" for r in rows)
     return "\n".join(lines) + "\n"
 

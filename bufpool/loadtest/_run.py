@@ -199,9 +199,7 @@ def _spec(settings: Settings, target: Target) -> LoadSpec:
     )
 
 
-async def _start_embedded(
-    settings: Settings, stack: contextlib.AsyncExitStack
-) -> list[Target]:
+async def _start_embedded(settings: Settings, stack: contextlib.AsyncExitStack) -> list[Target]:
     app = settings.app or find_example()
     python = sys.executable
     targets: list[Target] = []
@@ -218,30 +216,66 @@ async def _start_embedded(
         if settings.server_workers > 0:
             root = app.parent.parent
             argv = [
-                python, "-m", "gunicorn", f"{app.parent.name}.{app.stem}:app_factory",
-                "--worker-class", "aiohttp.GunicornUVLoopWebWorker"
-                if settings.server_loop == "uvloop" else "aiohttp.GunicornWebWorker",
-                "--workers", str(settings.server_workers), "--bind", "127.0.0.1:0",
-                "--pythonpath", str(root), "--chdir", str(root), "--log-level", "info",
-                "--graceful-timeout", "2",
+                python,
+                "-m",
+                "gunicorn",
+                f"{app.parent.name}.{app.stem}:app_factory",
+                "--worker-class",
+                "aiohttp.GunicornUVLoopWebWorker"
+                if settings.server_loop == "uvloop"
+                else "aiohttp.GunicornWebWorker",
+                "--workers",
+                str(settings.server_workers),
+                "--bind",
+                "127.0.0.1:0",
+                "--pythonpath",
+                str(root),
+                "--chdir",
+                str(root),
+                "--log-level",
+                "info",
+                "--graceful-timeout",
+                "2",
             ]
             if cert is not None and key is not None:
                 argv += ["--certfile", str(cert), "--keyfile", str(key)]
             env = dict(os.environ, BUFPOOL_APP_POOLED="1" if pooled else "0")
             server = ServerProcess(
-                name, argv, env=env, cwd=root, gunicorn=True,
+                name,
+                argv,
+                env=env,
+                cwd=root,
+                gunicorn=True,
                 ssl_context=scrape_ctx,
             )
         elif settings.tls:
             assert cert is not None and key is not None
-            argv = [python, "-m", "bufpool.loadtest._tls", str(app), "--cert", str(cert),
-                    "--key", str(key), "--loop", settings.server_loop]
+            argv = [
+                python,
+                "-m",
+                "bufpool.loadtest._tls",
+                str(app),
+                "--cert",
+                str(cert),
+                "--key",
+                str(key),
+                "--loop",
+                settings.server_loop,
+            ]
             if not pooled:
                 argv.append("--no-pool")
             server = ServerProcess(name, argv, ssl_context=scrape_ctx)
         else:
-            argv = [python, str(app), "--host", "127.0.0.1", "--port", "0",
-                    "--loop", settings.server_loop]
+            argv = [
+                python,
+                str(app),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--loop",
+                settings.server_loop,
+            ]
             if not pooled:
                 argv.append("--no-pool")
             server = ServerProcess(name, argv)
@@ -258,8 +292,14 @@ async def _start_embedded(
         targets.append(target)
     if settings.tls:
         assert cert is not None
-        proxy_argv = [python, str(find_example("sni_proxy.py")), "--listen", "127.0.0.1:0",
-                      "--loop", "uvloop"]
+        proxy_argv = [
+            python,
+            str(find_example("sni_proxy.py")),
+            "--listen",
+            "127.0.0.1:0",
+            "--loop",
+            "uvloop",
+        ]
         for t in targets:
             assert t.server is not None
             proxy_argv += ["--route", f"{_SNI[t.name]}={t.server.host}:{t.server.port}"]
@@ -321,7 +361,8 @@ async def _one_run(
         ctx = client_context(Path(target.cafile))
     before = (
         await asyncio.to_thread(scrape_pool_stats, target.stats_url, 5.0, ctx)
-        if target.stats_url else None
+        if target.stats_url
+        else None
     )
     sampler = ServerSampler(target.server_pid) if target.server_pid else None
     running: Running | None = None
@@ -341,7 +382,8 @@ async def _one_run(
         shown = progress(label, duration + (start_ns - time.monotonic_ns()) / 1e9, counter)
     try:
         load_task = asyncio.ensure_future(
-            running.run(start_ns, end_ns) if running is not None
+            running.run(start_ns, end_ns)
+            if running is not None
             else workers.run(spec, start_ns, end_ns)  # type: ignore[union-attr]
         )
         waiting = {load_task} | ({sampling} if sampling else set())
@@ -365,7 +407,8 @@ async def _one_run(
     usage = sampler.stop() if sampler is not None else None
     after = (
         await asyncio.to_thread(scrape_pool_stats, target.stats_url, 5.0, ctx)
-        if target.stats_url else None
+        if target.stats_url
+        else None
     )
     return result, usage, (pool_delta(before, after) if after is not None else None)
 
@@ -390,8 +433,7 @@ async def run_session(
         session = Session(settings, [t.name for t in targets])
         if settings.warmup > 0:
             for t in targets:
-                await _one_run(settings, t, workers, f"warm-up {t.name}", settings.warmup,
-                               progress)
+                await _one_run(settings, t, workers, f"warm-up {t.name}", settings.warmup, progress)
         for rnd in range(1, settings.rounds + 1):
             for t in targets:
                 label = f"round {rnd}/{settings.rounds} {t.name}"
