@@ -57,7 +57,13 @@ def pattern_bytes(n: int) -> bytes:
     return PATTERN * reps + PATTERN[:rest]
 
 
+_PATTERN_VIEW: Final = memoryview(PATTERN)
+
+
 def _fill_pattern(views: list[memoryview]) -> None:
+    if len(views) == 1 and len(views[0]) <= _PATTERN_LEN:  # the common case: one copy
+        views[0][:] = _PATTERN_VIEW[: len(views[0])]
+        return
     pos = 0
     for view in views:
         off = 0

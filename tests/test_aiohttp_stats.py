@@ -115,7 +115,7 @@ async def test_header_maps_are_reused_without_leaking_headers_between_responses(
             request, lease, content_type=f"text/x-{tag}", headers={f"X-Only-{tag}": tag}
         )
 
-    app = make_app(pool)
+    app = make_app(pool, reuse_headers=True)
     app.router.add_get("/t/{tag}", tagged)
     maps = app[bpa.SETTINGS_KEY].header_maps
     assert maps is not None and bpa.HEADER_REUSE_SUPPORTED
@@ -134,9 +134,9 @@ async def test_header_maps_are_reused_without_leaking_headers_between_responses(
 
 
 @pytest.mark.asyncio
-async def test_reuse_can_be_turned_off() -> None:
+async def test_reuse_is_off_by_default() -> None:
     pool = make_pool()
-    app = make_app(pool, reuse_headers=False)
+    app = make_app(pool)
     assert app[bpa.SETTINGS_KEY].header_maps is None
     async with served(app) as client:
         r = await client.post("/echo", data=b"hello")

@@ -20,6 +20,7 @@ releases them) or until ``PooledBody.release()``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from hashlib import sha256
 
@@ -32,7 +33,7 @@ from .._lease import Lease, LeaseChain
 from .._pool import BufferPool
 from ._errors import BodyNotContiguous
 from ._lifetime import owner_of
-from ._settings import Settings, settings_of
+from ._settings import Settings
 
 __all__ = ["PooledBody", "read_body"]
 
@@ -145,8 +146,8 @@ async def read_body(request: web.Request) -> PooledBody:
 
     The body is owned by the request: released when it ends.
     """
-    settings = settings_of(request)
     owner = owner_of(request)
+    settings = owner.settings
     length = request.content_length
     if length is not None and hdrs.CONTENT_ENCODING not in request.headers:
         owned = await _read_sized(request, settings, length)
@@ -189,12 +190,37 @@ def _malformed(exc: BaseException) -> web.HTTPBadRequest:
 
 
 async def _acquire(pool: BufferPool, settings: Settings, size: int) -> Lease | LeaseChain:
+    """``size`` bytes as one lease (up to the largest class) or a chain, waiting at most
+    ``acquire_timeout`` seconds in all; 503 after that."""
+    timeout = settings.acquire_timeout
     try:
-        if size <= pool.classes[-1]:
-            return await pool.acquire_async(size, timeout=settings.acquire_timeout)
-        return await pool.acquire_chain_async(size, timeout=settings.acquire_timeout)
+        if size <= settings.largest:
+            return await pool.acquire_async(size, timeout=timeout)
+        return await _acquire_chain(pool, settings.largest, size, timeout)
     except PoolExhausted as exc:
         raise _exhausted(settings, size, exc) from None
+
+
+async def _acquire_chain(
+    pool: BufferPool, largest: int, size: int, timeout: float | None
+) -> LeaseChain:
+    # Like pool.acquire_chain_async, but one deadline for all pieces instead of a timeout
+    # context: the common case (slots free) then never arms a timer.
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    leases: list[Lease] = []
+    try:
+        left = size
+        while left > 0:
+            n = min(largest, left)
+            wait = None if deadline is None else max(0.0, deadline - loop.time())
+            leases.append(await pool.acquire_async(n, timeout=wait))
+            left -= n
+    except BaseException:
+        for lease in leases:
+            lease.release()
+        raise
+    return LeaseChain(leases)
 
 
 async def _read_sized(
@@ -268,7 +294,7 @@ async def _read_streamed(request: web.Request, settings: Settings) -> Lease | Le
     """Unknown length (chunked, or decoded from Content-Encoding): grow as bytes arrive."""
     pool = settings.pool
     limit = settings.max_body_size
-    largest = pool.classes[-1]
+    largest = settings.largest
     # Sizes a growing first lease steps through: whole slots of each class up to the largest.
     steps = [s for s in pool.slot_sizes if s <= largest] or [largest]
     readchunk = request.content.readchunk

@@ -27,6 +27,7 @@ from multidict import CIMultiDict
 from .._lease import Lease, LeaseChain
 from ._errors import NotSetUp
 from ._headers import HeaderMaps
+from ._settings import Settings
 
 __all__ = ["OWNED_KEY", "RequestLeases", "make_middleware", "owner_of"]
 
@@ -36,11 +37,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class RequestLeases:
     """The pooled memory one request owns; valid until the request ends."""
 
-    __slots__ = ("header_maps", "headers", "items")
+    __slots__ = ("header_maps", "headers", "items", "settings")
 
-    def __init__(self, header_maps: HeaderMaps | None) -> None:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.items: list[Lease | LeaseChain] = []
-        self.header_maps = header_maps
+        self.header_maps: HeaderMaps | None = settings.header_maps
         #: Header maps lent to this request's responses, returned at the end.
         self.headers: list[CIMultiDict[str]] = []
 
@@ -100,12 +102,12 @@ def owner_of(request: web.BaseRequest) -> RequestLeases:
     return owned
 
 
-def make_middleware(header_maps: HeaderMaps | None) -> Middleware:
-    """The middleware for one application (it closes over the app's header-map list)."""
+def make_middleware(settings: Settings) -> Middleware:
+    """The middleware for one application (it closes over the app's settings)."""
 
     @web.middleware
     async def bufpool_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        owned = RequestLeases(header_maps)
+        owned = RequestLeases(settings)
         request[OWNED_KEY] = owned
         try:
             resp = await handler(request)

@@ -22,7 +22,6 @@ from .._lease import Lease, LeaseChain
 from ._body import PooledBody
 from ._headers import SUPPORTED as HEADER_REUSE_SUPPORTED
 from ._lifetime import owner_of
-from ._settings import settings_of
 
 __all__ = ["PooledResponse", "pooled_response"]
 
@@ -82,7 +81,6 @@ def pooled_response(
     (``retain()`` first if you keep using it).  ``content_type`` is set unless ``headers``
     already has a Content-Type.
     """
-    settings = settings_of(request)
     owner = owner_of(request)
     if isinstance(body, PooledBody):
         owned = body.owned
@@ -92,7 +90,7 @@ def pooled_response(
         views = [body.view] if isinstance(body, Lease) else body.views()
     if owned is not None:
         owner.adopt(owned)
-    maps = settings.header_maps
+    maps = owner.header_maps
     if maps is not None:
         real = maps.take()
         owner.headers.append(real)

@@ -44,6 +44,8 @@ class Settings:
     retry_after: int
     owns_pool: bool
     header_maps: HeaderMaps | None = field(default=None)
+    #: Nominal size of the pool's largest class: bodies above it become a LeaseChain.
+    largest: int = 65536
 
 
 #: The application's pool (a ``web.AppKey``): ``app[POOL_KEY]``.

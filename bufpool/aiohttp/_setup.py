@@ -42,7 +42,7 @@ def setup(
     retry_after: int = 1,
     stats_path: str | None = None,
     prometheus_path: str | None = None,
-    reuse_headers: bool = True,
+    reuse_headers: bool = False,
 ) -> BufferPool:
     """Install bufpool on ``app`` and return its pool.
 
@@ -59,7 +59,9 @@ def setup(
         Serve pool stats at ``stats_path`` (JSON, or Prometheus text on ``Accept:
         text/plain``) and always as Prometheus text at ``prometheus_path``.
     reuse_headers
-        Recycle response header maps across requests (see ``_headers``).
+        Recycle response header maps of ``pooled_response`` across requests (see
+        ``_headers``).  Off by default: measured slower than fresh maps on aiohttp 3.14.5 /
+        multidict 7.2.1 (``bench/bench_headers.py``).
     """
     if not isinstance(max_body_size, int) or max_body_size < 0:
         raise ValueError(f"max_body_size must be a non-negative int (bytes), got {max_body_size!r}")
@@ -74,15 +76,16 @@ def setup(
         pool = BufferPool(max_bytes=DEFAULT_POOL_MAX_BYTES)
     header_maps = HeaderMaps() if reuse_headers and HEADER_REUSE_SUPPORTED else None
     app[POOL_KEY] = pool
-    app[SETTINGS_KEY] = Settings(
+    app[SETTINGS_KEY] = settings = Settings(
         pool=pool,
         max_body_size=max_body_size,
         acquire_timeout=acquire_timeout,
         retry_after=retry_after,
         owns_pool=owns_pool,
         header_maps=header_maps,
+        largest=pool.classes[-1],
     )
-    app.middlewares.insert(0, make_middleware(header_maps))
+    app.middlewares.insert(0, make_middleware(settings))
     app.cleanup_ctx.append(_lifecycle)
     if stats_path is not None:
         app.router.add_get(stats_path, stats_handler(), name="bufpool-stats")
