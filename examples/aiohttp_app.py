@@ -116,7 +116,10 @@ async def pooled_echo(request: web.Request) -> web.StreamResponse:
 
 def _pattern_lease(request: web.Request, n: int) -> bufpool.Lease | bufpool.LeaseChain:
     pool = request.app[bpa.POOL_KEY]
-    owned = pool.acquire(n) if n <= pool.classes[-1] else pool.acquire_chain(n)
+    try:
+        owned = pool.acquire(n) if n <= pool.classes[-1] else pool.acquire_chain(n)
+    except bufpool.PoolExhausted as exc:
+        raise web.HTTPServiceUnavailable(headers={"Retry-After": "1"}, text=str(exc)) from None
     _fill_pattern([owned.view] if isinstance(owned, bufpool.Lease) else owned.views())
     return owned
 
@@ -173,7 +176,7 @@ def create_app(
     if pooled:
         bpa.setup(
             app,
-            pool=bufpool.BufferPool(max_bytes=pool_max_bytes),
+            pool=bufpool.BufferPool(max_bytes=pool_max_bytes, on_exhausted="raise"),
             max_body_size=max_body_size,
             stats_path="/bufpool/stats",
             prometheus_path="/bufpool/metrics",

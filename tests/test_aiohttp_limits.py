@@ -88,9 +88,11 @@ async def test_413_streamed_releases_partial_leases_at_once(encoded: bool) -> No
 
 
 @pytest.mark.asyncio
-async def test_503_with_retry_after_when_the_budget_stays_spent() -> None:
-    # A budget of exactly one 64 KiB slot and no preallocation.
-    pool = bufpool.BufferPool(max_bytes=65536, initial_slots=0)
+@pytest.mark.parametrize("policy", ["heap", "raise"])
+async def test_503_with_retry_after_when_the_budget_stays_spent(policy: str) -> None:
+    # A budget of exactly one 64 KiB slot and no preallocation.  "raise" pools take the
+    # synchronous fast path first, "heap" pools always wait in acquire_async.
+    pool = bufpool.BufferPool(max_bytes=65536, initial_slots=0, on_exhausted=policy)  # type: ignore[arg-type]
     seen: list[Any] = []
     holding = asyncio.Event()
     let_go = asyncio.Event()
@@ -122,8 +124,9 @@ async def test_503_with_retry_after_when_the_budget_stays_spent() -> None:
 
 
 @pytest.mark.asyncio
-async def test_waiting_for_memory_succeeds_when_it_frees_in_time() -> None:
-    pool = bufpool.BufferPool(max_bytes=65536, initial_slots=0)
+@pytest.mark.parametrize("policy", ["heap", "raise"])
+async def test_waiting_for_memory_succeeds_when_it_frees_in_time(policy: str) -> None:
+    pool = bufpool.BufferPool(max_bytes=65536, initial_slots=0, on_exhausted=policy)  # type: ignore[arg-type]
     holding = asyncio.Event()
 
     async def hold(request: web.Request) -> web.Response:

@@ -193,6 +193,12 @@ async def _acquire(pool: BufferPool, settings: Settings, size: int) -> Lease | L
     """``size`` bytes as one lease (up to the largest class) or a chain, waiting at most
     ``acquire_timeout`` seconds in all; 503 after that."""
     timeout = settings.acquire_timeout
+    if pool.on_exhausted == "raise":
+        # Synchronous fast path (no coroutine per slot); PoolExhausted means "wait" below.
+        try:
+            return pool.acquire(size) if size <= settings.largest else pool.acquire_chain(size)
+        except PoolExhausted:
+            pass
     try:
         if size <= settings.largest:
             return await pool.acquire_async(size, timeout=timeout)
