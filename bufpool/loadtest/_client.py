@@ -396,8 +396,10 @@ class LoadGenerator:
     async def close(self) -> None:
         """Close every connection and give back the receive buffers."""
         self.stopping = True
-        for task in list(self.reopening):
+        pending = list(self.reopening)
+        for task in pending:
             task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         conns = list(self.conns)
         for conn in conns:
             if conn.transport is not None:
