@@ -84,8 +84,11 @@ def trace_tls(rnd: random.Random, k: int) -> list[int]:
         elif r < 0.7:
             out.append(rnd.randint(1024, 4096))
         else:
-            out.append(rnd.choice((16401 + 5, 16408 + 5, bufpool.TLS13_MAX_RECORD,
-                                   bufpool.TLS12_MAX_RECORD)))
+            out.append(
+                rnd.choice(
+                    (16401 + 5, 16408 + 5, bufpool.TLS13_MAX_RECORD, bufpool.TLS12_MAX_RECORD)
+                )
+            )
     return out
 
 
@@ -106,8 +109,11 @@ def waste(pool: BufferPool, sizes: Iterable[int]) -> float:
 
 def bench_waste(k: int) -> list[dict[str, object]]:
     rows = []
-    traces = {"uniform 1 B-64 KiB": trace_uniform, "TLS record mix": trace_tls,
-              "HTTP body mix": trace_http}
+    traces = {
+        "uniform 1 B-64 KiB": trace_uniform,
+        "TLS record mix": trace_tls,
+        "HTTP body mix": trace_http,
+    }
     for name, make in traces.items():
         sizes = make(random.Random(1), k)
         big = 1 << 34
@@ -133,25 +139,36 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     number, repeat = (20_000, 3) if args.quick else (args.number, args.repeat)
     impl = getattr(bufpool, "IMPLEMENTATION", "python")
-    print(f"bufpool {bufpool.__version__} ({impl}), Python {platform.python_version()}, "
-          f"{number} x best of {repeat}")
+    print(
+        f"bufpool {bufpool.__version__} ({impl}), Python {platform.python_version()}, "
+        f"{number} x best of {repeat}"
+    )
     speed = bench_speed(number, repeat)
     print("\nacquire+release, ns per cycle (ratio = pool / bytearray(n); lower is better)")
-    print(f"{'size':>6} {'bytearray':>10} {'pool':>8} {'ratio':>6} {'leak off':>9} "
-          f"{'with-block':>10} {'1-class 64K':>11}")
+    print(
+        f"{'size':>6} {'bytearray':>10} {'pool':>8} {'ratio':>6} {'leak off':>9} "
+        f"{'with-block':>10} {'1-class 64K':>11}"
+    )
     for r in speed:
-        print(f"{r['size']:>6} {r['bytearray_ns']:>10} {r['pool_ns']:>8} {r['pool_ratio']:>6} "
-              f"{r['pool_leak_off_ns']:>9} {r['with_block_ns']:>10} {r['single_class_64k_ns']:>11}")
+        print(
+            f"{r['size']:>6} {r['bytearray_ns']:>10} {r['pool_ns']:>8} {r['pool_ratio']:>6} "
+            f"{r['pool_leak_off_ns']:>9} {r['with_block_ns']:>10} {r['single_class_64k_ns']:>11}"
+        )
     wrows = bench_waste(2000 if args.quick else 20000)
     print("\nwaste ratio (slot bytes not asked for / slot bytes leased; lower is better)")
     print(f"{'trace':<20} {'bufpool':>8} {'no headroom':>12} {'1-class 64K':>12}")
     for w in wrows:
-        print(f"{w['trace']:<20} {w['bufpool_default']:>8} {w['no_tls_headroom']:>12} "
-              f"{w['single_class_64k']:>12}")
+        print(
+            f"{w['trace']:<20} {w['bufpool_default']:>8} {w['no_tls_headroom']:>12} "
+            f"{w['single_class_64k']:>12}"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"python": sys.version, "implementation": impl, "speed": speed,
-                       "waste": wrows}, f, indent=2)
+            json.dump(
+                {"python": sys.version, "implementation": impl, "speed": speed, "waste": wrows},
+                f,
+                indent=2,
+            )
     return 0
 
 
