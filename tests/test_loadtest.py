@@ -102,7 +102,8 @@ async def handle(reader, writer):
             reason = b"OK" if status == 200 else b"Internal Server Error"
             if url.path != "/_stats":
                 state["requests"] += 1
-            writer.write(b"HTTP/1.1 %d %s\r\nContent-Length: %d\r\n\r\n" % (status, reason, len(body)) + body)
+            head = b"HTTP/1.1 %d %s\r\nContent-Length: %d\r\n\r\n" % (status, reason, len(body))
+            writer.write(head + body)
             await writer.drain()
     finally:
         state["open"] -= 1
