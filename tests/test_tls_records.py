@@ -274,20 +274,53 @@ def test_detach_copies_into_a_pooled_lease_that_outlives_the_feed(
     assert_clean(pool)
 
 
-def test_held_export_of_a_record_view_is_reported(pool: bufpool.BufferPool) -> None:
+def test_held_export_of_a_ring_record_view_is_reported(pool: bufpool.BufferPool) -> None:
+    """Records parsed in place from the ring (get_buffer/buffer_updated) alias memory the
+    splitter reuses: a live export of one (as uvloop's write queue holds) is reported."""
+    import pickle
+
     from bufpool.tls import RecordViewHeldError
 
     s = TLSRecordSplitter(pool=pool)
-    out = s.feed(HELLO + rec(23, b"abc"))
-    import pickle
-
-    holder = pickle.PickleBuffer(out[1].raw)  # holds a buffer export, as uvloop's queue does
+    stream = HELLO + rec(23, b"abc")
+    buf = s.get_buffer(-1)
+    buf[:len(stream)] = stream
+    del buf
+    out = s.buffer_updated(len(stream))
+    holder = pickle.PickleBuffer(out[1].raw)  # holds a buffer export
     try:
         with pytest.raises(RecordViewHeldError, match="detach"):
-            s.feed(b"")
+            s.get_buffer(-1)
     finally:
         holder.release()
         s.close()
+    del out  # the record whose release was refused still references the ring's slot
+    assert_clean(pool)
+
+
+def test_held_export_of_memory_the_splitter_does_not_reuse_is_not_an_error(
+    pool: bufpool.BufferPool,
+) -> None:
+    """feed() records are views of the caller's bytes or of a joined lease (which the pool
+    quarantines while exported): holding an export of them is safe, so no error."""
+    import pickle
+
+    s = TLSRecordSplitter(pool=pool)
+    stream = HELLO + rec(23, b"j" * 3000)
+    s.feed(stream[:100])
+    (joined,) = s.feed(stream[100:])
+    assert s.joined == 1
+    held_joined = pickle.PickleBuffer(joined.raw)
+    (view_rec,) = s.feed(rec(23, b"abc"))
+    held_view = pickle.PickleBuffer(view_rec.raw)
+    assert s.feed(rec(23, b"more"))[0].length == 4  # no RecordViewHeldError
+    assert bytes(held_joined) == stream[len(HELLO):]  # the join lease is not reused under it
+    assert bytes(held_view) == rec(23, b"abc")
+    held_joined.release()
+    held_view.release()
+    del held_joined, held_view, joined, view_rec
+    s.close()
+    assert_clean(pool)
 
 
 def test_buffer_protocol_path_parses_in_place_and_joins_at_wrap(

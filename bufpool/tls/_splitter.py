@@ -78,8 +78,10 @@ def default_pool() -> BufferPool:
 
 
 class RecordViewHeldError(BufferError):
-    """A record view from the previous call is still exported (for example queued by a
-    transport): its memory is about to be reused.  Forward records with ``detach()``."""
+    """A record view of ring memory (``get_buffer``/``buffer_updated``/``pull`` path) from the
+    previous call is still exported (for example queued by a uvloop transport): that memory is
+    about to be reused.  Forward records with ``detach()``.  Views of ``feed()`` input and of
+    joined records are not checked: the splitter never reuses that memory."""
 
 
 class TLSRecordSplitter:
@@ -120,6 +122,7 @@ class TLSRecordSplitter:
         self._fed = 0  # stream offset just past the last byte received
         self._deferred = 0  # ring bytes of handed-out records, consumed at the next call
         self._handed: list[TLSRecord] = []
+        self._handed_ring = False  # _handed are views of ring memory (pull), not of feed() input
         self._leases: list[Lease] = []  # joins handed out, released at the next call
         self._error: TLSRecordError | None = None
         self._closed = False
@@ -167,6 +170,7 @@ class TLSRecordSplitter:
         self._check_open()
         if self._handed or self._deferred or self._leases:
             self._expire()
+        self._handed_ring = False
         mv = memoryview(data)
         if mv.format != "B" or mv.ndim != 1:
             mv = mv.cast("B")
@@ -210,6 +214,7 @@ class TLSRecordSplitter:
         self._check_open()
         if self._handed or self._deferred or self._leases:
             self._expire()
+        self._handed_ring = True
         ring = self._ring
         total = len(ring)
         self._fed += total - self._seen
@@ -279,18 +284,21 @@ class TLSRecordSplitter:
         raise err
 
     def _expire(self, strict: bool = True) -> None:
+        # Only views of ring memory are a hazard when still exported: feed() records view the
+        # caller's input, and joined records a lease that the pool quarantines while exported.
         held = 0
+        check = strict and self._handed_ring
         for rec in self._handed:
             try:
                 rec.raw.release()
             except BufferError:
-                held += 1
+                held += check and rec._lease is None
             p = rec._payload
             if p is not None:
                 try:
                     p.release()
                 except BufferError:
-                    held += 1
+                    held += check and rec._lease is None
         self._handed = []
         if self._deferred:
             self._ring.consume(self._deferred)
@@ -299,11 +307,11 @@ class TLSRecordSplitter:
         leases, self._leases = self._leases, []
         for lease in leases:
             lease.release()
-        if held and strict:
+        if held:
             raise RecordViewHeldError(
-                f"{held} record view(s) from the previous call are still exported (a transport "
-                "or buffer consumer holds them); their memory is reused now. Keep records "
-                "with detach() instead"
+                f"{held} record view(s) of ring memory from the previous call are still "
+                "exported (a transport or buffer consumer holds them); that memory is reused "
+                "now. Keep records with detach() instead"
             )
 
     def _pending_head(self) -> bytes:
