@@ -65,7 +65,7 @@ def _wrk(url: str, script: Path, conns: int, seconds: float) -> dict[str, float]
         except psutil.NoSuchProcess:
             break
         time.sleep(0.1)
-    out, err = proc.communicate()
+    out, _err = proc.communicate()
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     lat = {}
