@@ -326,8 +326,14 @@ class RingBuffer:
         Consume ``len(view)`` bytes when done.  Same lifetime and copy rules as ``peek``.
 
         Raises BufferFull (nothing consumed) when the frame could never fit in
-        ``max_capacity``, and ValueError when it would be shorter than its header.
+        ``max_capacity``, and ValueError when it would be shorter than its header or when the
+        length field does not lie inside the header.
         """
+        if not 0 <= length_at <= header - length_size or length_size < 1:
+            raise ValueError(
+                f"length field of {length_size} bytes at offset {length_at} must lie inside "
+                f"the {header}-byte header"
+            )
         ln = self._len
         if ln < header:
             return None

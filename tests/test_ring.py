@@ -242,6 +242,19 @@ def test_peek_frame_rejects_frames_that_can_never_fit_and_keeps_the_data() -> No
     assert len(ring) == 4
 
 
+def test_peek_frame_refuses_a_length_field_outside_the_header() -> None:
+    """The length field must lie inside the header: otherwise it would be read from bytes
+    that are not buffered yet (stale storage) once the header alone has arrived."""
+    ring = RingBuffer(16, max_capacity=16)
+    ring.write(b"\xff" * 16)  # leave old bytes in the storage
+    ring.consume(16)
+    ring.write(b"\x00\x00")  # a 2-byte header is buffered; storage after it holds 0xff
+    for header, at, size in ((2, 1, 2), (2, 2, 1), (4, -1, 2), (4, 0, 0)):
+        with pytest.raises(ValueError, match="length field"):
+            ring.peek_frame(header, at, size)
+    assert ring.read() == b"\x00\x00"
+
+
 def test_grows_by_doubling_only_when_the_data_does_not_fit() -> None:
     ring = RingBuffer(16, max_capacity=256)
     ring.write(b"a" * 16)
