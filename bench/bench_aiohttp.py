@@ -127,8 +127,8 @@ class RssSampler:
 
 def run_wrk(url: str, duration: float, connections: int, script: Path) -> dict[str, float]:
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "-s", str(script),
-         f"{url}/process?reply={REPLY}"],
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
+         "-s", str(script), f"{url}/process?reply={REPLY}"],
         capture_output=True, text=True, check=True,
     ).stdout
     for line in out.splitlines():
