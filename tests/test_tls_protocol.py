@@ -228,3 +228,10 @@ async def test_real_openssl_stream_over_the_socket(tmp_path: object) -> None:
     server.close()
     await server.wait_closed()
     await drained(pool)
+
+
+def test_too_small_ring_is_refused_when_the_protocol_is_built() -> None:
+    """Not at connection_made, where the loop would only log it."""
+    with pytest.raises(ValueError, match="at least 36874 bytes"):
+        TLSRecordProtocol(bufpool.BufferPool(), capacity=36873)
+    TLSRecordProtocol(bufpool.BufferPool(), capacity=36874)

@@ -27,7 +27,7 @@ from bufpool import RingBuffer
 from bufpool.aio import PooledProtocol
 
 from ._errors import TLSRecordError
-from ._splitter import TLSRecordSplitter, default_pool
+from ._splitter import MIN_RING_CAPACITY, TLSRecordSplitter, default_pool
 
 if TYPE_CHECKING:
     from bufpool import BufferPool
@@ -54,6 +54,11 @@ class TLSRecordProtocol(PooledProtocol):
         mid_stream: bool = False,
         capacity: int = 65536,
     ) -> None:
+        if capacity < MIN_RING_CAPACITY:
+            raise ValueError(
+                f"capacity must be at least {MIN_RING_CAPACITY} bytes (two maximal records), "
+                f"got {capacity}"
+            )
         pool = pool if pool is not None else default_pool()
         super().__init__(pool, capacity=capacity, max_capacity=capacity,
                          resume_below=capacity - 1)

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_RING_CAPACITY",
+    "MIN_RING_CAPACITY",
     "RECORD_POOL_CLASSES",
     "RecordViewHeldError",
     "TLSRecordSplitter",
@@ -53,7 +54,8 @@ __all__ = [
 
 #: Ring size in bytes: room for a pending maximal record plus large socket reads.
 DEFAULT_RING_CAPACITY: Final = 65536
-_MIN_RING: Final = 2 * (5 + MAX_CIPHERTEXT)
+#: Smallest ring in bytes: a maximal record always fits twice.
+MIN_RING_CAPACITY: Final = 2 * (5 + MAX_CIPHERTEXT)
 
 _new = object.__new__
 #: Size classes of :func:`default_pool`: the six defaults plus 512/2048/8192-byte steps, so
@@ -106,9 +108,9 @@ class TLSRecordSplitter:
     ) -> None:
         if ring is not None:
             ring_capacity = ring.max_capacity
-        if ring_capacity < _MIN_RING:
+        if ring_capacity < MIN_RING_CAPACITY:
             raise ValueError(
-                f"ring_capacity must be at least {_MIN_RING} bytes (two maximal records), "
+                f"ring_capacity must be at least {MIN_RING_CAPACITY} bytes (two maximal records), "
                 f"got {ring_capacity}"
             )
         self._pool = pool if pool is not None else default_pool()
