@@ -178,11 +178,11 @@ def speed(ops: int, sizes: tuple[int, ...]) -> dict[str, dict[str, float]]:
                     else:
                         barrier = threading.Barrier(threads + 1)
 
-                        def work(fn: Callable[[int], None]) -> None:
+                        def work(fn: Callable[[int], None], barrier: threading.Barrier) -> None:
                             barrier.wait()
                             fn(ops)
 
-                        ts = [threading.Thread(target=work, args=(fn,)) for fn in fns]
+                        ts = [threading.Thread(target=work, args=(fn, barrier)) for fn in fns]
                         for t in ts:
                             t.start()
                         barrier.wait()
