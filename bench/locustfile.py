@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
+from typing import ClassVar
 
-from locust import FastHttpUser, constant, task
+from locust import FastHttpUser, constant
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20}
 
@@ -51,7 +53,7 @@ PATTERN = bytes(range(33, 127)) * (max(size for size, _ in MIX) // 94 + 1)
 BODIES = [(PATTERN[:size], weight) for size, weight in MIX]
 
 
-def _make_task(body: bytes, weight: int):  # type: ignore[no-untyped-def]
+def _make_task(body: bytes) -> Callable[[FastHttpUser], None]:
     def send(user: FastHttpUser) -> None:
         user.client.post(
             f"/process?reply={REPLY}",
@@ -60,11 +62,13 @@ def _make_task(body: bytes, weight: int):  # type: ignore[no-untyped-def]
             name=f"/process body={len(body)}",
         )
 
-    return task(weight)(send)
+    return send
 
 
 class PoolUser(FastHttpUser):
     """One keep-alive connection sending the mix."""
 
     wait_time = constant(float(os.environ.get("BUFPOOL_WAIT", "0")))
-    tasks = [_make_task(body, weight) for body, weight in BODIES]
+    tasks: ClassVar[dict[Callable[[FastHttpUser], None], int]] = {
+        _make_task(body): weight for body, weight in BODIES
+    }
