@@ -153,10 +153,12 @@ class ClientSide(_Side):
             self.drop_held()
             return
         self.peer, up.peer = up, self
+        # Resume first: if the held records fill the upstream's buffer, its pause_writing
+        # pauses us again (resuming afterwards would undo that pause).
+        self.resume_reading()
         held, self.held = self.held, []
         for rec in held:
             write_lease(up.transport, rec.lease)
-        self.resume_reading()
 
     def refuse(self, reply: bytes) -> None:
         self.drop_held()

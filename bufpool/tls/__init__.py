@@ -42,6 +42,7 @@ from ._records import (
     TLSRecord,
 )
 from ._splitter import (
+    MIN_RING_CAPACITY,
     RECORD_POOL_CLASSES,
     RecordViewHeldError,
     TLSRecordSplitter,
@@ -57,6 +58,7 @@ __all__ = [
     "MAX_CIPHERTEXT",
     "MAX_CIPHERTEXT_TLS13",
     "MAX_PLAINTEXT",
+    "MIN_RING_CAPACITY",
     "AlertDescription",
     "ClientHello",
     "ClientHelloCollector",
