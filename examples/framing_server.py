@@ -13,13 +13,9 @@ ring's end (then one counted copy).  Replies are written from pooled leases.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import hashlib
-import json
-import signal
-import weakref
-from collections.abc import Callable
+
+from _stream_cli import parse_args, run  # examples/_stream_cli.py, beside this script
 
 from bufpool import BufferPool, RingBuffer
 from bufpool.aio import PooledProtocol
@@ -58,66 +54,10 @@ class Framing(PooledProtocol):
         self.write_lease(lease)
 
 
-# ---------------------------------------------------------------- command line and lifecycle
-# --host/--port/--loop; prints "listening on HOST:PORT" when ready; on SIGINT/SIGTERM closes
-# every connection and prints the pool's stats as one JSON line ("stats {...}").
-
-
-def parse_args(
-    description: str, extra: Callable[[argparse.ArgumentParser], object] | None = None
-) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8889, help="0 picks a free port")
-    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
-    if extra is not None:
-        extra(parser)
-    return parser.parse_args()
-
-
-def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
-    if name == "uvloop":
-        import uvloop
-
-        return uvloop.new_event_loop
-    return asyncio.SelectorEventLoop
-
-
-async def serve(
-    host: str, port: int, pool: BufferPool, factory: Callable[[], PooledProtocol]
-) -> None:
-    loop = asyncio.get_running_loop()
-    protocols: weakref.WeakSet[PooledProtocol] = weakref.WeakSet()
-
-    def make() -> PooledProtocol:
-        proto = factory()
-        protocols.add(proto)
-        return proto
-
-    server = await loop.create_server(make, host, port)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    bound = server.sockets[0].getsockname()
-    print(f"listening on {bound[0]}:{bound[1]}", flush=True)
-    await stop.wait()
-    server.close()
-    for proto in list(protocols):
-        if proto.transport is not None:
-            proto.transport.abort()
-    await asyncio.sleep(0.05)  # let connection_lost run and release the rings
-    await server.wait_closed()
-    print("stats " + json.dumps(pool.stats().as_dict()), flush=True)
-
-
-def run(args: argparse.Namespace, pool: BufferPool, factory: Callable[[], PooledProtocol]) -> None:
-    with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
-        runner.run(serve(args.host, args.port, pool, factory))
-
-
 def main() -> None:
     args = parse_args(
         "Length-prefixed framing server on bufpool.aio.PooledProtocol",
+        8889,
         lambda p: p.add_argument("--max-frame", type=int, default=1 << 20, help="bytes"),
     )
     pool = BufferPool()
