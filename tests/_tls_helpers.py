@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ssl
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,16 @@ class CertBundle:
         if alpn:
             ctx.set_alpn_protocols(alpn)
         return ctx
+
+
+def rec(ct: int, payload: bytes, version: int = 0x0303) -> bytes:
+    """One TLS record: 5-byte header (type, legacy version, length) and ``payload``."""
+    return struct.pack(">BHH", ct, version, len(payload)) + payload
+
+
+#: A minimal first record: a handshake record (legacy version 0x0301) holding a 4-byte
+#: handshake header, enough to satisfy the first-record rule.
+HELLO = rec(22, b"\x01\x00\x00\x00", 0x0301)
 
 
 def make_certs(names: list[str], directory: str | Path | None = None) -> CertBundle:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import random
-import struct
 from collections.abc import Callable
 
 import pytest
@@ -19,13 +18,7 @@ from bufpool.tls import (
     TruncatedRecordError,
     UnexpectedRecordError,
 )
-
-
-def rec(ct: int, payload: bytes, version: int = 0x0303) -> bytes:
-    return struct.pack(">BHH", ct, version, len(payload)) + payload
-
-
-HELLO = rec(22, b"\x01\x00\x00\x00", 0x0301)
+from tests._tls_helpers import HELLO, rec
 
 
 def record_mix(count: int, seed: int = 0) -> list[bytes]:

@@ -24,13 +24,7 @@ from bufpool.tls import (
     UnsupportedVersionError,
     alert_record,
 )
-
-
-def rec(ct: int, payload: bytes, version: int = 0x0303) -> bytes:
-    return struct.pack(">BHH", ct, version, len(payload)) + payload
-
-
-HELLO = rec(22, b"\x01\x00\x00\x00", 0x0301)
+from tests._tls_helpers import HELLO, rec
 
 
 @pytest.fixture
