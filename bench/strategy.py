@@ -32,6 +32,7 @@ import json
 import math
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import threading
@@ -290,25 +291,38 @@ def churn_child(name: str, messages: int, conns: int, seed: int) -> dict[str, An
     }
 
 
-def churn(messages: int, conns: int) -> dict[str, dict[str, Any]]:
-    out = {}
+def churn(messages: int, conns: int, repeats: int) -> dict[str, dict[str, Any]]:
+    """Median over ``repeats`` fresh processes (glibc's dynamic mmap threshold makes single
+    runs of the bytearray case vary by several times in page faults)."""
+    out: dict[str, dict[str, Any]] = {}
     for name in STRATEGIES:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--churn-child",
-                name,
-                "--messages",
-                str(messages),
-                "--conns",
-                str(conns),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        out[name] = json.loads(proc.stdout)
+        runs = []
+        for _ in range(repeats):
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--churn-child",
+                    name,
+                    "--messages",
+                    str(messages),
+                    "--conns",
+                    str(conns),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            runs.append(json.loads(proc.stdout))
+        med = {
+            k: (statistics.median(r[k] for r in runs) if runs[0][k] is not None else None)
+            for k in runs[0]
+        }
+        med["minor_faults_range"] = [
+            min(r["minor_faults"] for r in runs),
+            max(r["minor_faults"] for r in runs),
+        ]
+        out[name] = med
     return out
 
 
@@ -394,7 +408,8 @@ def markdown(res: dict[str, Any]) -> str:
     lines += [
         "",
         f"**Churn**: {p['conns']} connections each holding one message, "
-        f"{p['messages']:,} messages of 64 B - 256 KiB (log-uniform), fresh process each",
+        f"{p['messages']:,} messages of 64 B - 256 KiB (log-uniform); median of "
+        f"{p['repeats']} fresh processes (minor faults: median, min-max)",
         "",
         "| strategy | RSS growth MiB | peak live MiB | minor faults | waste ratio | "
         "heap fallbacks | us/message |",
@@ -403,10 +418,11 @@ def markdown(res: dict[str, Any]) -> str:
     for name in STRATEGIES:
         c = ch[name]
         waste = "-" if c["waste_ratio"] is None else f"{c['waste_ratio']:.1%}"
+        lo, hi = c["minor_faults_range"]
         lines.append(
             f"| {LABELS[name]} | {c['rss_growth_mib']} | {c['peak_live_mib']} | "
-            f"{c['minor_faults']:,} | {waste} | {c['heap_fallbacks']:,} | "
-            f"{c['us_per_message']} |"
+            f"{c['minor_faults']:,.0f} ({lo:,}-{hi:,}) | {waste} | "
+            f"{c['heap_fallbacks']:,.0f} | {c['us_per_message']} |"
         )
     lines += ["", "**Setup / teardown**", "", "| what | cost |", "|---|---|"]
     for k, v in res["setup"].items():
@@ -435,12 +451,13 @@ def main() -> int:
             "ops": ops,
             "messages": messages,
             "conns": args.conns,
+            "repeats": 3 if args.quick else 5,
             "python": sys.version.split()[0],
             "implementation": bufpool.IMPLEMENTATION,
         },
         "determinism": determinism(trials),
         "speed": speed(ops, (1024, 16384)),
-        "churn": churn(messages, args.conns),
+        "churn": churn(messages, args.conns, 3 if args.quick else 5),
         "setup": setup_costs(2000 if args.quick else 20_000),
     }
     text = markdown(res)
