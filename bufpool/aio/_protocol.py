@@ -124,7 +124,12 @@ class PooledProtocol(asyncio.BufferedProtocol):
     def data_available(self, ring: RingBuffer) -> None:
         """Called after new bytes arrived.  Consume what you can (``ring.peek``/``consume``/
         ``read``); leave incomplete data in the ring.  The default consumes nothing: data
-        accumulates until the application takes it with ``consume``/``read``/``readinto``."""
+        accumulates until the application takes it with ``consume``/``read``/``readinto``.
+
+        A full ring at ``max_capacity`` pauses reading until something is consumed, so a hook
+        that waits for a unit larger than ``max_capacity`` would wait forever: check lengths
+        with ``ring.peek_frame`` (it raises BufferFull for a frame that can never fit) or
+        close the connection yourself."""
 
     # ------------------------------------------------------------------ consuming outside the hook
     def consume(self, n: int) -> None:
