@@ -8,9 +8,12 @@ aiohttp 3.14.5 / multidict 7.2.1 (``bench/bench_headers.py``): reuse is 90-140 n
 per response than a fresh map (``clear()`` + refill costs more than a new map), so
 ``setup(reuse_headers=...)`` defaults to off; the path stays correct and tested.
 
-Lifetime: a map handed to a response belongs to it until the request ends; it is cleared only
-when it is taken again, so aiohttp's access log (which runs after the middleware returns) still
-sees the response's headers.  Bound: at most ``limit`` idle maps are kept (O(limit) memory).
+Lifetime: a map handed to a response belongs to it until the request ends; the middleware
+writes that response before giving the map back (a map returned earlier could be cleared and
+refilled by a concurrent request while aiohttp still has to serialize it).  It is cleared only
+when taken again, so aiohttp's access log, which runs right after the middleware returns
+without yielding to the loop, still sees the response's headers.  Bound: at most ``limit``
+idle maps are kept (O(limit) memory).
 """
 
 from __future__ import annotations

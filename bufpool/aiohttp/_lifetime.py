@@ -8,9 +8,12 @@ Why the middleware also finishes the response: when the handler returns, aiohttp
 written the response yet (``resp.prepared`` is False; FINDINGS section 4), so the body's memory
 would be released before the bytes left.  When the request holds pooled memory the middleware
 therefore calls ``prepare()`` and ``write_eof()`` itself (aiohttp's own later calls are no-ops)
-and releases afterwards.  Whatever the transport still queues after that keeps the slot alive
-through its memoryview, and the pool quarantines the slot until the view dies (the core
-promise), so even a release right after the handler returned would never corrupt a response.
+and releases afterwards.  The same holds for recycled header maps (``reuse_headers``): a map
+goes back to the free list only once its headers are on the wire, else a concurrent request
+could clear and refill it before aiohttp serializes it (one client's headers sent to another).
+Whatever the transport still queues after that keeps the slot alive through its memoryview,
+and the pool quarantines the slot until the view dies (the core promise), so even a release
+right after the handler returned would never corrupt a response.
 
 Cost per request: one small object and one request-dict store; releases are O(leases held).
 """
@@ -111,13 +114,16 @@ def make_middleware(settings: Settings) -> Middleware:
         request[OWNED_KEY] = owned
         try:
             resp = await handler(request)
-            if owned.items and isinstance(resp, web.StreamResponse):
-                # Send it now, while the memory is still leased (see module docstring).
+            if (owned.items or owned.headers) and isinstance(resp, web.StreamResponse):
+                # Send it now, while the memory and header maps are still the request's
+                # (see module docstring).
                 try:
                     await resp.prepare(request)
                     await resp.write_eof()
                 except ConnectionError:
-                    pass  # client gone; aiohttp meets the same error and drops the connection
+                    # Client gone; aiohttp meets the same error and drops the connection, but
+                    # may still read the headers: never lend these maps again.
+                    owned.headers.clear()
             return resp
         finally:
             owned.close()
