@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _helpers_aiohttp import (
@@ -103,6 +104,57 @@ async def test_routes_that_never_read_the_body_are_untouched(tmp_path: Path) -> 
         async with client.ws_connect("/ws") as conn:
             await conn.send_str("hello")
             assert await asyncio.wait_for(conn.receive_str(), 10) == "HELLO"
+    await assert_drained(pool)
+
+
+@pytest.mark.asyncio
+async def test_read_body_twice_returns_the_same_body() -> None:
+    """A second read_body (say, in a middleware and again in the handler) is the same body,
+    not a bogus "truncated" 400 from reading an exhausted stream."""
+    pool = make_pool()
+    seen: list[Any] = []
+
+    async def twice(request: web.Request) -> web.Response:
+        first = await bpa.read_body(request)
+        second = await bpa.read_body(request)
+        seen.append(second is first)
+        return web.Response(text=second.sha256())
+
+    app = make_app(pool)
+    app.router.add_post("/twice", twice)
+    async with served(app) as client:
+        for size in (5, 70_000):
+            data = b"t" * size
+            r = await client.post("/twice", data=data)
+            assert r.status == 200, await r.text()
+            assert await r.text() == hashlib.sha256(data).hexdigest()
+    assert seen == [True, True]
+    await assert_drained(pool)
+
+
+@pytest.mark.asyncio
+async def test_read_body_after_request_read_names_the_mistake() -> None:
+    """The body already consumed by ``request.read()`` is an application bug: a 500 with an
+    error naming it, never a 400 blaming the client for a truncated upload."""
+    pool = make_pool()
+    seen: list[str] = []
+
+    async def consumed(request: web.Request) -> web.Response:
+        await request.read()
+        try:
+            await bpa.read_body(request)
+        except Exception as exc:
+            seen.append(f"{type(exc).__name__}: {exc}")
+            raise
+        return web.Response(text="unreachable")
+
+    app = make_app(pool)
+    app.router.add_post("/consumed", consumed)
+    async with served(app) as client:
+        r = await client.post("/consumed", data=b"c" * 1000)
+        assert r.status == 500
+    assert len(seen) == 1
+    assert seen[0].startswith("BodyAlreadyRead:") and "request.read()" in seen[0]
     await assert_drained(pool)
 
 

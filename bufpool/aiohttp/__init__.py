@@ -16,7 +16,7 @@ when it ends, after its response was written; see ``docs/aiohttp.md``.
 
 from ._body import PooledBody, read_body
 from ._endpoint import PROMETHEUS_CONTENT_TYPE
-from ._errors import BodyNotContiguous, NotSetUp
+from ._errors import BodyAlreadyRead, BodyNotContiguous, NotSetUp
 from ._headers import SUPPORTED as HEADER_REUSE_SUPPORTED
 from ._headers import HeaderMaps
 from ._lifetime import RequestLeases, owner_of
@@ -39,6 +39,7 @@ __all__ = [
     "POOL_KEY",
     "PROMETHEUS_CONTENT_TYPE",
     "SETTINGS_KEY",
+    "BodyAlreadyRead",
     "BodyNotContiguous",
     "HeaderMaps",
     "NotSetUp",

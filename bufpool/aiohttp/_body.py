@@ -31,7 +31,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from .._errors import PoolExhausted
 from .._lease import Lease, LeaseChain
 from .._pool import BufferPool
-from ._errors import BodyNotContiguous
+from ._errors import BodyAlreadyRead, BodyNotContiguous
 from ._lifetime import owner_of
 from ._settings import Settings
 
@@ -144,9 +144,20 @@ async def read_body(request: web.Request) -> PooledBody:
     truncated (bad chunked framing, bad compressed data, fewer bytes than Content-Length).
     ConnectionResetError propagates when the client went away.
 
-    The body is owned by the request: released when it ends.
+    The body is owned by the request: released when it ends.  Calling ``read_body`` again
+    returns the same PooledBody; calling it after other code consumed the body stream
+    (``request.read()``, ``post()``, ``json()``, ``text()``) raises BodyAlreadyRead.
     """
     owner = owner_of(request)
+    if owner.body is not None:
+        return owner.body
+    content = request.content
+    if content.at_eof() and content.total_bytes:
+        raise BodyAlreadyRead(
+            f"the {content.total_bytes}-byte body of {request.method} {request.path} was "
+            "already consumed (request.read(), .post(), .json(), .text() or request.content) "
+            "before bufpool.aiohttp.read_body(); read it with read_body() only"
+        )
     settings = owner.settings
     length = request.content_length
     if length is not None and hdrs.CONTENT_ENCODING not in request.headers:
@@ -155,7 +166,8 @@ async def read_body(request: web.Request) -> PooledBody:
         owned = await _read_streamed(request, settings)
     if owned is not None:
         owner.items.append(owned)
-    return PooledBody(owned, request)
+    owner.body = body = PooledBody(owned, request)
+    return body
 
 
 def _too_large(limit: int, size: int | None) -> web.HTTPRequestEntityTooLarge:

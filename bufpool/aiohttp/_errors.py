@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from .._errors import BufPoolError
 
-__all__ = ["BodyNotContiguous", "NotSetUp"]
+__all__ = ["BodyAlreadyRead", "BodyNotContiguous", "NotSetUp"]
+
+
+class BodyAlreadyRead(BufPoolError, RuntimeError):
+    """``read_body`` was called after other code consumed the request body stream
+    (``request.read()``, ``.post()``, ``.json()``, ``.text()`` or ``request.content``)."""
 
 
 class BodyNotContiguous(BufPoolError, ValueError):

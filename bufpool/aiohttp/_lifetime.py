@@ -21,7 +21,7 @@ Cost per request: one small object and one request-dict store; releases are O(le
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -32,6 +32,9 @@ from ._errors import NotSetUp
 from ._headers import HeaderMaps
 from ._settings import Settings
 
+if TYPE_CHECKING:
+    from ._body import PooledBody
+
 __all__ = ["OWNED_KEY", "RequestLeases", "make_middleware", "owner_of"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -40,7 +43,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class RequestLeases:
     """The pooled memory one request owns; valid until the request ends."""
 
-    __slots__ = ("header_maps", "headers", "items", "settings")
+    __slots__ = ("body", "header_maps", "headers", "items", "settings")
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -48,6 +51,8 @@ class RequestLeases:
         self.header_maps: HeaderMaps | None = settings.header_maps
         #: Header maps lent to this request's responses, returned at the end.
         self.headers: list[CIMultiDict[str]] = []
+        #: What ``read_body`` returned, so that a second call returns the same body.
+        self.body: PooledBody | None = None
 
     def adopt(self, owned: Lease | LeaseChain) -> None:
         """Take over one reference: released when the request ends (unless already)."""
@@ -67,6 +72,7 @@ class RequestLeases:
     def close(self) -> None:
         """Release everything still held; keeps going past errors and re-raises the first."""
         items, self.items = self.items, []
+        self.body = None  # it refers back to the request: break the cycle
         first: BaseException | None = None
         for item in items:
             if item.released:
