@@ -302,6 +302,7 @@ class _TinyServer:
         self.open = 0
         self.max_open = 0
         self.answered = 0
+        self.arrivals: list[int] = []  # monotonic ns when each request head was read
         self.server: asyncio.Server | None = None
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -310,6 +311,7 @@ class _TinyServer:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
+                self.arrivals.append(time.monotonic_ns())
                 for line in head.split(b"\r\n"):
                     if line.lower().startswith(b"content-length:"):
                         await reader.readexactly(int(line.split(b":")[1]))
@@ -367,6 +369,33 @@ async def test_open_loop_latency_counts_from_the_scheduled_time() -> None:
     # from the actual send (coordinated omission) every request would look like ~40 ms.
     assert lat["max"] > 200.0, lat
     assert lat["p50"] > 100.0, lat
+
+
+@pytest.mark.asyncio
+async def test_open_loop_never_sends_before_the_due_time() -> None:
+    # uvloop's cached clock and millisecond timers can fire a timer early; a request sent
+    # early would show a latency below its true one.  Sorted arrival times must each be at
+    # or after the matching due time.
+    server = _TinyServer()
+    async with server as url:
+        pool = bufpool.BufferPool()
+        templates, owned = build_templates(pool, "t", [("POST", "/x", 100)])
+        gen = LoadGenerator(url, templates, [0], 4, pool=pool)
+        await gen.connect()
+        start = time.monotonic_ns() + 20_000_000
+        end = start + 300_000_000
+        try:
+            res = await gen.run(OpenLoop(1000.0, start, end), start, end)
+        finally:
+            await gen.close()
+            del templates
+            for lease in owned:
+                lease.release()
+    arrivals = sorted(server.arrivals)
+    assert len(arrivals) == res.requests + res.late > 100
+    dues = [start + k * 1_000_000 for k in range(len(arrivals))]
+    early = [(a - d) for a, d in zip(arrivals, dues, strict=True) if a < d]
+    assert early == []
 
 
 @pytest.mark.asyncio

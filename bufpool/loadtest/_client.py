@@ -432,7 +432,15 @@ class LoadGenerator:
             # Lost while waiting for its due time: that slot could not be sent.
             self.result.errors["disconnect"] += 1
             return
-        self._send(conn, due, time.monotonic_ns())
+        now = time.monotonic_ns()
+        if now < due:
+            # uvloop's clock is cached per loop iteration and its timers have millisecond
+            # resolution, so a timer can fire early: never send before the due time.
+            conn.timer = self.loop.call_at(
+                self.loop.time() + (due - now) / 1e9, self._send_due, conn, due
+            )
+            return
+        self._send(conn, due, now)
 
     def _send(self, conn: _Connection, due: int, now: int) -> None:
         seq = self.sequence
