@@ -16,6 +16,7 @@ from _helpers_aiohttp import (
     raw_connect,
     read_response,
     served,
+    served_runner,
 )
 from aiohttp import web
 
@@ -23,17 +24,25 @@ import bufpool
 import bufpool.aiohttp as bpa
 
 
-def _recording_app(pool: bufpool.BufferPool, seen: list[Any], **setup_kw: Any) -> web.Application:
-    """/read: read_body; on an HTTP error records (status, in_use right then) and re-raises."""
+def _recording_app(
+    pool: bufpool.BufferPool, seen: list[Any], kept: list[BaseException] | None = None,
+    **setup_kw: Any,
+) -> web.Application:
+    """/read: read_body; on an HTTP error records (status, in_use right then) and re-raises.
+    ``kept`` collects the exceptions (tracebacks and all), as a logger might."""
 
     async def read(request: web.Request) -> web.Response:
         try:
             body = await bpa.read_body(request)
         except web.HTTPException as exc:
             seen.append((exc.status, pool.stats().in_use))
+            if kept is not None:
+                kept.append(exc)
             raise
         except BaseException as exc:
             seen.append((type(exc).__name__, pool.stats().in_use))
+            if kept is not None:
+                kept.append(exc)
             raise
         seen.append((200, len(body)))
         return web.Response(text=str(len(body)))
@@ -125,6 +134,36 @@ async def test_503_with_retry_after_when_the_budget_stays_spent(policy: str) -> 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("policy", ["heap", "raise"])
+async def test_503_for_a_chain_gives_back_the_slots_it_got(policy: str) -> None:
+    """A 200 KB body needs four 64 KiB slots; the budget has three and a holder keeps one.
+    The chain gets two, waits for the rest, answers 503, and the two are back at once."""
+    pool = bufpool.BufferPool(max_bytes=3 * 65536, initial_slots=0, on_exhausted=policy)  # type: ignore[arg-type]
+    seen: list[Any] = []
+    holding = asyncio.Event()
+    let_go = asyncio.Event()
+
+    async def hold(request: web.Request) -> web.Response:
+        await bpa.read_body(request)
+        holding.set()
+        await let_go.wait()
+        return web.Response(text="held")
+
+    app = _recording_app(pool, seen, acquire_timeout=0.2)
+    app.router.add_post("/hold", hold)
+    async with served(app) as client:
+        first = asyncio.ensure_future(client.post("/hold", data=b"a" * 60_000))
+        await asyncio.wait_for(holding.wait(), 10)
+        resp = await client.post("/read", data=b"b" * 200_000)
+        assert resp.status == 503
+        assert "200000-byte" in await resp.text()
+        assert seen == [(503, 1)]  # the two slots the chain got are back
+        let_go.set()
+        assert (await first).status == 200
+    await assert_drained(pool)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("policy", ["heap", "raise"])
 async def test_waiting_for_memory_succeeds_when_it_frees_in_time(policy: str) -> None:
     pool = bufpool.BufferPool(max_bytes=65536, initial_slots=0, on_exhausted=policy)  # type: ignore[arg-type]
     holding = asyncio.Event()
@@ -192,14 +231,20 @@ async def test_400_on_undecodable_compressed_body(encoding: str) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("cancellation", [False, True])
 @pytest.mark.parametrize("chunked", [False, True])
-async def test_truncated_upload_then_client_gone_leaks_nothing(chunked: bool) -> None:
+async def test_truncated_upload_then_client_gone_leaks_nothing(
+    chunked: bool, cancellation: bool
+) -> None:
     """The client sends part of the body and half-closes: aiohttp drops the connection (no
-    status can be sent); the handler sees the failure inside read_body and nothing leaks."""
+    status can be sent); the handler sees the failure inside read_body and nothing leaks,
+    even while the exception and its traceback are kept (as a logger would keep them)."""
     pool = make_pool()
     seen: list[Any] = []
-    async with served(_recording_app(pool, seen)) as client:
-        reader, writer = await raw_connect(client.port)  # type: ignore[arg-type]
+    kept: list[BaseException] = []
+    app = _recording_app(pool, seen, kept)
+    async with served_runner(app, handler_cancellation=cancellation) as port:
+        reader, writer = await raw_connect(port)
         if chunked:
             head = b"POST /read HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
             writer.write(head + b"10000\r\n" + b"q" * 30_000)
@@ -220,4 +265,6 @@ async def test_truncated_upload_then_client_gone_leaks_nothing(chunked: bool) ->
                 break
             await asyncio.sleep(0.01)
         assert len(seen) == 1 and seen[0][0] != 200
-    await assert_drained(pool)
+    assert len(kept) == 1 and kept[0].__traceback__ is not None
+    await assert_drained(pool)  # the kept traceback pins no slot (quarantine drains)
+    del kept
