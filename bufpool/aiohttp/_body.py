@@ -300,11 +300,10 @@ async def _fill(request: web.Request, owned: Lease | LeaseChain, length: int) ->
                     p += k
                 src.release()
             got += n
-    except _MALFORMED as exc:
+    except BaseException as exc:
         del view, views
-        raise _malformed(exc) from None
-    except BaseException:
-        del view, views
+        if isinstance(exc, _MALFORMED):
+            raise _malformed(exc) from None
         raise
 
 
