@@ -225,7 +225,13 @@ def _title(doc: dict[str, Any]) -> str:
 def render_table(doc: dict[str, Any], console: Console) -> None:
     """Side-by-side table of the combined rounds, with ratios, plus error detail."""
     header, rows = _rows(doc)
-    table = Table(title=_title(doc), title_justify="left")
+    title, _, detail = _title(doc).partition(" per config, ")
+    table = Table(
+        title=title + " per config",
+        caption=detail,
+        title_justify="left",
+        caption_justify="left",
+    )
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i == 0 else "right")
     for row in rows:
