@@ -859,3 +859,33 @@ def test_locust_smoke(tmp_path: Path) -> None:
     process_rows = [r.split(",") for r in rows if "/process body=" in r]
     assert len(process_rows) == 3  # the three body sizes of the default mix
     assert all(int(r[2]) > 0 and int(r[3]) == 0 for r in process_rows)  # requests, failures
+
+
+def test_aiohttp_client_variant_counts_what_the_server_answered(tmp_path: Path) -> None:
+    script = tmp_path / "s.py"
+    script.write_text(THROWAWAY_SERVER)
+    server = Spawned([PY, str(script)])
+    try:
+        doc = run_json(
+            tmp_path,
+            "--url",
+            server.url + "/ok?reply=500",
+            "--client",
+            "aiohttp",
+            "--connections",
+            "3",
+            "--duration",
+            "1",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+        )
+        stats = server_stats(server)
+    finally:
+        server.stop()
+    check_document(doc)
+    (run,) = doc["runs"]
+    assert run["requests"] + run["late"] == stats["requests"] > 0
+    assert stats["max_concurrent"] <= 3
+    assert run["bytes_received"] == 500 * stats["requests"]  # aiohttp counts body bytes only
