@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -25,6 +26,28 @@ from examples.aiohttp_app import create_app, pattern_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "aiohttp_app.py"
+#: Bounds every client call on a child server: a hung child fails the test, never stalls it.
+_CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=30)
+
+
+def _first_line(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
+    """The child's first stdout line, waiting at most ``timeout`` seconds (not forever)."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"no line from the child within {timeout} s"
+    return proc.stdout.readline()
+
+
+def _stop(proc: subprocess.Popen[str], sig: signal.Signals, timeout: float = 20.0) -> int:
+    """Send ``sig`` and wait at most ``timeout`` seconds; a child still alive then is killed
+    and the test fails.  Returns the exit code."""
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"child did not exit within {timeout} s of {sig.name}") from None
 
 
 @contextmanager
@@ -38,24 +61,18 @@ def _example(*args: str) -> Iterator[str]:
         text=True,
     )
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("listening on http://127.0.0.1:"), (line, proc.stderr)
+        line = _first_line(proc)
+        assert line.startswith("listening on http://127.0.0.1:"), line
         yield line.split()[-1]
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc, signal.SIGINT)
         assert proc.stdout is not None and proc.stdout.read() == ""  # exactly one line
 
 
 async def _exercise(base: str, pooled: bool) -> None:
     body = os.urandom(300_000)
     digest = hashlib.sha256(body).hexdigest()
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(timeout=_CLIENT_TIMEOUT) as s:
         async with s.get(f"{base}/health") as r:
             assert r.status == 200 and await r.text() == "ok"
         async with s.post(f"{base}/upload", data=body) as r:
@@ -119,7 +136,10 @@ def _free_port() -> int:
 def _wait_health(base: str, timeout: float = 20.0) -> None:
     async def probe() -> bool:
         try:
-            async with aiohttp.ClientSession() as s, s.get(f"{base}/health") as r:
+            async with (
+                aiohttp.ClientSession(timeout=_CLIENT_TIMEOUT) as s,
+                s.get(f"{base}/health") as r,
+            ):
                 return r.status == 200
         except aiohttp.ClientError:
             return False
@@ -145,13 +165,11 @@ def test_example_under_web_run_app() -> None:
         [sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=ROOT, text=True
     )
     try:
-        assert proc.stdout is not None
-        base = f"http://127.0.0.1:{int(proc.stdout.readline())}"
+        base = f"http://127.0.0.1:{int(_first_line(proc))}"
         _wait_health(base)
         asyncio.run(_exercise(base, True))
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(15) == 0
+        assert _stop(proc, signal.SIGINT) == 0
 
 
 @pytest.mark.parametrize("pooled", ["1", "0"])
@@ -171,12 +189,7 @@ def test_gunicorn_uvloop_workers(pooled: str) -> None:
         for _ in range(3):  # several connections: both workers answer the same way
             asyncio.run(_exercise(base, pooled == "1"))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        rc = _stop(proc, signal.SIGTERM)
     assert rc == 0, proc.stderr.read() if proc.stderr else ""
 
 

@@ -89,13 +89,16 @@ async def test_client_disconnect_mid_download() -> None:
     size = 8 * 1024 * 1024
     async with served_runner(make_app(pool)) as port:
         reader, writer = await raw_connect(port, rcvbuf=16384)
-        writer.write(f"GET /bytes/{size} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
-        head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200") and f"Content-Length: {size}".encode() in head
-        got = await reader.readexactly(200_000)
-        assert got == pattern(200_000)
-        assert pool.stats().in_use > 0  # the chain is leased while the response is written
-        writer.transport.abort()
+        try:
+            writer.write(f"GET /bytes/{size} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200")
+            assert f"Content-Length: {size}".encode() in head
+            got = await asyncio.wait_for(reader.readexactly(200_000), 10)
+            assert got == pattern(200_000)
+            assert pool.stats().in_use > 0  # the chain is leased while the response is written
+        finally:
+            writer.transport.abort()  # vanish mid-download (also when an assert failed)
     await assert_drained(pool)
 
 
