@@ -25,8 +25,8 @@ from collections.abc import Iterator
 from hashlib import sha256
 
 from aiohttp import hdrs, web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestPayloadError
+from aiohttp.http import HttpProcessingError
+from aiohttp.web import RequestPayloadError
 
 from .._errors import PoolExhausted
 from .._lease import Lease, LeaseChain

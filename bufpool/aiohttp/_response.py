@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 
 from .._lease import Lease, LeaseChain
@@ -32,7 +33,12 @@ class PooledResponse(web.StreamResponse):
     """A StreamResponse that writes the given memoryviews as its body on ``write_eof()``.
 
     The views must stay valid until the response is written: ``pooled_response`` ensures
-    that by letting the request own their leases.
+    that by letting the request own their leases.  Nothing of the body is written for HEAD
+    requests and for 1xx/204/304 statuses (Content-Length is still announced).
+
+    aiohttp internals used: ``_send_headers_immediately`` (aiohttp >= 3.10; coalesces the
+    headers with the first body piece, a harmless no-op if it goes away) and ``_real_headers``
+    (checked at import, see ``_headers``).
     """
 
     _send_headers_immediately = False  # coalesce the headers with the first body piece
@@ -50,6 +56,7 @@ class PooledResponse(web.StreamResponse):
         else:
             super().__init__(status=status, reason=reason, headers=headers)
         self._views: Sequence[memoryview] = views
+        self._bodiless = False
         self.content_length = sum(len(v) for v in views)
 
     @property
@@ -57,9 +64,15 @@ class PooledResponse(web.StreamResponse):
         """The views still to be written (empty once written)."""
         return self._views
 
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        # RFC 9110 sections 9.3.2, 15.2, 15.3.5, 15.4.5: no content in these answers.
+        status = self.status
+        self._bodiless = request.method == hdrs.METH_HEAD or status < 200 or status in (204, 304)
+        return await super().prepare(request)
+
     async def write_eof(self, data: bytes = b"") -> None:
-        views, self._views = self._views, ()
-        if views and not self._eof_sent and not self._must_be_empty_body:
+        views, self._views = self._views, ()  # a second call writes nothing more
+        if views and not self._bodiless:
             for view in views:
                 await self.write(view)
         await super().write_eof(data)

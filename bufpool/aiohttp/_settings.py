@@ -1,8 +1,9 @@
 """Per-application settings of the integration and the typed keys that find them.
 
 ``setup()`` stores one :class:`Settings` under :data:`SETTINGS_KEY` and the pool under
-:data:`POOL_KEY`; handlers reach both through ``request.config_dict`` (so sub-applications
-see the parent's pool).  Looking them up is one dict access per call.
+:data:`POOL_KEY`; handlers reach the pool through ``request.config_dict[POOL_KEY]`` (so
+sub-applications see the parent's pool), ``read_body`` and ``pooled_response`` reach the
+settings through the ``RequestLeases`` the middleware puts on each request.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import Final
 from aiohttp import web
 
 from .._pool import BufferPool
-from ._errors import NotSetUp
 from ._headers import HeaderMaps
 
 __all__ = [
@@ -23,7 +23,6 @@ __all__ = [
     "POOL_KEY",
     "SETTINGS_KEY",
     "Settings",
-    "settings_of",
 ]
 
 #: Largest request body ``read_body`` accepts by default, in bytes (8 MiB).
@@ -53,14 +52,3 @@ POOL_KEY: Final = web.AppKey("bufpool.pool", BufferPool)
 #: The integration's settings: ``app[SETTINGS_KEY]``.
 SETTINGS_KEY: Final = web.AppKey("bufpool.aiohttp.settings", Settings)
 
-
-def settings_of(request: web.Request) -> Settings:
-    """The settings of the application serving ``request``; NotSetUp when there are none."""
-    try:
-        settings: Settings = request.config_dict[SETTINGS_KEY]
-        return settings
-    except KeyError:
-        raise NotSetUp(
-            "bufpool.aiohttp.setup(app, ...) was not called for the application serving "
-            f"{request.method} {request.path}"
-        ) from None
