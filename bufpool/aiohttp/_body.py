@@ -170,22 +170,25 @@ async def read_body(request: web.Request) -> PooledBody:
     return body
 
 
-def _too_large(limit: int, size: int | None) -> web.HTTPRequestEntityTooLarge:
-    if size is not None:
+def _too_large(limit: int, size: int, *, declared: bool) -> web.HTTPRequestEntityTooLarge:
+    """413 naming the limit; ``size`` is the Content-Length (``declared``) or the count of
+    (decoded) body bytes received when reading stopped."""
+    if declared:
         text = (
             f"request body of {size} bytes (Content-Length) exceeds max_body_size={limit} "
             "bytes"
         )
     else:
-        text = f"request body exceeds max_body_size={limit} bytes"
-    return web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size or limit + 1, text=text)
+        text = f"request body exceeds max_body_size={limit} bytes (stopped reading at {size} bytes)"
+    return web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size, text=text)
 
 
 def _exhausted(settings: Settings, size: int, exc: PoolExhausted) -> web.HTTPServiceUnavailable:
+    """503 + Retry-After: no pool room for ``size`` more bytes within the timeout."""
     return web.HTTPServiceUnavailable(
         headers={hdrs.RETRY_AFTER: str(settings.retry_after)},
         text=(
-            f"no buffer memory for a {size}-byte request body within acquire_timeout="
+            f"no buffer memory for {size} bytes of request body within acquire_timeout="
             f"{settings.acquire_timeout} s; retry later ({exc})"
         ),
     )
@@ -246,7 +249,7 @@ async def _read_sized(
 ) -> Lease | LeaseChain | None:
     """Content-Length known and not encoded: lease ``length`` bytes once, then fill."""
     if length > settings.max_body_size:
-        raise _too_large(settings.max_body_size, length)
+        raise _too_large(settings.max_body_size, length, declared=True)
     if length == 0:
         return None
     owned = await _acquire(settings.pool, settings, length)
@@ -331,7 +334,7 @@ async def _read_streamed(request: web.Request, settings: Settings) -> Lease | Le
                     continue
                 break
             if total + n > limit:
-                raise _too_large(limit, None)
+                raise _too_large(limit, total + n, declared=False)
             src = memoryview(data)
             p = 0
             while p < n:
