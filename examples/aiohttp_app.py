@@ -75,28 +75,25 @@ def _fill_pattern(views: list[memoryview]) -> None:
         pos += len(view)
 
 
-def _reply_size(request: web.Request, default: int = DEFAULT_REPLY) -> int:
-    raw = request.query.get("reply")
-    if raw is None:
-        return default
+def _byte_count(raw: str, what: str) -> int:
+    """``raw`` as a byte count within 0..MAX_REPLY; 400 naming ``what`` otherwise."""
     try:
         n = int(raw)
     except ValueError:
-        raise web.HTTPBadRequest(text=f"reply must be an integer byte count, got {raw!r}") from None
+        text = f"{what} must be an integer byte count, got {raw!r}"
+        raise web.HTTPBadRequest(text=text) from None
     if not 0 <= n <= MAX_REPLY:
-        raise web.HTTPBadRequest(text=f"reply must be within 0..{MAX_REPLY} bytes, got {n}")
+        raise web.HTTPBadRequest(text=f"{what} must be within 0..{MAX_REPLY} bytes, got {n}")
     return n
+
+
+def _reply_size(request: web.Request, default: int = DEFAULT_REPLY) -> int:
+    raw = request.query.get("reply")
+    return default if raw is None else _byte_count(raw, "reply")
 
 
 def _path_size(request: web.Request) -> int:
-    raw = request.match_info["n"]
-    try:
-        n = int(raw)
-    except ValueError:
-        raise web.HTTPBadRequest(text=f"size must be an integer byte count, got {raw!r}") from None
-    if not 0 <= n <= MAX_REPLY:
-        raise web.HTTPBadRequest(text=f"size must be within 0..{MAX_REPLY} bytes, got {n}")
-    return n
+    return _byte_count(request.match_info["n"], "size")
 
 
 async def health(request: web.Request) -> web.Response:

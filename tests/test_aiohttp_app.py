@@ -94,6 +94,11 @@ async def _exercise(base: str, pooled: bool) -> None:
             assert await r.read() == pattern_bytes(100_000)
         async with s.get(f"{base}/bytes/200000") as r:
             assert await r.read() == pattern_bytes(200_000)
+        async with s.post(f"{base}/process?reply=lots", data=b"") as r:
+            assert r.status == 400
+            assert await r.text() == "reply must be an integer byte count, got 'lots'"
+        async with s.get(f"{base}/bytes/-1") as r:
+            assert r.status == 400 and "size must be within 0.." in await r.text()
         async with s.post(f"{base}/upload", data=b"x" * 2_000_001) as r:
             assert r.status == 413  # --max-body-size 2000000
         async with s.get(f"{base}/bufpool/stats") as r:
