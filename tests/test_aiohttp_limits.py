@@ -17,6 +17,7 @@ from _helpers_aiohttp import (
     read_response,
     served,
     served_runner,
+    wait_for,
 )
 from aiohttp import web
 
@@ -50,6 +51,21 @@ def _recording_app(
     app = make_app(pool, **setup_kw)
     app.router.add_post("/read", read)
     return app
+
+
+def _add_holder(app: web.Application) -> tuple[asyncio.Event, asyncio.Event]:
+    """Adds POST /hold: reads its body, sets ``holding``, keeps the body until ``let_go``."""
+    holding = asyncio.Event()
+    let_go = asyncio.Event()
+
+    async def hold(request: web.Request) -> web.Response:
+        body = await bpa.read_body(request)
+        holding.set()
+        await let_go.wait()
+        return web.Response(text=str(len(body)))
+
+    app.router.add_post("/hold", hold)
+    return holding, let_go
 
 
 async def _trickle(data: bytes, piece: int = 4096) -> AsyncIterator[bytes]:
@@ -107,17 +123,8 @@ async def test_503_with_retry_after_when_the_budget_stays_spent(policy: str) -> 
     # synchronous fast path first, "heap" pools always wait in acquire_async.
     pool = bufpool.BufferPool(max_bytes=65536, initial_slots=0, on_exhausted=policy)  # type: ignore[arg-type]
     seen: list[Any] = []
-    holding = asyncio.Event()
-    let_go = asyncio.Event()
-
-    async def hold(request: web.Request) -> web.Response:
-        body = await bpa.read_body(request)
-        holding.set()
-        await let_go.wait()
-        return web.Response(text=str(len(body)))
-
     app = _recording_app(pool, seen, acquire_timeout=0.2, retry_after=7)
-    app.router.add_post("/hold", hold)
+    holding, let_go = _add_holder(app)
     async with served(app) as client:
         first = asyncio.ensure_future(client.post("/hold", data=b"a" * 60_000))
         await asyncio.wait_for(holding.wait(), 10)
@@ -143,17 +150,8 @@ async def test_503_for_a_chain_gives_back_the_slots_it_got(policy: str) -> None:
     The chain gets two, waits for the rest, answers 503, and the two are back at once."""
     pool = bufpool.BufferPool(max_bytes=3 * 65536, initial_slots=0, on_exhausted=policy)  # type: ignore[arg-type]
     seen: list[Any] = []
-    holding = asyncio.Event()
-    let_go = asyncio.Event()
-
-    async def hold(request: web.Request) -> web.Response:
-        await bpa.read_body(request)
-        holding.set()
-        await let_go.wait()
-        return web.Response(text="held")
-
     app = _recording_app(pool, seen, acquire_timeout=0.2)
-    app.router.add_post("/hold", hold)
+    holding, let_go = _add_holder(app)
     async with served(app) as client:
         first = asyncio.ensure_future(client.post("/hold", data=b"a" * 60_000))
         await asyncio.wait_for(holding.wait(), 10)
@@ -170,21 +168,16 @@ async def test_503_for_a_chain_gives_back_the_slots_it_got(policy: str) -> None:
 @pytest.mark.parametrize("policy", ["heap", "raise"])
 async def test_waiting_for_memory_succeeds_when_it_frees_in_time(policy: str) -> None:
     pool = bufpool.BufferPool(max_bytes=65536, initial_slots=0, on_exhausted=policy)  # type: ignore[arg-type]
-    holding = asyncio.Event()
-
-    async def hold(request: web.Request) -> web.Response:
-        await bpa.read_body(request)
-        holding.set()
-        await asyncio.sleep(0.1)
-        return web.Response(text="held")
-
     seen: list[Any] = []
     app = _recording_app(pool, seen, acquire_timeout=10.0)
-    app.router.add_post("/hold", hold)
+    holding, let_go = _add_holder(app)
     async with served(app) as client:
         first = asyncio.ensure_future(client.post("/hold", data=b"a" * 60_000))
         await asyncio.wait_for(holding.wait(), 10)
-        resp = await client.post("/read", data=b"b" * 60_000)  # waits, then gets the slot
+        second = asyncio.ensure_future(client.post("/read", data=b"b" * 60_000))
+        assert await wait_for(lambda: pool.stats().waiting == 1)  # /read waits for memory
+        let_go.set()  # the waiting /read gets the holder's slot
+        resp = await second
         assert resp.status == 200 and await resp.text() == "60000"
         assert (await first).status == 200
     await assert_drained(pool)
