@@ -16,15 +16,24 @@ waiters, scrub, leaks).  Chosen once, at import:
 
 from __future__ import annotations
 
-import _thread
 import os
 import sysconfig
 import threading
 from collections.abc import Callable
 from types import ModuleType
-from typing import Final, Literal
+from typing import Final, Literal, Protocol, cast
 
-__all__ = ["IMPLEMENTATION", "new_lock", "speedups"]
+__all__ = ["IMPLEMENTATION", "PoolLock", "new_lock", "speedups"]
+
+
+class PoolLock(Protocol):
+    """What the pool needs of its lock: threading.RLock's methods, ``_is_owned`` included."""
+
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+    def release(self) -> None: ...
+    def _is_owned(self) -> bool: ...
+    def __enter__(self) -> bool: ...
+    def __exit__(self, *args: object) -> None: ...
 
 
 def _flag(name: str) -> bool:
@@ -49,8 +58,10 @@ def _load() -> ModuleType | None:
 speedups: Final = _load()
 #: "c" when the compiled hot paths are active, "python" otherwise.
 IMPLEMENTATION: Final[Literal["c", "python"]] = "python" if speedups is None else "c"
-#: Factory of the pool lock: the compiled paths read the state of their own lock type.
-#: (``_speedups.FastLock`` has threading.Lock's methods; typed as the stdlib lock.)
-new_lock: Final[Callable[[], _thread.LockType]] = (
-    threading.Lock if speedups is None else speedups.FastLock
+#: Factory of the pool lock: re-entrant, so a finalizer that the GC runs inside one of the
+#: pool's locked sections (and that releases a lease) cannot deadlock its own thread; such a
+#: release is deferred (see ``Lease.release``).  The compiled paths read the state of their
+#: own lock type (``_speedups.FastLock`` has threading.RLock's methods).
+new_lock: Final = cast(
+    Callable[[], PoolLock], threading.RLock if speedups is None else speedups.FastLock
 )

@@ -101,34 +101,19 @@ class Lease:
 
     def release(self) -> None:
         """Drop one owner; at zero the slot returns to the pool (or to quarantine while any
-        view of it is still alive).  Releasing past zero raises LeaseReleasedError."""
+        view of it is still alive).  Releasing past zero raises LeaseReleasedError.
+
+        Called from a finalizer that the GC ran inside one of this thread's locked pool
+        sections (a ``__del__`` or ``weakref.finalize`` that releases a lease), the release is
+        queued and done by the pool's next miss, ``stats()``, ``reclaim()`` or ``trim()``.
+        """
         pool = self._pool
         lock = pool._lock
-        lock.acquire()
-        try:
-            rc = self._refcount
-            if rc != 1:
-                if rc > 1:
-                    self._refcount = rc - 1
-                    return
-                raise LeaseReleasedError(
-                    f"{self!r} released more times than retained (refcount {rc})"
-                )
-            self._refcount = 0
-            tier = self._tier
-            buf = self._buf
-            self._buf = None
-            self._view = None  # the slot's last view dies here unless someone else holds one
-            if tier is None:
-                pool._heap_in_use -= 1
-                return
-            tier.in_use -= 1
-            if getrefcount(buf) - OVERHEAD == 1 and not pool._slow_release:
-                tier.free.append(buf)  # type: ignore[arg-type]
-            else:
-                pool._returned(tier, buf)  # type: ignore[arg-type]
-        finally:
-            lock.release()
+        if lock._is_owned():
+            pool._defer_release(self)
+            return
+        with lock:
+            _release_locked(self, pool)
 
     def truncate(self, size: int) -> None:
         """Shrink the visible length to ``size`` bytes (<= len(self)); views taken before keep
@@ -155,7 +140,7 @@ class Lease:
         self.release()
 
     def __del__(self) -> None:
-        if self._refcount > 0:
+        if self._refcount > 0:  # queued; the pool decides later (see BufferPool._on_leak)
             try:
                 self._pool._on_leak(self)
             except Exception:  # interpreter shutdown: nothing left to report to
@@ -165,6 +150,29 @@ class Lease:
         tier = self._tier
         where = f"{tier.size}-byte class" if tier is not None else "heap"
         return f"<Lease {self._size} B in {where}, refcount {self._refcount} at {id(self):#x}>"
+
+
+def _release_locked(lease: Lease, pool: BufferPool) -> None:
+    """The body of ``Lease.release`` (pool lock held)."""
+    rc = lease._refcount
+    if rc != 1:
+        if rc > 1:
+            lease._refcount = rc - 1
+            return
+        raise LeaseReleasedError(f"{lease!r} released more times than retained (refcount {rc})")
+    lease._refcount = 0
+    tier = lease._tier
+    buf = lease._buf
+    lease._buf = None
+    lease._view = None  # the slot's last view dies here unless someone else holds one
+    if tier is None:
+        pool._heap_in_use -= 1
+        return
+    tier.in_use -= 1
+    if getrefcount(buf) - OVERHEAD == 1 and not pool._slow_release:
+        tier.free.append(buf)  # type: ignore[arg-type]
+    else:
+        pool._returned(tier, buf)  # type: ignore[arg-type]
 
 
 #: The pure-Python lease: the reference implementation.  The compiled ``Lease`` falls back to

@@ -24,7 +24,7 @@ from ._classes import DEFAULT_CLASSES, build_classes
 from ._errors import LeakWarning, LeaseReleasedError, PoolExhausted, RequestTooLarge
 from ._impl import new_lock, speedups
 from ._leak import _PKG_DIR, LEVELS, SAMPLE_INTERVAL, SITE_DEPTH, Site, capture_site, format_site
-from ._lease import Lease, LeaseChain, PyLease
+from ._lease import Lease, LeaseChain, PyLease, _release_locked
 from ._stats import PoolStats, TierStats
 from ._tier import Tier
 from ._tracking import holders
@@ -46,7 +46,6 @@ WAITER_POLL_INTERVAL: Final = 0.002
 _new_lease = object.__new__
 _pools: weakref.WeakSet[BufferPool] = weakref.WeakSet()
 
-_LeakRecord = tuple["Tier | None", "bytearray | None", int, "Site | None"]
 
 
 def report_leaks() -> int:
@@ -125,8 +124,11 @@ class BufferPool(_PoolBase):
         self._waiting = 0
         #: Release must take the slow path (scrub, or hand slots to waiters).
         self._slow_release = self._scrub
-        self._pending_leaks: deque[_LeakRecord] = deque()
+        #: Leases the GC finalized unreleased (False) and releases deferred from finalizers
+        #: that ran inside this thread's locked sections (True); see ``_drain_leaks``.
+        self._pending_leaks: deque[tuple[Lease, bool]] = deque()
         self._leak_reports: list[tuple[int, Site | None]] = []
+        self._deferred_errors: list[str] = []
         self._pollers: set[asyncio.AbstractEventLoop] = set()
         self._sampling = leak_detection != "off"
         self._interval = 1 if leak_detection == "paranoid" else SAMPLE_INTERVAL
@@ -312,11 +314,12 @@ class BufferPool(_PoolBase):
         )
 
     def _heap_lease(self, size: int, site: Site | None) -> Lease:
-        """An unpooled lease (lock held)."""
+        """An unpooled lease (lock held).  Counted only once the memory exists."""
+        buf = bytearray(size)
+        lease = Lease(self, None, buf, memoryview(buf), size, site)
         self._heap_fallbacks += 1
         self._heap_in_use += 1
-        buf = bytearray(size)
-        return Lease(self, None, buf, memoryview(buf), size, site)
+        return lease
 
     def _oversize_lease(self, size: int, site: Site | None) -> Lease:
         with self._lock:
@@ -521,22 +524,47 @@ class BufferPool(_PoolBase):
 
     # ------------------------------------------------------------------ leaks
     def _on_leak(self, lease: Lease) -> None:
-        """Called from Lease.__del__ (any thread, maybe with our lock held): queue only."""
-        self._pending_leaks.append((lease._tier, lease._buf, lease._size, lease._site))
+        """Called from Lease.__del__ (any thread, maybe with our lock held): queue only.
+
+        The queue keeps the lease alive (resurrects it) instead of taking its slot now: in a
+        garbage cycle the GC finalizes objects in no particular order, so another finalizer
+        of the same collection may still release this lease; ``_drain_leaks`` decides."""
+        self._pending_leaks.append((lease, False))
+
+    def _defer_release(self, lease: Lease) -> None:
+        """``lease.release()`` called while this thread holds our lock (from a finalizer the
+        GC ran inside a locked section): queue it for ``_drain_leaks``."""
+        self._pending_leaks.append((lease, True))
 
     def _drain_leaks(self) -> list[tuple[int, Site | None]]:
-        """Account queued leaks (lock held): their slots go to quarantine, then free."""
+        """Do deferred releases and account leaked leases (lock held): a leaked slot goes to
+        quarantine, then back to the free list once no view of it is alive."""
         reports: list[tuple[int, Site | None]] = []
         pending = self._pending_leaks
-        while pending:
-            tier, buf, size, site = pending.popleft()
+        leaked: list[Lease] = []
+        while pending:  # releases first: a finalizer may release a lease finalized before it
+            lease, deferred = pending.popleft()
+            if not deferred:
+                leaked.append(lease)
+                continue
+            try:
+                _release_locked(lease, self)
+            except LeaseReleasedError as exc:  # no caller left: warned by _collect_leaks
+                self._deferred_errors.append(str(exc))
+        for lease in leaked:
+            if lease._refcount <= 0:
+                continue  # released by a finalizer of the same collection after all
+            tier, buf = lease._tier, lease._buf
+            lease._refcount = 0
+            lease._buf = None
+            lease._view = None
             self._leaked += 1
             if tier is None:
                 self._heap_in_use -= 1
             else:
                 tier.in_use -= 1
                 tier.quarantine.append(buf)  # type: ignore[arg-type]
-            reports.append((size, site))
+            reports.append((lease._size, lease._site))
         self._leak_reports.extend(reports)
         return reports
 
@@ -545,6 +573,9 @@ class BufferPool(_PoolBase):
         with self._lock:
             self._drain_leaks()
             reports, self._leak_reports = self._leak_reports, []
+            errors, self._deferred_errors = self._deferred_errors, []
+        for error in errors:
+            warnings.warn(f"bufpool: deferred release failed: {error}", RuntimeWarning, 2)
         if self._leak_level != "off":
             for size, site in reports:
                 warnings.warn(

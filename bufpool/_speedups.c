@@ -60,7 +60,8 @@ is_none(PyObject *o)
 typedef struct {
     PyObject_HEAD
     PyThread_type_lock lock;
-    int held;
+    Py_ssize_t held;     /* recursion depth: 0 when free */
+    unsigned long owner; /* thread ident while held */
 } FastLock;
 
 static PyTypeObject FastLockType;
@@ -82,6 +83,7 @@ fastlock_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return PyErr_NoMemory();
     }
     self->held = 0;
+    self->owner = 0;
     return (PyObject *)self;
 }
 
@@ -98,10 +100,17 @@ fastlock_dealloc(FastLock *self)
 }
 
 /* Blocks (GIL released) until the lock is ours, or the timeout (microseconds, -1 = none) ends.
+ * Re-entrant like threading.RLock: the owner thread only counts up (a finalizer that the GC
+ * runs inside one of the pool's locked sections must not deadlock; see Lease.release).
  * Not interruptible by signals: pool critical sections last microseconds. */
 static int
 fastlock_take(FastLock *self, PY_TIMEOUT_T timeout)
 {
+    unsigned long me = PyThread_get_thread_ident();
+    if (self->held && self->owner == me) {
+        self->held++;
+        return 1;
+    }
     PyLockStatus r = PyThread_acquire_lock_timed(self->lock, 0, 0);
     if (r != PY_LOCK_ACQUIRED && timeout != 0) {
         Py_BEGIN_ALLOW_THREADS
@@ -110,6 +119,7 @@ fastlock_take(FastLock *self, PY_TIMEOUT_T timeout)
     }
     if (r == PY_LOCK_ACQUIRED) {
         self->held = 1;
+        self->owner = me;
         return 1;
     }
     return 0;
@@ -118,8 +128,10 @@ fastlock_take(FastLock *self, PY_TIMEOUT_T timeout)
 static void
 fastlock_give(FastLock *self)
 {
-    self->held = 0;
-    PyThread_release_lock(self->lock);
+    if (--self->held == 0) {
+        self->owner = 0;
+        PyThread_release_lock(self->lock);
+    }
 }
 
 static PyObject *
@@ -133,10 +145,22 @@ fastlock_acquire(FastLock *self, PyObject *args, PyObject *kwds)
     }
     PY_TIMEOUT_T us;
     if (!blocking) {
+        if (timeout != -1) {
+            PyErr_SetString(PyExc_ValueError, "can't specify a timeout for a non-blocking call");
+            return NULL;
+        }
         us = 0;
     }
-    else if (timeout < 0) {
+    else if (timeout == -1) {
         us = -1;
+    }
+    else if (!(timeout >= 0)) {
+        PyErr_SetString(PyExc_ValueError, "timeout value must be a non-negative number");
+        return NULL;
+    }
+    else if (timeout * 1e6 >= (double)PY_TIMEOUT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "timeout value is too large");
+        return NULL;
     }
     else {
         us = (PY_TIMEOUT_T)(timeout * 1e6);
@@ -154,8 +178,8 @@ fastlock_enter(FastLock *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 fastlock_release(FastLock *self, PyObject *Py_UNUSED(ignored))
 {
-    if (!self->held) {
-        PyErr_SetString(PyExc_RuntimeError, "release unlocked lock");
+    if (!self->held || self->owner != PyThread_get_thread_ident()) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot release un-acquired lock");
         return NULL;
     }
     fastlock_give(self);
@@ -171,7 +195,13 @@ fastlock_exit(FastLock *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 fastlock_locked(FastLock *self, PyObject *Py_UNUSED(ignored))
 {
-    return PyBool_FromLong(self->held);
+    return PyBool_FromLong(self->held != 0);
+}
+
+static PyObject *
+fastlock_is_owned(FastLock *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(self->held && self->owner == PyThread_get_thread_ident());
 }
 
 static PyMethodDef fastlock_methods[] = {
@@ -179,6 +209,8 @@ static PyMethodDef fastlock_methods[] = {
      "acquire(blocking=True, timeout=-1) -> bool"},
     {"release", (PyCFunction)fastlock_release, METH_NOARGS, "Release the lock."},
     {"locked", (PyCFunction)fastlock_locked, METH_NOARGS, "True while some thread holds it."},
+    {"_is_owned", (PyCFunction)fastlock_is_owned, METH_NOARGS,
+     "True when the calling thread holds it (as threading.RLock._is_owned)."},
     {"__enter__", (PyCFunction)fastlock_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)(void (*)(void))fastlock_exit, METH_FASTCALL, NULL},
     {NULL, NULL, 0, NULL},
@@ -189,7 +221,7 @@ static PyTypeObject FastLockType = {
     .tp_name = "bufpool._speedups.FastLock",
     .tp_basicsize = sizeof(FastLock),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "A non-reentrant lock (like threading.Lock) whose state the C hot paths read.",
+    .tp_doc = "A re-entrant lock (like threading.RLock) whose state the C hot paths read.",
     .tp_new = fastlock_new,
     .tp_dealloc = (destructor)fastlock_dealloc,
     .tp_methods = fastlock_methods,
@@ -488,7 +520,7 @@ lease_repr(Lease *self)
 {
     char addr[2 + 2 * sizeof(void *) + 1];
     snprintf(addr, sizeof(addr), "0x%" PRIxPTR, (uintptr_t)self);
-    if (is_none(self->tier)) {
+    if (is_none(self->tier) || !PyObject_TypeCheck(self->tier, &TierCoreType)) {
         return PyUnicode_FromFormat("<Lease %zd B in heap, refcount %zd at %s>", self->size,
                                     self->refcount, addr);
     }
@@ -665,7 +697,8 @@ lease_release(Lease *self, PyObject *Py_UNUSED(ignored))
         return lease_error(self, "%U released more times than retained (refcount %zd)");
     }
     PyObject *buf = self->buf, *view = self->view, *tier_o = self->tier;
-    if (pool->slow_release || is_none(tier_o) || buf == NULL || !PyByteArray_CheckExact(buf)
+    if (pool->slow_release || is_none(tier_o) || !PyObject_TypeCheck(tier_o, &TierCoreType)
+        || buf == NULL || !PyByteArray_CheckExact(buf)
         || (!is_none(view) && !PyMemoryView_Check(view))) {
         goto python; /* scrub, waiters or a heap lease: the reference path */
     }
@@ -678,7 +711,9 @@ lease_release(Lease *self, PyObject *Py_UNUSED(ignored))
     self->buf = NULL; /* its reference is now ours */
     self->view = NULL;
     /* The lease's own view dies here unless someone else holds it.  Freeing a memoryview runs
-     * no Python code, except weakref callbacks someone may have put on it: re-check below. */
+     * no Python code, except weakref callbacks someone may have put on it: re-check the lock
+     * below, and keep the tier alive through them (the callback may drop the pool's tiers). */
+    Py_INCREF(tier);
     Py_XDECREF(view);
     int locked = 0;
     if (pool->lock->held) {
@@ -691,6 +726,7 @@ lease_release(Lease *self, PyObject *Py_UNUSED(ignored))
     if (locked) {
         fastlock_give(pool->lock);
     }
+    Py_DECREF(tier);
     if (r < 0) {
         return NULL;
     }
@@ -705,7 +741,10 @@ static PyObject *
 lease_retain(Lease *self, PyObject *Py_UNUSED(ignored))
 {
     PoolCore *pool = self->pool;
-    if (pool == NULL || pool->lock == NULL || pool->lock->held) {
+    if (pool == NULL) { /* cleared by the GC (only reachable from a finalizer) */
+        return lease_error(self, "%U: retain() after the lease was released");
+    }
+    if (pool->lock == NULL || pool->lock->held) {
         PyObject *r = PyObject_CallMethodOneArg((PyObject *)pool, str_retain, (PyObject *)self);
         if (r == NULL) {
             return NULL;
@@ -905,7 +944,7 @@ static PyGetSetDef lease_getset[] = {
 
 static PyMemberDef lease_members[] = {
     {"_pool", T_OBJECT, offsetof(Lease, pool), READONLY, NULL},
-    {"_tier", T_OBJECT, offsetof(Lease, tier), 0, NULL},
+    {"_tier", T_OBJECT, offsetof(Lease, tier), READONLY, NULL},
     {"_buf", T_OBJECT, offsetof(Lease, buf), 0, NULL},
     {"_view", T_OBJECT, offsetof(Lease, view), 0, NULL},
     {"_site", T_OBJECT, offsetof(Lease, site), 0, NULL},
@@ -967,6 +1006,9 @@ pool_acquire(PoolCore *self, PyObject *arg)
         }
         PyErr_Clear();
         PyObject *zero = PyLong_FromLong(0);
+        if (zero == NULL) {
+            return NULL;
+        }
         int neg = PyObject_RichCompareBool(arg, zero, Py_LT);
         Py_DECREF(zero);
         if (neg) {

@@ -171,3 +171,12 @@ def test_public_names_exported() -> None:
     assert issubclass(bufpool.RequestTooLarge, bufpool.BufPoolError)
     assert issubclass(bufpool.BufferFull, bufpool.BufPoolError)
     assert issubclass(bufpool.LeakWarning, ResourceWarning)
+
+
+def test_failed_heap_fallback_counts_no_phantom_lease() -> None:
+    pool = BufferPool(classes=(64,), initial_slots=0, max_bytes=0)  # every request -> heap
+    with pytest.raises(MemoryError):
+        pool.acquire(2**62)  # oversize, served from the heap: the allocation fails
+    st = pool.stats()
+    assert st.heap_in_use == 0 and st.heap_fallbacks == 0 and st.in_use == 0
+    assert st.oversize == 1  # the request is still counted

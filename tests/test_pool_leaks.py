@@ -93,3 +93,38 @@ def test_released_lease_is_not_a_leak() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert bufpool.report_leaks() == 0
+
+
+class _Owner:
+    """Releases its lease in ``__del__`` and sits in a reference cycle (collected by the GC)."""
+
+    def __init__(self, lease: bufpool.Lease) -> None:
+        self.lease = lease
+        self.me = self
+
+    def __del__(self) -> None:
+        self.lease.release()
+
+
+def test_lease_released_by_a_finalizer_of_the_same_collection_is_not_a_leak() -> None:
+    # The GC finalizes a garbage cycle in no fixed order: here the lease's own finalizer runs
+    # before the owner's __del__ releases it.  The slot must come back once, not twice (it
+    # used to be both on the free list and in quarantine: two owners of one slot later).
+    pool = BufferPool(leak_detection="paranoid", classes=(64,), initial_slots=8, max_bytes=512)
+    gc.disable()
+    try:
+        for _ in range(8):
+            _Owner(pool.acquire(10))
+    finally:
+        gc.enable()
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        st = pool.stats()
+    assert st.in_use == 0 and st.leaked == 0 and st.quarantined == 0
+    assert st.tiers[0].free == st.tiers[0].slots == 8
+    leases = [pool.acquire(10) for _ in range(8)]
+    assert len({id(lease.view.obj) for lease in leases}) == 8  # eight distinct slots
+    assert all(lease.pooled for lease in leases)
+    for lease in leases:
+        lease.release()

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import gc
+import os
 import random
+import subprocess
+import sys
+import textwrap
 import threading
+from pathlib import Path
 
 import pytest
 
+import bufpool
 from bufpool import BufferPool, Lease
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def one_slot_pool(**kw: object) -> BufferPool:
@@ -173,3 +181,79 @@ def test_concurrent_release_of_shared_lease_returns_slot_once() -> None:
         st = pool.stats()
         assert st.tiers[0].free == 1 and st.in_use == 0
     gc.collect()
+
+
+
+def run_isolated(code: str) -> str:
+    """Run ``code`` in a fresh interpreter on the active implementation; a deadlock there
+    fails this test after a timeout instead of hanging the whole run on a stuck pool lock."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUFPOOL_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    if bufpool.IMPLEMENTATION == "python":
+        env["BUFPOOL_NO_EXTENSIONS"] = "1"
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("deadlock: a release waited for the pool lock its own thread holds")
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_release_inside_a_locked_section_of_the_same_thread_is_deferred_not_deadlocked() -> None:
+    # What a __del__ or weakref.finalize that releases a lease does when the GC runs it in the
+    # middle of one of the pool's own locked sections (any allocation there can start the GC).
+    out = run_isolated(
+        """
+        import bufpool
+        pool = bufpool.BufferPool(classes=(64,), initial_slots=2, max_bytes=128)
+        lease = pool.acquire(10)
+        with pool._lock:
+            lease.release()  # must not wait for the lock this thread holds
+            print("in section", pool._tiers[0].in_use)  # deferred: state not touched yet
+        st = pool.stats()  # does the deferred release
+        print("after", st.in_use, st.tiers[0].free)
+        try:
+            lease.release()
+        except bufpool.LeaseReleasedError:
+            print("released once")
+        """
+    )
+    assert out.split("\n")[:3] == ["in section 1", "after 0 2", "released once"]
+
+
+def test_finalizer_releases_during_gc_inside_pool_sections() -> None:
+    # The real thing: owners in cycles, collected by a GC that runs inside stats()'s section.
+    out = run_isolated(
+        """
+        import gc, warnings
+        import bufpool
+        warnings.simplefilter("error")
+        pool = bufpool.BufferPool(classes=(64,), initial_slots=64, max_bytes=64 * 64)
+
+        class Owner:
+            def __init__(self, lease):
+                self.lease, self.me = lease, self
+
+            def __del__(self):
+                self.lease.release()
+
+        gc.disable()
+        for _ in range(64):
+            Owner(pool.acquire(10))
+        gc.set_threshold(1)
+        gc.enable()
+        for _ in range(20):
+            pool.stats()
+        gc.set_threshold(700)
+        gc.collect()
+        st = pool.stats()
+        print(st.in_use, st.leaked, st.tiers[0].free)
+        """
+    )
+    assert out.split() == ["0", "0", "64"]

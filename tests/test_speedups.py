@@ -269,3 +269,68 @@ def test_view_is_a_slot_view_made_on_first_use() -> None:
     del view
     lease.release()
     assert pool.stats().quarantined == 0
+
+
+needs_c = pytest.mark.skipif(bufpool.IMPLEMENTATION != "c", reason="compiled types only")
+
+
+@needs_c
+def test_lease_fields_the_c_code_casts_are_read_only() -> None:
+    # ``lease._tier = obj`` used to make release() and repr() read ``obj`` as a Tier (segfault).
+    pool = BufferPool()
+    lease = pool.acquire(10)
+    with pytest.raises(AttributeError):
+        lease._tier = "not a tier"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        lease._pool = None  # type: ignore[misc]
+    assert "10 B in 64-byte class" in repr(lease)
+    lease.release()
+    assert pool.stats().in_use == 0
+
+
+def test_weakref_callback_on_the_view_runs_pool_code_during_release() -> None:
+    # Dropping the lease's view in release() can run Python code (a weakref callback); the
+    # callback's own acquire/release must not corrupt the release in progress.
+    pool = BufferPool(classes=(64,), initial_slots=2, max_bytes=128)
+    lease = pool.acquire(10)
+    seen: list[int] = []
+
+    def callback(_: object) -> None:
+        other = pool.acquire(20)
+        seen.append(len(other))
+        other.release()
+
+    ref = weakref.ref(lease.view, callback)
+    lease.release()
+    assert seen == [20] and ref() is None
+    st = pool.stats()
+    assert st.in_use == 0 and st.quarantined == 0 and st.tiers[0].free == 2
+    a, b = pool.acquire(10), pool.acquire(10)
+    assert a.view.obj is not b.view.obj
+    a.release()
+    b.release()
+
+
+@needs_c
+def test_fastlock_is_reentrant_and_validates_like_threading_rlock() -> None:
+    lock = BufferPool()._lock
+    assert not lock._is_owned() and not lock.locked()
+    with lock:
+        assert lock.acquire() and lock._is_owned()  # the owner re-enters
+        lock.release()
+        assert lock.locked()
+        seen: list[bool] = []
+        t = threading.Thread(target=lambda: seen.append(lock.acquire(timeout=0.01)))
+        t.start()
+        t.join(30)
+        assert seen == [False]  # another thread waits (and times out)
+    assert not lock.locked()
+    with pytest.raises(RuntimeError, match="un-acquired"):
+        lock.release()
+    with pytest.raises(ValueError, match="non-blocking"):
+        lock.acquire(False, 1.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        lock.acquire(timeout=-5)
+    with pytest.raises(OverflowError):
+        lock.acquire(timeout=1e300)
+    assert not lock.locked()
