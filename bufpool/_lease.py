@@ -109,11 +109,34 @@ class Lease:
         """
         pool = self._pool
         lock = pool._lock
-        if lock._is_owned():
+        if lock._is_owned() and not pool._draining:
             pool._defer_release(self)
             return
-        with lock:
-            _release_locked(self, pool)
+        lock.acquire()
+        try:
+            rc = self._refcount
+            if rc != 1:
+                if rc > 1:
+                    self._refcount = rc - 1
+                    return
+                raise LeaseReleasedError(
+                    f"{self!r} released more times than retained (refcount {rc})"
+                )
+            self._refcount = 0
+            tier = self._tier
+            buf = self._buf
+            self._buf = None
+            self._view = None  # the slot's last view dies here unless someone else holds one
+            if tier is None:
+                pool._heap_in_use -= 1
+                return
+            tier.in_use -= 1
+            if getrefcount(buf) - OVERHEAD == 1 and not pool._slow_release:
+                tier.free.append(buf)  # type: ignore[arg-type]
+            else:
+                pool._returned(tier, buf)  # type: ignore[arg-type]
+        finally:
+            lock.release()
 
     def truncate(self, size: int) -> None:
         """Shrink the visible length to ``size`` bytes (<= len(self)); views taken before keep
@@ -150,29 +173,6 @@ class Lease:
         tier = self._tier
         where = f"{tier.size}-byte class" if tier is not None else "heap"
         return f"<Lease {self._size} B in {where}, refcount {self._refcount} at {id(self):#x}>"
-
-
-def _release_locked(lease: Lease, pool: BufferPool) -> None:
-    """The body of ``Lease.release`` (pool lock held)."""
-    rc = lease._refcount
-    if rc != 1:
-        if rc > 1:
-            lease._refcount = rc - 1
-            return
-        raise LeaseReleasedError(f"{lease!r} released more times than retained (refcount {rc})")
-    lease._refcount = 0
-    tier = lease._tier
-    buf = lease._buf
-    lease._buf = None
-    lease._view = None  # the slot's last view dies here unless someone else holds one
-    if tier is None:
-        pool._heap_in_use -= 1
-        return
-    tier.in_use -= 1
-    if getrefcount(buf) - OVERHEAD == 1 and not pool._slow_release:
-        tier.free.append(buf)  # type: ignore[arg-type]
-    else:
-        pool._returned(tier, buf)  # type: ignore[arg-type]
 
 
 #: The pure-Python lease: the reference implementation.  The compiled ``Lease`` falls back to

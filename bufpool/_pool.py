@@ -24,7 +24,7 @@ from ._classes import DEFAULT_CLASSES, build_classes
 from ._errors import LeakWarning, LeaseReleasedError, PoolExhausted, RequestTooLarge
 from ._impl import new_lock, speedups
 from ._leak import _PKG_DIR, LEVELS, SAMPLE_INTERVAL, SITE_DEPTH, Site, capture_site, format_site
-from ._lease import Lease, LeaseChain, PyLease, _release_locked
+from ._lease import Lease, LeaseChain, PyLease
 from ._stats import PoolStats, TierStats
 from ._tier import Tier
 from ._tracking import holders
@@ -129,6 +129,8 @@ class BufferPool(_PoolBase):
         self._pending_leaks: deque[tuple[Lease, bool]] = deque()
         self._leak_reports: list[tuple[int, Site | None]] = []
         self._deferred_errors: list[str] = []
+        #: True while ``_drain_leaks`` does deferred releases (the lock is ours: re-entered).
+        self._draining = False
         self._pollers: set[asyncio.AbstractEventLoop] = set()
         self._sampling = leak_detection != "off"
         self._interval = 1 if leak_detection == "paranoid" else SAMPLE_INTERVAL
@@ -547,10 +549,13 @@ class BufferPool(_PoolBase):
             if not deferred:
                 leaked.append(lease)
                 continue
+            self._draining = True
             try:
-                _release_locked(lease, self)
+                PyLease.release(lease)  # re-enters our lock (re-entrant) and releases now
             except LeaseReleasedError as exc:  # no caller left: warned by _collect_leaks
                 self._deferred_errors.append(str(exc))
+            finally:
+                self._draining = False
         for lease in leaked:
             if lease._refcount <= 0:
                 continue  # released by a finalizer of the same collection after all
