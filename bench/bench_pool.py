@@ -1,73 +1,119 @@
-"""Memory-core benchmark: acquire+release vs ``bytearray(n)``, vs a single-class pool, and the
-waste ratio on three size traces.  Both sides run in the same process, interleaved per class.
+"""Memory-core benchmark: acquire+release vs ``bytearray(n)`` and ``memoryview(bytearray(n))``,
+vs a single-class pool, for BOTH implementations side by side; and the waste ratio on three
+size traces.
 
     python bench/bench_pool.py            # ~10 s
-    python bench/bench_pool.py --quick    # ~2 s
+    python bench/bench_pool.py --quick    # ~4 s
     python bench/bench_pool.py --json out.json
 
-Timings are the best of ``--repeat`` runs of ``--number`` iterations (timeit), in ns per
-allocate+free cycle.  "bytearray(n)" allocates and zeroes n bytes and frees them: what a user
-writes without a pool.
+The implementation (compiled or pure Python) is fixed at import, so the timings run in two
+subprocesses of this script (one with ``BUFPOOL_NO_EXTENSIONS=1``); each also times the
+baselines itself, so every ratio divides numbers taken in one process.  Timings are the best
+of ``--repeat`` runs of ``--number`` iterations (timeit), in ns per cycle:
+
+* ``bytearray(n)``: allocate, zero and free n bytes: what a user writes without a pool;
+* ``memoryview(bytearray(n))``: the same when the caller needs a view (as pooled code does);
+* ``acq+rel``: ``pool.acquire(n).release()`` (leak_detection="sample");
+* ``acq+view+rel``: ``lease = acquire(n); lease.view; lease.release()``: what users do (the
+  compiled lease makes its view on first use, so the bare figure flatters it);
+* ``leak off``, ``with``-block, and a single 64 KiB class pool (the naive design).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
+import subprocess
 import sys
 import timeit
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 import bufpool
 from bufpool import BufferPool
 
+ROOT = Path(__file__).resolve().parent.parent
 CLASSES = (64, 256, 1024, 4096, 16384, 65536)
 
+#: name -> (statement, pool); ``n`` is the request size.
+CASES: dict[str, tuple[str, str]] = {
+    "bytearray": ("bytearray(n)", "sample"),
+    "memoryview": ("memoryview(bytearray(n))", "sample"),
+    "acq+rel": ("acq(n).release()", "sample"),
+    "acq+view+rel": ("lease = acq(n); lease.view; lease.release()", "sample"),
+    "leak off": ("acq(n).release()", "off"),
+    "with": ("with acq(n) as lease: pass", "sample"),
+    "1-class 64K": ("lease = acq(n); lease.view; lease.release()", "single64k"),
+}
 
-def best_ns(stmt: Callable[[], object], number: int, repeat: int) -> float:
-    return min(timeit.repeat(stmt, number=number, repeat=repeat)) / number * 1e9
 
-
-def bench_speed(number: int, repeat: int) -> list[dict[str, object]]:
-    rows = []
+def worker(number: int, repeat: int) -> dict[str, Any]:
+    """Inside a subprocess: ns per cycle for every case and class, this implementation."""
     pools = {
         "sample": BufferPool(leak_detection="sample"),
         "off": BufferPool(leak_detection="off"),
         "single64k": BufferPool(classes=(65536,), leak_detection="sample"),
     }
-    for n in CLASSES:
-        acq_s, acq_o, acq_1 = (p.acquire for p in pools.values())
-        t_base = best_ns(lambda n=n: bytearray(n), number, repeat)
-        t_pool = best_ns(lambda: acq_s(n).release(), number, repeat)
-        t_off = best_ns(lambda: acq_o(n).release(), number, repeat)
-        t_single = best_ns(lambda: acq_1(n).release(), number, repeat)
-        t_with = best_ns(_with_block(pools["sample"], n), number, repeat)
-        rows.append(
-            {
-                "size": n,
-                "bytearray_ns": round(t_base, 1),
-                "pool_ns": round(t_pool, 1),
-                "pool_ratio": round(t_pool / t_base, 2),
-                "pool_leak_off_ns": round(t_off, 1),
-                "with_block_ns": round(t_with, 1),
-                "single_class_64k_ns": round(t_single, 1),
-            }
-        )
+    ns: dict[str, dict[str, float]] = {}
+    for name, (stmt, which) in CASES.items():
+        acq = pools[which].acquire
+        row = ns[name] = {}
+        for n in CLASSES:
+            env = {"acq": acq, "n": n}
+            best = min(timeit.repeat(stmt, number=number, repeat=repeat, globals=env))
+            row[str(n)] = best / number * 1e9
     for p in pools.values():
-        assert p.stats().in_use == 0
-    return rows
+        st = p.stats()
+        assert st.in_use == 0 and st.quarantined == 0, st
+    return {"implementation": bufpool.IMPLEMENTATION, "ns": ns}
 
 
-def _with_block(pool: BufferPool, n: int) -> Callable[[], None]:
-    acquire = pool.acquire
+def run_worker(pure: bool, number: int, repeat: int, script: str = __file__) -> dict[str, Any]:
+    """Run ``script --worker`` on one implementation (pure Python if ``pure``); its JSON."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUFPOOL_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    if pure:
+        env["BUFPOOL_NO_EXTENSIONS"] = "1"
+    cmd = [sys.executable, script, "--worker", "--number", str(number), "--repeat", str(repeat)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    data: dict[str, Any] = json.loads(res.stdout)
+    return data
 
-    def run() -> None:
-        with acquire(n):
-            pass
 
-    return run
+def print_speed(c: dict[str, Any], py: dict[str, Any]) -> None:
+    if c["implementation"] != "c":
+        print("NOTE: the C extension is not built here; the C columns are pure Python too.")
+    for label, case, base in (
+        ("acquire(n).release() vs bytearray(n)", "acq+rel", "bytearray"),
+        ("acquire(n) + lease.view + release() vs bytearray(n)", "acq+view+rel", "bytearray"),
+        (
+            "acquire(n) + lease.view + release() vs memoryview(bytearray(n))",
+            "acq+view+rel",
+            "memoryview",
+        ),
+    ):
+        print(f"\n{label}, ns per cycle (ratio = pool / baseline; lower is better)")
+        print(
+            f"{'n':>6} | {'base C':>7} {'C pool':>7} {'ratio':>6} | "
+            f"{'base Py':>7} {'Py pool':>8} {'ratio':>6} | {'C/Py':>5}"
+        )
+        for n in map(str, CLASSES):
+            bc, cc = c["ns"][base][n], c["ns"][case][n]
+            bp, pp = py["ns"][base][n], py["ns"][case][n]
+            print(
+                f"{n:>6} | {bc:7.1f} {cc:7.1f} {cc / bc:5.2f}x | "
+                f"{bp:7.1f} {pp:8.1f} {pp / bp:5.2f}x | {cc / pp:5.2f}"
+            )
+    print("\nother pool variants, ns per cycle (C | pure Python)")
+    print(f"{'n':>6} | {'leak off':>15} | {'with-block':>15} | {'1-class 64K +view':>17}")
+    for n in map(str, CLASSES):
+        cols = [f"{c['ns'][k][n]:6.1f} | {py['ns'][k][n]:6.1f}" for k in ("leak off", "with")]
+        one = f"{c['ns']['1-class 64K'][n]:6.1f} | {py['ns']['1-class 64K'][n]:6.1f}"
+        print(f"{n:>6} | {cols[0]:>15} | {cols[1]:>15} | {one:>17}")
 
 
 def trace_uniform(rnd: random.Random, k: int) -> list[int]:
@@ -132,28 +178,23 @@ def bench_waste(k: int) -> list[dict[str, object]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer iterations (~2 s)")
-    ap.add_argument("--number", type=int, default=100_000)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="fewer iterations (~4 s)")
+    ap.add_argument("--number", type=int, default=20_000, help="loops per timing")
+    ap.add_argument("--repeat", type=int, default=3, help="timings per case (min kept)")
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    number, repeat = (20_000, 3) if args.quick else (args.number, args.repeat)
-    impl = getattr(bufpool, "IMPLEMENTATION", "python")
+    number, repeat = (5_000, 3) if args.quick else (args.number, args.repeat)
+    if args.worker:
+        print(json.dumps(worker(number, repeat)))
+        return 0
     print(
-        f"bufpool {bufpool.__version__} ({impl}), Python {platform.python_version()}, "
-        f"{number} x best of {repeat}"
+        f"bufpool {bufpool.__version__}, Python {platform.python_version()}, "
+        f"{number} loops x best of {repeat}; both implementations, each in its own subprocess"
     )
-    speed = bench_speed(number, repeat)
-    print("\nacquire+release, ns per cycle (ratio = pool / bytearray(n); lower is better)")
-    print(
-        f"{'size':>6} {'bytearray':>10} {'pool':>8} {'ratio':>6} {'leak off':>9} "
-        f"{'with-block':>10} {'1-class 64K':>11}"
-    )
-    for r in speed:
-        print(
-            f"{r['size']:>6} {r['bytearray_ns']:>10} {r['pool_ns']:>8} {r['pool_ratio']:>6} "
-            f"{r['pool_leak_off_ns']:>9} {r['with_block_ns']:>10} {r['single_class_64k_ns']:>11}"
-        )
+    c = run_worker(False, number, repeat)
+    py = run_worker(True, number, repeat)
+    print_speed(c, py)
     wrows = bench_waste(2000 if args.quick else 20000)
     print("\nwaste ratio (slot bytes not asked for / slot bytes leased; lower is better)")
     print(f"{'trace':<20} {'bufpool':>8} {'no headroom':>12} {'1-class 64K':>12}")
@@ -165,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"python": sys.version, "implementation": impl, "speed": speed, "waste": wrows},
-                f,
-                indent=2,
+                {"python": sys.version, "c": c, "python_impl": py, "waste": wrows}, f, indent=2
             )
     return 0
 

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import timeit
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+import bench_pool  # this script's folder is on sys.path when run as a script
+
 CLASSES = (64, 256, 1024, 4096, 16384, 65536)
 
 CASES = {
@@ -60,14 +59,7 @@ def worker(number: int, repeat: int) -> dict[str, Any]:
 
 
 def run_worker(pure: bool, number: int, repeat: int) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUFPOOL_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    if pure:
-        env["BUFPOOL_NO_EXTENSIONS"] = "1"
-    cmd = [sys.executable, __file__, "--worker", "--number", str(number), "--repeat", str(repeat)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    data: dict[str, Any] = json.loads(res.stdout)
-    return data
+    return bench_pool.run_worker(pure, number, repeat, script=__file__)
 
 
 def merge(best: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
