@@ -125,6 +125,25 @@ def test_collector_refuses_non_handshake_and_other_messages() -> None:
         c4.add_payload(22, hello(DEFAULT_EXTS) + b"\x02\x00")
 
 
+def test_collector_errors_carry_the_offending_header() -> None:
+    pool = bufpool.BufferPool()
+    s = TLSRecordSplitter(pool=pool, mid_stream=True)
+    (app,) = s.feed(struct.pack(">BHH", 23, 0x0303, 1) + b"x")
+    with pytest.raises(UnexpectedRecordError) as info:
+        ClientHelloCollector().add(app)
+    assert info.value.header == b"\x17\x03\x03\x00\x01"
+    s.close()
+    with pytest.raises(UnexpectedRecordError) as info:
+        ClientHelloCollector().add_payload(23, b"x")
+    assert info.value.header == b"\x17"
+    with pytest.raises(ClientHelloError, match="limit of 6 bytes") as too_big:
+        ClientHelloCollector(max_size=6).add_payload(22, b"\x01\x00\x00\x02abc")
+    assert too_big.value.header == b"\x01\x00\x00\x02"
+    with pytest.raises(UnexpectedRecordError, match="another handshake message") as info:
+        ClientHelloCollector().add_payload(22, hello(DEFAULT_EXTS) + b"\x02\x00")
+    assert info.value.header == b"\x02\x00"
+
+
 def test_every_truncation_is_a_decode_error() -> None:
     msg = hello(DEFAULT_EXTS)
     for cut in range(len(msg)):

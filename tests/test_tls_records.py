@@ -202,6 +202,51 @@ def test_truncated_stream_at_eof(pool: bufpool.BufferPool) -> None:
     clean.close()
 
 
+def test_truncated_stream_at_eof_keeps_its_header_on_the_ring_path(
+    pool: bufpool.BufferPool,
+) -> None:
+    """feed_eof() right after buffer_updated() (records not yet expired, their bytes still in
+    the ring ahead of the pending ones), also when the pending header wraps the ring's end."""
+    tail = rec(23, b"abcdef")
+    for cut in range(1, len(tail)):
+        s = TLSRecordSplitter(pool=pool)
+        stream = HELLO + tail[:cut]
+        buf = s.get_buffer(-1)
+        buf[:len(stream)] = stream
+        del buf
+        assert len(s.buffer_updated(len(stream))) == 1
+        with pytest.raises(TruncatedRecordError) as info:
+            s.feed_eof()
+        assert info.value.offset == len(HELLO) and info.value.header == tail[:min(cut, 5)]
+        s.close()
+    # pending header split by the wrap point of a ring filled by someone else
+    cap = 40000
+    room = cap - len(HELLO) - 3 * 5 - 2  # three records leave 2 bytes before the ring's end
+    filler = b"".join(rec(23, bytes(n)) for n in (room // 3, room // 3, room - 2 * (room // 3)))
+    for cut in range(1, len(tail)):
+        s = TLSRecordSplitter(pool=pool, ring_capacity=cap)
+        buf = s.get_buffer(-1)
+        assert len(buf) == cap
+        buf[:len(HELLO) + len(filler)] = HELLO + filler
+        del buf
+        assert len(s.buffer_updated(len(HELLO) + len(filler))) == 4
+        buf = s.get_buffer(-1)  # expires the records: the ring is empty again at offset 39998
+        k = min(cut, 2)
+        buf[:k] = tail[:k]
+        del buf
+        assert s.buffer_updated(k) == []
+        if cut > 2:
+            buf = s.get_buffer(-1)  # after the wrap
+            buf[:cut - 2] = tail[2:cut]
+            del buf
+            assert s.buffer_updated(cut - 2) == []
+        with pytest.raises(TruncatedRecordError) as info:
+            s.feed_eof()
+        assert info.value.offset == cap - 2 and info.value.header == tail[:min(cut, 5)], cut
+        s.close()
+    assert_clean(pool)
+
+
 def test_pending_bytes_stay_bounded_whatever_the_input(pool: bufpool.BufferPool) -> None:
     s = TLSRecordSplitter(pool=pool)
     big = struct.pack(">BHH", 23, 0x0303, MAX_CIPHERTEXT) + bytes(MAX_CIPHERTEXT)

@@ -295,17 +295,24 @@ class ClientHelloCollector:
         """Take one record; the parsed ClientHello once complete, else None."""
         if self.hello is not None:
             raise ValueError("ClientHelloCollector already complete")
-        return self.add_payload(int(record.content_type), record.payload, record.offset)
+        return self.add_payload(int(record.content_type), record.payload, record.offset,
+                                header=bytes(record.raw[:5]))
 
     def add_payload(
-        self, content_type: int, payload: bytes | bytearray | memoryview, offset: int = 0
+        self, content_type: int, payload: bytes | bytearray | memoryview, offset: int = 0,
+        *, header: bytes | None = None,
     ) -> ClientHello | None:
-        """Like :meth:`add` for a record given as content type and payload bytes."""
+        """Like :meth:`add` for a record given as content type and payload bytes.
+
+        ``header``: the record's 5 header bytes, reported in errors about the record itself
+        (default: the content type byte alone)."""
         self.records += 1
         if content_type != 22:
+            if header is None:
+                header = bytes((content_type,)) if 0 <= content_type <= 255 else b""
             raise UnexpectedRecordError(
                 f"expected a handshake record carrying the ClientHello, got content type "
-                f"{content_type}", offset=offset,
+                f"{content_type}", offset=offset, header=header,
             )
         buf = self._buf
         buf += payload
@@ -323,7 +330,8 @@ class ClientHelloCollector:
                 )
         if len(buf) > self._max:
             raise ClientHelloError(
-                f"handshake data exceeds the limit of {self._max} bytes", offset=offset
+                f"handshake data exceeds the limit of {self._max} bytes", offset=offset,
+                header=bytes(buf[:4]),
             )
         want = self._want
         if want is None or len(buf) < want:
@@ -331,7 +339,7 @@ class ClientHelloCollector:
         if len(buf) > want:
             raise UnexpectedRecordError(
                 f"{len(buf) - want} bytes of another handshake message follow the ClientHello "
-                "in its records", offset=offset,
+                "in its records", offset=offset, header=bytes(buf[want:want + 4]),
             )
         self.hello = parse_client_hello(buf)
         self._buf = bytearray()

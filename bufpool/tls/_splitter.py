@@ -317,10 +317,20 @@ class TLSRecordSplitter:
             )
 
     def _pending_head(self) -> bytes:
-        views = self._ring.readable_views()
-        head = b"".join(bytes(v[:5]) for v in views)
+        """Up to 5 header bytes of the pending record: the readable ring bytes after the
+        ``_deferred`` bytes of records already handed out."""
         skip = self._deferred
-        return head[skip:skip + 5] if skip < len(head) else b""
+        head = b""
+        for v in self._ring.readable_views():
+            n = len(v)
+            if skip >= n:
+                skip -= n
+                continue
+            head += bytes(v[skip:skip + 5 - len(head)])
+            skip = 0
+            if len(head) == 5:
+                break
+        return head
 
     def _check_partial(self, head: bytes, offset: int, out: list[TLSRecord]) -> None:
         err = diagnose_header(head, offset=offset, first=self._first, max_length=self._max)
