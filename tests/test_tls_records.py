@@ -411,6 +411,25 @@ def test_framer_splits_into_pooled_records(pool: bufpool.BufferPool) -> None:
     assert_clean(pool)
 
 
+def test_framer_clamps_a_record_size_limit_above_the_protocol_maximum(
+    pool: bufpool.BufferPool,
+) -> None:
+    """RFC 8449 section 4: a value larger than the protocol maximum is allowed and means the
+    maximum (2^14, or 2^14 + 1 in TLS 1.3 where the limit counts the inner content type)."""
+    from bufpool.tls import RecordFramer
+
+    for limit, tls13 in ((16385, False), (16385, True), (16386, True), (65535, False),
+                         (65535, True)):
+        f = RecordFramer(pool=pool, record_size_limit=limit, tls13=tls13)
+        assert f.max_fragment == 16384, (limit, tls13)
+        with f.frame(bytes(20000)) as chain:
+            assert [len(v) - 5 for v in chain.views()] == [16384, 3616]
+    assert RecordFramer(pool=pool, record_size_limit=64).max_fragment == 64
+    with pytest.raises(ValueError, match="at least 64 bytes"):
+        RecordFramer(pool=pool, record_size_limit=63, tls13=True)
+    assert_clean(pool)
+
+
 def test_framer_dynamic_sizing_grows_then_boosts(pool: bufpool.BufferPool) -> None:
     from bufpool.tls import RecordFramer
 

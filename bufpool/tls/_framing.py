@@ -44,8 +44,10 @@ MIN_RECORD_SIZE_LIMIT: Final = 64
 class RecordFramer:
     """Frame payloads into records.
 
-    ``record_size_limit``: largest fragment in bytes (64..16384; for a TLS 1.3 limit from the
-    peer's extension pass ``tls13=True``, which keeps one byte for the inner content type).
+    ``record_size_limit``: largest fragment in bytes (at least 64; a larger value than the
+    protocol allows means the protocol maximum, 16384, as RFC 8449 says; for a TLS 1.3 limit
+    from the peer's extension pass ``tls13=True``, which keeps one byte for the inner content
+    type).
     ``dynamic``: Go-style dynamic record sizing for application data.  ``record_overhead``:
     bytes a cipher adds per record (e.g. 17 for TLS 1.3 AEAD), only used to size the small
     early records.  ``version``: legacy record version written in headers (0x0303).
@@ -61,10 +63,10 @@ class RecordFramer:
         record_overhead: int = 0,
         version: int = 0x0303,
     ) -> None:
-        if not MIN_RECORD_SIZE_LIMIT <= record_size_limit <= MAX_PLAINTEXT + (1 if tls13 else 0):
+        if record_size_limit < MIN_RECORD_SIZE_LIMIT:
             raise ValueError(
-                f"record_size_limit must be within {MIN_RECORD_SIZE_LIMIT}..{MAX_PLAINTEXT} "
-                f"bytes, got {record_size_limit}"
+                f"record_size_limit must be at least {MIN_RECORD_SIZE_LIMIT} bytes "
+                f"(RFC 8449), got {record_size_limit}"
             )
         if not 0 <= record_overhead < TCP_MSS_ESTIMATE - 5:
             raise ValueError(f"record_overhead must be within 0..1202 bytes, got {record_overhead}")
