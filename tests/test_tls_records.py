@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import struct
+from collections.abc import Callable
 
 import pytest
 
@@ -17,6 +18,7 @@ from bufpool.tls import (
     RecordOverflowError,
     SplitterFailedError,
     SSLv2HelloError,
+    TLSRecord,
     TLSRecordError,
     TLSRecordSplitter,
     TruncatedRecordError,
@@ -334,6 +336,76 @@ def test_held_export_of_a_ring_record_view_is_reported(pool: bufpool.BufferPool)
         holder.release()
         s.close()
     del out  # the record whose release was refused still references the ring's slot
+    assert_clean(pool)
+
+
+@pytest.mark.parametrize(
+    "derive",
+    [
+        lambda r: memoryview(r.raw),  # what a 3.12+ selector transport keeps after a partial send
+        lambda r: r.raw[3:],
+        lambda r: r.payload[1:],
+        lambda r: memoryview(r.payload)[:2],
+    ],
+    ids=["memoryview(raw)", "raw[3:]", "payload[1:]", "memoryview(payload)[:2]"],
+)
+def test_live_view_derived_from_a_ring_record_is_reported(
+    pool: bufpool.BufferPool, derive: Callable[[TLSRecord], memoryview],
+) -> None:
+    """A slice or memoryview() of a record view shares no export with the record, so
+    releasing the record succeeds; the splitter still notices it and refuses silently
+    reusing ring memory under it."""
+    from bufpool.tls import RecordViewHeldError
+
+    s = TLSRecordSplitter(pool=pool)
+    stream = HELLO + rec(23, b"secret-A")
+    buf = s.get_buffer(-1)
+    buf[:len(stream)] = stream
+    del buf
+    out = s.buffer_updated(len(stream))
+    kept = derive(out[1])
+    del out
+    with pytest.raises(RecordViewHeldError, match=r"derived .* detach"):
+        s.get_buffer(-1)
+    assert bytes(kept) in stream  # still readable: it was not released under the caller
+    # the next records work as before; a second error is not raised for the same view
+    more = rec(23, b"OTHER-BB")
+    buf = s.get_buffer(-1)
+    buf[:len(more)] = more
+    del buf
+    assert [bytes(r.raw) for r in s.buffer_updated(len(more))] == [more]
+    s.get_buffer(-1)
+    del kept
+    s.close()
+    assert_clean(pool)
+
+
+def test_derived_views_released_in_time_and_feed_records_are_not_an_error(
+    pool: bufpool.BufferPool,
+) -> None:
+    s = TLSRecordSplitter(pool=pool, ring_capacity=40000)
+    payloads = [bytes([i % 251]) * (100 + 997 * i % 15000) for i in range(60)]
+    stream = HELLO + b"".join(rec(23, p) for p in payloads)
+    got: list[bytes] = []
+    pos = 0
+    while pos < len(stream):  # ring wraps and joins happen; derived views die in time
+        buf = s.get_buffer(-1)
+        n = min(len(buf), len(stream) - pos, 9000)
+        buf[:n] = stream[pos:pos + n]
+        del buf
+        pos += n
+        for r in s.buffer_updated(n):
+            view = memoryview(r.raw)[5:]
+            got.append(bytes(r.raw[:5]) + bytes(view))
+            del view
+    assert b"".join(got) == stream and s.joined >= 1
+    s.close()
+    f = TLSRecordSplitter(pool=pool)
+    kept = memoryview(f.feed(HELLO + rec(23, b"abc"))[1].raw)  # a view of our own input
+    f.feed(rec(23, b"x"))  # no RecordViewHeldError
+    assert bytes(kept) == rec(23, b"abc")
+    f.close()
+    del kept
     assert_clean(pool)
 
 

@@ -20,12 +20,15 @@ whatever the input.  Memory held between calls: the ring (``ring_capacity`` byte
 pool) plus, until the next call, the records handed out by the last one.
 
 Lifetimes: records returned by a call are valid until the next ``feed``/``get_buffer``/
-``close``; their views are then released (stale use raises ValueError).
+``close``; their views are then released (stale use raises ValueError).  On the ring paths a
+view still exported, or derived from a record (a slice, ``memoryview(rec.raw)``) and still
+alive, at that point raises :class:`RecordViewHeldError`.
 """
 
 from __future__ import annotations
 
 import threading
+from pickle import PickleBuffer
 from typing import TYPE_CHECKING, Final
 
 from bufpool import RingBuffer
@@ -81,9 +84,10 @@ def default_pool() -> BufferPool:
 
 class RecordViewHeldError(BufferError):
     """A record view of ring memory (``get_buffer``/``buffer_updated``/``pull`` path) from the
-    previous call is still exported (for example queued by a uvloop transport): that memory is
-    about to be reused.  Forward records with ``detach()``.  Views of ``feed()`` input and of
-    joined records are not checked: the splitter never reuses that memory."""
+    previous call, or a view derived from one (a slice, ``memoryview(rec.raw)``), is still
+    exported or alive (for example queued by a transport): that memory is about to be reused.
+    Forward records with ``detach()``.  Views of ``feed()`` input and of joined records are not
+    checked: the splitter never reuses that memory."""
 
 
 class TLSRecordSplitter:
@@ -125,6 +129,12 @@ class TLSRecordSplitter:
         self._deferred = 0  # ring bytes of handed-out records, consumed at the next call
         self._handed: list[TLSRecord] = []
         self._handed_ring = False  # _handed are views of ring memory (pull), not of feed() input
+        # pull(): per readable ring view ``base``, a ``memoryview(PickleBuffer(base))`` wrapper
+        # that the records are sliced from, as pairs (wrapper, base).  The wrapper has its own
+        # managed buffer, which every view derived from a record shares and which holds
+        # ``base``'s only export: once the records and the wrapper are released,
+        # ``base.release()`` fails exactly when something derived from a record is alive.
+        self._wraps: list[memoryview] = []
         self._leases: list[Lease] = []  # joins handed out, released at the next call
         self._error: TLSRecordError | None = None
         self._closed = False
@@ -228,12 +238,19 @@ class TLSRecordSplitter:
             return out
         first = views[0]
         end = len(first)
-        pos = self._scan(first, 0, end, base, out)
+        wraps = self._wraps
+        wrap = memoryview(PickleBuffer(first))
+        wraps += (wrap, first)
+        pos = self._scan(wrap, 0, end, base, out)
         if len(views) > 1:
             second = views[1]
-            pos2 = self._join(first, pos, second, base + pos, out)
+            pos2 = self._join(wrap, pos, second, base + pos, out)
             if pos2 >= 0:
-                pos = end + self._scan(second, pos2, len(second), base + end, out)
+                wrap = memoryview(PickleBuffer(second))
+                wraps += (wrap, second)
+                pos = end + self._scan(wrap, pos2, len(second), base + end, out)
+        if not out:
+            self._release_wraps()
         self._deferred = pos
         self._handed = out.copy()
         self.records += len(out)
@@ -302,6 +319,7 @@ class TLSRecordSplitter:
                 except BufferError:
                     held += check and rec._lease is None
         self._handed = []
+        derived = self._release_wraps() and check
         if self._deferred:
             self._ring.consume(self._deferred)
             self._seen -= self._deferred
@@ -315,6 +333,27 @@ class TLSRecordSplitter:
                 "exported (a transport or buffer consumer holds them); that memory is reused "
                 "now. Keep records with detach() instead"
             )
+        if derived:
+            raise RecordViewHeldError(
+                "a view derived from a record view of ring memory from the previous call (a "
+                "slice or memoryview() of raw/payload, e.g. queued by a transport) is still "
+                "alive; that memory is reused now. Keep records with detach() instead"
+            )
+
+    def _release_wraps(self) -> bool:
+        """Release the pull() wrappers and their ring views; True if a view derived from a
+        record still pins one (the records themselves must be released first)."""
+        wraps = self._wraps
+        if not wraps:
+            return False
+        self._wraps = []
+        pinned = False
+        for v in wraps:  # wrapper first, then the base it exports from
+            try:
+                v.release()
+            except BufferError:
+                pinned = True
+        return pinned
 
     def _pending_head(self) -> bytes:
         """Up to 5 header bytes of the pending record: the readable ring bytes after the
