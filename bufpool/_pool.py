@@ -132,6 +132,9 @@ class BufferPool(_PoolBase):
         #: True while ``_drain_leaks`` does deferred releases (the lock is ours: re-entered).
         self._draining = False
         self._pollers: set[asyncio.AbstractEventLoop] = set()
+        #: ``_serve_waiters`` is running (on the lock's owner) / a nested call asked for more.
+        self._serving = False
+        self._serve_again = False
         self._sampling = leak_detection != "off"
         self._interval = 1 if leak_detection == "paranoid" else SAMPLE_INTERVAL
         self._countdown = self._interval
@@ -469,7 +472,26 @@ class BufferPool(_PoolBase):
         return Lease(self, tier, buf, view, size, site)
 
     def _serve_waiters(self) -> None:
-        """Hand free slots to waiting coroutines, oldest first per class.  Lock held."""
+        """Hand free slots to waiting coroutines, oldest first per class.  Lock held.
+
+        Not re-entered: taking a slot can drain deferred releases (``_drain_leaks``), whose
+        ``_returned`` asks to serve waiters again.  A nested call only marks that another
+        round is due, and the running one does it; otherwise the nested round would serve
+        the waiter this round had picked, and this round would hand its slot to nobody."""
+        if self._serving:
+            self._serve_again = True
+            return
+        self._serving = True
+        try:
+            again = True
+            while again:
+                self._serve_again = False
+                self._serve_round()
+                again = self._serve_again
+        finally:
+            self._serving = False
+
+    def _serve_round(self) -> None:
         for tier in self._tiers:
             waiters = tier.waiters
             while waiters:
@@ -480,6 +502,9 @@ class BufferPool(_PoolBase):
                 got = self._take_pooled(tier.index)
                 if got is None:
                     break
+                if not waiters or waiters[0] is not w:  # the queue changed meanwhile
+                    got[1].free.append(got[0])
+                    continue
                 waiters.popleft()
                 w.hand(self._pooled_lease(got[0], got[1], w.size, None))
 
@@ -490,17 +515,18 @@ class BufferPool(_PoolBase):
 
     def _poll(self, loop: asyncio.AbstractEventLoop) -> None:
         """Periodic recheck while coroutines wait: quarantined and leaked slots free up
-        without a release call, so nothing else would wake the waiters."""
-        with self._lock:
-            self._serve_waiters()
-            waiting = any(w.loop is loop for t in self._tiers for w in t.waiters)
-            if not waiting:
-                self._pollers.discard(loop)
-                return
-        if not loop.is_closed():
-            loop.call_later(WAITER_POLL_INTERVAL, self._poll, loop)
-        else:
-            self._pollers.discard(loop)
+        without a release call, so nothing else would wake the waiters.  A round that raises
+        (reported by the loop's exception handler) does not stop the polling."""
+        try:
+            with self._lock:
+                self._serve_waiters()
+        finally:
+            with self._lock:
+                waiting = any(w.loop is loop for t in self._tiers for w in t.waiters)
+                if waiting and not loop.is_closed():
+                    loop.call_later(WAITER_POLL_INTERVAL, self._poll, loop)
+                else:
+                    self._pollers.discard(loop)
 
     # ------------------------------------------------------------------ release
     def _retain(self, lease: Lease) -> None:

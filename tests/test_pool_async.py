@@ -158,3 +158,65 @@ async def test_chain_async_waits_and_times_out_cleanly() -> None:
     assert pool.stats().in_use == 2  # the failed chain took nothing
     chain.release()
     assert pool.stats().in_use == 0
+
+
+def slot_accounting_adds_up(pool: BufferPool) -> None:
+    pool.reclaim()
+    for t in pool.stats().tiers:
+        assert t.slots == t.free + t.in_use + t.quarantined, t
+
+
+@pytest.mark.asyncio
+async def test_deferred_release_drained_while_serving_waiters_hands_each_slot_once() -> None:
+    # A release deferred from a finalizer (here: a release inside a locked section, as the GC
+    # produces) is pending while a coroutine waits; the next release serves the waiter, and
+    # serving drains the deferred release, which frees a slot and serves waiters again.
+    pool = tight_pool(2)
+    a, b = pool.acquire(10), pool.acquire(10)
+    task = asyncio.create_task(pool.acquire_async(10, timeout=5))
+    await asyncio.sleep(0.001)
+    assert pool.stats().waiting == 1
+    with pool._lock:
+        a.release()  # deferred
+    b.release()  # was IndexError (pop from an empty deque), and a slot lost for good
+    got = await asyncio.wait_for(task, 5)
+    assert got.pooled
+    got.release()
+    slot_accounting_adds_up(pool)
+    st = pool.stats()
+    assert st.in_use == 0 and st.tiers[0].free == 2 and st.waiting == 0
+
+
+@pytest.mark.asyncio
+async def test_poller_keeps_polling_after_a_failed_round() -> None:
+    pool = tight_pool()
+    lease = pool.acquire(100)
+    view = lease.view
+    lease.release()  # quarantined: only the poller can notice it free up
+    real = pool._serve_waiters
+    calls = 0
+
+    def flaky() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("one bad round")
+        real()
+
+    pool._serve_waiters = flaky  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    errors: list[object] = []
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx.get("exception")))
+    try:
+        task = asyncio.create_task(pool.acquire_async(100, timeout=5))
+        await asyncio.sleep(0.02)
+        assert calls >= 1 and not task.done()
+        del view
+        got = await asyncio.wait_for(task, 5)
+    finally:
+        loop.set_exception_handler(None)
+        del pool._serve_waiters
+    assert [type(e) for e in errors] == [RuntimeError]
+    got.release()
+    await asyncio.sleep(0.01)
+    assert loop not in pool._pollers  # and it stopped once nobody waits
