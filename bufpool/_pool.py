@@ -380,7 +380,7 @@ class BufferPool(_PoolBase):
                 if got is not None:
                     return self._pooled_lease(got[0], got[1], size, site)
             fut: asyncio.Future[Lease] = loop.create_future()
-            waiter = Waiter(fut, size, loop)
+            waiter = Waiter(fut, size, loop, site)
             tier.waiters.append(waiter)
             self._waiting += 1
             self._slow_release = True
@@ -506,7 +506,7 @@ class BufferPool(_PoolBase):
                     got[1].free.append(got[0])
                     continue
                 waiters.popleft()
-                w.hand(self._pooled_lease(got[0], got[1], w.size, None))
+                w.hand(self._pooled_lease(got[0], got[1], w.size, w.site))
 
     def _ensure_poller(self, loop: asyncio.AbstractEventLoop) -> None:
         if loop not in self._pollers:

@@ -7,18 +7,27 @@ import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ._leak import Site
     from ._lease import Lease
 
 __all__ = ["Waiter", "deliver"]
 
 
 class Waiter:
-    __slots__ = ("fut", "loop", "size", "thread")
+    __slots__ = ("fut", "loop", "site", "size", "thread")
 
-    def __init__(self, fut: asyncio.Future[Lease], size: int, loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self,
+        fut: asyncio.Future[Lease],
+        size: int,
+        loop: asyncio.AbstractEventLoop,
+        site: Site | None = None,
+    ) -> None:
         self.fut = fut
         self.size = size
         self.loop = loop
+        #: Where ``acquire_async`` was called, when this lease is sampled for leak reports.
+        self.site = site
         self.thread = threading.get_ident()
 
     def hand(self, lease: Lease) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import warnings
 
@@ -128,3 +129,33 @@ def test_lease_released_by_a_finalizer_of_the_same_collection_is_not_a_leak() ->
     assert all(lease.pooled for lease in leases)
     for lease in leases:
         lease.release()
+
+
+async def leak_after_waiting(pool: BufferPool, task_started: asyncio.Event) -> None:
+    task_started.set()
+    await pool.acquire_async(10, timeout=5)  # waits for the slot, then drops the lease
+
+
+@pytest.mark.asyncio
+async def test_paranoid_leak_of_a_lease_that_waited_names_its_acquisition_site() -> None:
+    pool = BufferPool(
+        leak_detection="paranoid",
+        classes=(1024,),
+        initial_slots=1,
+        max_bytes=1024,
+        on_exhausted="raise",
+    )
+    held = pool.acquire(10)
+    started = asyncio.Event()
+    task = asyncio.create_task(leak_after_waiting(pool, started))
+    await started.wait()
+    await asyncio.sleep(0.01)
+    assert pool.stats().waiting == 1
+    held.release()  # handed to the waiter, which drops it
+    await asyncio.wait_for(task, 5)
+    del task
+    gc.collect()
+    with pytest.warns(LeakWarning, match=r"a 10-byte lease was garbage-collected") as rec:
+        assert bufpool.report_leaks() == 1
+    text = str(rec[0].message)
+    assert "leak_after_waiting" in text and "test_pool_leaks.py" in text, text
