@@ -152,6 +152,22 @@ def test_every_truncation_is_a_decode_error() -> None:
         assert info.value.alert is AlertDescription.decode_error, cut
 
 
+def test_every_truncation_with_a_consistent_length_fails_a_field_bounds_check() -> None:
+    """The handshake length is fixed up to match the cut, so the outer length check passes
+    and each field's own bounds check has to catch the truncation."""
+    msg = hello(DEFAULT_EXTS)
+    no_extensions = len(hello(None))  # a cut right there is a valid extension-less hello
+    for cut in range(4, len(msg)):
+        truncated = fix_lengths(msg[4:cut])
+        if cut == no_extensions:
+            assert parse_client_hello(truncated).extensions == ()
+            continue
+        with pytest.raises(ClientHelloError, match="truncated ClientHello") as info:
+            parse_client_hello(truncated)
+        assert info.value.alert is AlertDescription.decode_error, cut
+        assert info.value.header == truncated[:4] and 4 <= info.value.offset <= len(truncated)
+
+
 def fix_lengths(body: bytes) -> bytes:
     return b"\x01" + len(body).to_bytes(3, "big") + body
 
