@@ -271,8 +271,8 @@ class BufferPool(_PoolBase):
         None when the heap should serve.  Raises PoolExhausted under "raise"."""
         tier = self._tiers[i]
         if self._pending_leaks:
-            self._drain_leaks()
-        if tier.quarantine and tier.reclaim(self._scrub):
+            self._drain_leaks()  # deferred releases may put slots on the free list
+        if tier.free or (tier.quarantine and tier.reclaim(self._scrub)):
             tier.hits += 1
             return tier.free.pop(), tier
         tier.misses += 1

@@ -257,3 +257,16 @@ def test_finalizer_releases_during_gc_inside_pool_sections() -> None:
         """
     )
     assert out.split() == ["0", "0", "64"]
+
+
+@pytest.mark.parametrize("policy", ["raise", "heap", "spill"])
+def test_miss_uses_the_slot_its_drain_of_deferred_releases_just_freed(policy: str) -> None:
+    pool = BufferPool(classes=(1024,), initial_slots=1, max_bytes=1024, on_exhausted=policy)
+    first = pool.acquire(10)
+    with pool._lock:
+        first.release()  # deferred, as from a finalizer run inside a locked section
+    again = pool.acquire(10)  # a miss: drains the deferred release, then takes its slot
+    assert again.pooled  # was PoolExhausted ("raise"/"spill") or a heap lease ("heap")
+    st = pool.stats()
+    assert st.heap_fallbacks == 0 and st.in_use == 1 and st.tiers[0].hits == 2
+    again.release()
