@@ -704,9 +704,15 @@ class BufferPool(_PoolBase):
 
 
 def _bad_size(size: object) -> None:
-    if not isinstance(size, int) or isinstance(size, bool):
-        raise TypeError(f"size must be an int number of bytes, got {type(size).__name__}")
-    raise ValueError(f"size must be >= 0 bytes, got {size}")
+    """Raise the error for a size that is not a plain non-negative int (both cores call it)."""
+    if size.__class__ is int:
+        raise ValueError(f"size must be >= 0 bytes, got {size}")
+    if isinstance(size, int) and not isinstance(size, bool):
+        raise TypeError(
+            f"size must be a plain int number of bytes, got {type(size).__name__} "
+            f"(an int subclass: pass int(size))"
+        )
+    raise TypeError(f"size must be an int number of bytes, got {type(size).__name__}")
 
 
 if speedups is not None:

@@ -111,6 +111,22 @@ def test_non_int_size_is_type_error(bad: object) -> None:
         pool.acquire(bad)  # type: ignore[arg-type]
 
 
+class MyInt(int):
+    pass
+
+
+@pytest.mark.parametrize("bad", [MyInt(5), MyInt(0), MyInt(-1)])
+def test_int_subclass_size_is_type_error_naming_the_type(bad: int) -> None:
+    # Only a plain int is a size (the compiled core takes that fast); the message said
+    # "size must be >= 0 bytes, got 5" for MyInt(5).
+    pool = BufferPool()
+    msg = r"size must be a plain int number of bytes, got MyInt \(an int subclass: pass int"
+    with pytest.raises(TypeError, match=msg):
+        pool.acquire(bad)
+    with pytest.raises(TypeError, match=msg):
+        pool.acquire_chain(bad)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "exc", "msg"),
     [

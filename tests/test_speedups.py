@@ -97,8 +97,9 @@ class MyInt(int):
 
 pool = BufferPool(leak_detection="paranoid", classes=(64, 1024), initial_slots={64: 2, 1024: 2},
                   max_bytes=2 * 64 + 2 * 1024, on_exhausted="raise")
-for bad in (1.5, "10", None, True, -1, -(2**70), MyInt(5)):
-    show(f"acquire({bad!r})", lambda: pool.acquire(bad))
+for bad in (1.5, "10", None, True, -1, -(2**70), MyInt(5), MyInt(0), MyInt(-1)):
+    show(f"acquire({type(bad).__name__}({bad!r}))", lambda: pool.acquire(bad))
+    show(f"acquire_chain({type(bad).__name__}({bad!r}))", lambda: pool.acquire_chain(bad))
 show("oversize raise", lambda: pool.acquire(5000))
 show("huge", lambda: pool.acquire(2**70))
 a = pool.acquire(10)
@@ -173,6 +174,8 @@ def test_behaviour_errors_and_messages_identical_on_both() -> None:
     pure = run_py(BEHAVIOUR, BUFPOOL_NO_EXTENSIONS="1")
     active = run_py(BEHAVIOUR)
     assert "LeaseReleasedError" in pure and "acquired at" in pure  # the script did its job
+    subclass = "TypeError: size must be a plain int number of bytes, got MyInt (an int subclass"
+    assert f"acquire(MyInt(5)) -> {subclass}" in pure
     assert active.splitlines() == pure.splitlines()
 
 
