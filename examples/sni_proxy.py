@@ -9,12 +9,16 @@ records, then forward both directions record by record.  Every record is copied 
 pooled lease and written with ``write_lease`` (released at once; the pool keeps the slot out
 of circulation until the transport has sent it).  Refusals: an unknown or missing name gets a
 fatal ``unrecognized_name`` alert, malformed TLS the alert its error names, and plaintext HTTP
-a ``400 Bad Request`` saying the port speaks TLS; then the connection is closed.
+a ``400 Bad Request`` saying the port speaks TLS; then the connection is closed.  An upstream
+that refuses or does not answer within ``connect_timeout`` seconds (10 by default) gets the
+client a fatal ``internal_error`` alert and a close, so a black-holed upstream never pins a
+client and its held ClientHello records.
 
 Flow control: when one side's transport is above its write-buffer high-water mark, reading
 from the other side pauses until it drains.
 
-Importable: ``await start_proxy(routes, host, port, pool=...)`` returns the asyncio.Server.
+Importable: ``await start_proxy(routes, host, port, pool=..., connect_timeout=...)`` returns the
+asyncio.Server.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ from bufpool.tls import (
 )
 
 Route = tuple[str, int]
+
+#: Seconds to wait for an upstream connection before refusing the client.
+DEFAULT_CONNECT_TIMEOUT = 10.0
 
 HTTP_REFUSAL = (
     b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain\r\n"
@@ -106,9 +113,14 @@ class Upstream(_Side):
 class ClientSide(_Side):
     """The accepted client connection."""
 
-    def __init__(self, routes: Mapping[str, Route], pool: bufpool.BufferPool) -> None:
+    def __init__(self, routes: Mapping[str, Route], pool: bufpool.BufferPool,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
         super().__init__(pool)
         self.routes = routes
+        self.connect_timeout = connect_timeout
+        #: The upstream connect in progress (kept so it is not garbage-collected mid-way,
+        #: and cancelled if the client goes away first).
+        self.connecting: asyncio.Task[None] | None = None
         self.collector: ClientHelloCollector | None = ClientHelloCollector()
         self.held: list[DetachedRecord] = []
         self.server_name: str | None = None
@@ -138,15 +150,18 @@ class ClientSide(_Side):
             self.refuse(alert_record(AlertDescription.unrecognized_name))
             return
         self.pause_reading()
-        asyncio.get_running_loop().create_task(self.connect(route))
+        self.connecting = asyncio.get_running_loop().create_task(self.connect(route))
 
     async def connect(self, route: Route) -> None:
         loop = asyncio.get_running_loop()
         try:
-            _, up = await loop.create_connection(lambda: Upstream(self.pool), *route)
-        except OSError:
+            async with asyncio.timeout(self.connect_timeout):
+                _, up = await loop.create_connection(lambda: Upstream(self.pool), *route)
+        except (OSError, TimeoutError):  # refused, unreachable, or no answer in time
+            self.connecting = None
             self.refuse(alert_record(AlertDescription.internal_error))
             return
+        self.connecting = None
         if self.transport is None or up.transport is None:  # client went away meanwhile
             if up.transport is not None:
                 up.transport.close()
@@ -182,6 +197,9 @@ class ClientSide(_Side):
             rec.release()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        connecting, self.connecting = self.connecting, None
+        if connecting is not None:
+            connecting.cancel()  # the client is gone: stop waiting for its upstream
         self.drop_held()
         super().connection_lost(exc)
 
@@ -191,13 +209,20 @@ async def start_proxy(
     host: str = "127.0.0.1",
     port: int = 0,
     pool: bufpool.BufferPool | None = None,
+    *,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> asyncio.Server:
     """Listen on ``host:port`` (0 picks a free port) and route by SNI over ``routes``
-    (name -> (host, port)); returns the started server."""
+    (name -> (host, port)); returns the started server.  ``connect_timeout``: seconds an
+    upstream may take to accept before the client is refused with ``internal_error``."""
+    if not connect_timeout > 0:
+        raise ValueError(f"connect_timeout must be positive seconds, got {connect_timeout}")
     pool = pool if pool is not None else bufpool.BufferPool()
     table = {normalize(k): v for k, v in routes.items()}
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: ClientSide(table, pool), host, port)
+    return await loop.create_server(
+        lambda: ClientSide(table, pool, connect_timeout), host, port
+    )
 
 
 def _hostport(text: str) -> Route:
@@ -214,8 +239,8 @@ def _route(text: str) -> tuple[str, Route]:
     return name, _hostport(target)
 
 
-async def _serve(listen: Route, routes: dict[str, Route]) -> None:
-    server = await start_proxy(routes, *listen)
+async def _serve(listen: Route, routes: dict[str, Route], connect_timeout: float) -> None:
+    server = await start_proxy(routes, *listen, connect_timeout=connect_timeout)
     host, port = server.sockets[0].getsockname()[:2]
     print(f"listening on {host}:{port}", flush=True)
     async with server:
@@ -229,6 +254,10 @@ def main(argv: list[str] | None = None) -> None:
         "--route", type=_route, action="append", default=[], help="NAME=HOST:PORT, repeatable"
     )
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument(
+        "--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
+        help="refuse a client whose upstream does not accept within this time (default 10)",
+    )
     args = parser.parse_args(argv)
     if not args.route:
         parser.error("give at least one --route NAME=HOST:PORT")
@@ -239,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         try:
-            runner.run(_serve(args.listen, dict(args.route)))
+            runner.run(_serve(args.listen, dict(args.route), args.connect_timeout))
         except KeyboardInterrupt:
             sys.exit(130)
 

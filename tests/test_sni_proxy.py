@@ -5,6 +5,7 @@ names and plaintext HTTP; no pooled memory left in use afterwards."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import hashlib
 import os
@@ -16,7 +17,7 @@ import pytest
 import pytest_asyncio
 
 import bufpool
-from examples.sni_proxy import start_proxy
+from examples.sni_proxy import ClientSide, start_proxy
 from tests._tls_helpers import CertBundle, make_certs
 
 NAMES = ("example.com", "other.test")
@@ -57,7 +58,7 @@ async def setup(certs: CertBundle) -> AsyncIterator[Setup]:
     for name in NAMES:
         ctx = certs.server_context(name)
         srv = await asyncio.start_server(
-            lambda r, w, n=name: echo_with_name(n, r, w), "127.0.0.1", 0, ssl=ctx
+            functools.partial(echo_with_name, name), "127.0.0.1", 0, ssl=ctx
         )
         servers.append(srv)
         routes[name] = ("127.0.0.1", srv.sockets[0].getsockname()[1])
@@ -156,6 +157,97 @@ async def test_garbage_gets_an_alert_and_close(setup: Setup) -> None:
     reply = await asyncio.wait_for(reader.read(), timeout=30)
     writer.close()
     assert reply == b"\x15\x03\x03\x00\x02\x02\x46"  # fatal protocol_version
+
+
+class BlackHole:
+    """A loopback port whose connects hang: a listen(0) socket whose accept queue is full."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        self.port: int = self.sock.getsockname()[1]
+        self.filler = socket.create_connection(("127.0.0.1", self.port))  # fills the queue
+
+    def close(self) -> None:
+        self.filler.close()
+        self.sock.close()
+
+
+def client_hello(name: str) -> bytes:
+    """The ClientHello records an ssl client sends for ``name``, captured via MemoryBIO."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def connect_tasks() -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks()
+            if getattr(t.get_coro(), "__qualname__", "") == "ClientSide.connect"]
+
+
+@pytest.mark.asyncio
+async def test_black_holed_upstream_is_refused_after_the_connect_timeout() -> None:
+    hole = BlackHole()
+    pool = bufpool.BufferPool()
+    proxy = await start_proxy({"example.com": ("127.0.0.1", hole.port)}, pool=pool,
+                              connect_timeout=0.3)
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", proxy.sockets[0].getsockname()[1])
+        writer.write(client_hello("example.com"))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        reply = await asyncio.wait_for(reader.read(), timeout=10)  # until the proxy closes
+        waited = loop.time() - started
+        writer.close()
+        assert reply == b"\x15\x03\x03\x00\x02\x02\x50"  # fatal internal_error
+        assert 0.25 <= waited < 5, waited
+        assert connect_tasks() == []
+    finally:
+        proxy.close()
+        await proxy.wait_closed()
+        hole.close()
+    await assert_pool_drained(pool)
+
+
+@pytest.mark.asyncio
+async def test_client_connection_lost_while_its_upstream_connects_cancels_the_connect() -> None:
+    # While the upstream connects the client side does not read (its records are held), so
+    # a client that leaves is only noticed through the timeout; a connection lost otherwise
+    # (aborted here) cancels the connect at once instead of leaving it to run out.
+    hole = BlackHole()
+    pool = bufpool.BufferPool()
+    proxy = await start_proxy({"example.com": ("127.0.0.1", hole.port)}, pool=pool,
+                              connect_timeout=60)
+    try:
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", proxy.sockets[0].getsockname()[1])
+        writer.write(client_hello("example.com"))
+        for _ in range(500):
+            if connect_tasks():
+                break
+            await asyncio.sleep(0.01)
+        (task,) = connect_tasks()
+        assert pool.stats().in_use >= 2  # the client's ring and its held ClientHello record
+        side: ClientSide = task.get_coro().cr_frame.f_locals["self"]  # type: ignore[union-attr]
+        assert side.connecting is task and side.transport is not None
+        side.transport.abort()
+        await asyncio.wait_for(asyncio.wait([task]), timeout=10)
+        assert task.cancelled() and side.connecting is None
+        writer.close()
+    finally:
+        proxy.close()
+        await proxy.wait_closed()
+        hole.close()
+    await assert_pool_drained(pool)
 
 
 def test_command_line_runs_and_prints_listening(tmp_path: object) -> None:
