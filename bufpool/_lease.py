@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn, SupportsIndex
 
 from ._errors import LeaseReleasedError
 from ._impl import speedups
@@ -168,6 +168,16 @@ class Lease:
                 self._pool._on_leak(self)
             except Exception:  # interpreter shutdown: nothing left to report to
                 pass
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        # A copy would be a second owner of the slot that the pool never counted (its release
+        # put the slot back twice).  The compiled Lease cannot be copied or pickled either;
+        # these are its messages (protocols 0 and 1 go through copyreg, 2+ through object).
+        name = "Lease" if int(protocol) < 2 else "bufpool.Lease"
+        raise TypeError(f"cannot pickle {name!r} object")
+
+    def __reduce__(self) -> NoReturn:
+        self.__reduce_ex__(0)
 
     def __repr__(self) -> str:
         tier = self._tier

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import os
+import pickle
 import random
 import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -270,3 +273,30 @@ def test_miss_uses_the_slot_its_drain_of_deferred_releases_just_freed(policy: st
     st = pool.stats()
     assert st.heap_fallbacks == 0 and st.in_use == 1 and st.tiers[0].hits == 2
     again.release()
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        copy.copy,
+        copy.deepcopy,
+        pickle.dumps,
+        lambda x: pickle.dumps(x, 0),
+        lambda x: x.__reduce__(),
+    ],
+    ids=["copy", "deepcopy", "pickle", "pickle-protocol-0", "reduce"],
+)
+def test_a_lease_cannot_be_copied_or_pickled(how: Callable[[Lease], object]) -> None:
+    # A copy was a second owner the pool never counted: releasing both put one slot on the
+    # free list twice (in_use -1, later two owners of one slot).
+    pool = BufferPool(classes=(64,), initial_slots=2, max_bytes=128, on_exhausted="raise")
+    lease = pool.acquire(10)
+    with pytest.raises(TypeError, match=r"cannot pickle '(bufpool\.)?Lease' object"):
+        how(lease)
+    lease.release()
+    st = pool.stats()
+    assert st.in_use == 0 and st.tiers[0].free == 2
+    a, b = pool.acquire(10), pool.acquire(10)
+    assert a.view.obj is not b.view.obj
+    a.release()
+    b.release()

@@ -124,6 +124,11 @@ show("view after", lambda: a.view)
 show("tobytes after", lambda: a.tobytes())
 show("truncate after", lambda: a.truncate(1))
 b = pool.acquire(64)
+import copy, pickle
+for how in ("copy.copy", "copy.deepcopy", "pickle.dumps", "lambda x: pickle.dumps(x, 0)",
+            "lambda x: pickle.dumps(x, 1)", "lambda x: x.__reduce__()",
+            "lambda x: x.__reduce_ex__(4)"):
+    show(how, lambda: eval(how)(b))
 z = pool.acquire(0)
 show("bool(zero)", lambda: (bool(z), len(z.view)))
 z.release()
