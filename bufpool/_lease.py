@@ -138,7 +138,7 @@ class Lease:
         finally:
             lock.release()
 
-    def truncate(self, size: int) -> None:
+    def truncate(self, size: int, /) -> None:
         """Shrink the visible length to ``size`` bytes (<= len(self)); views taken before keep
         their length."""
         view = self.view
@@ -154,12 +154,7 @@ class Lease:
     def __enter__(self) -> Lease:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:  # any arguments, as the compiled Lease
         self.release()
 
     def __del__(self) -> None:

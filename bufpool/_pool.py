@@ -186,7 +186,7 @@ class BufferPool(_PoolBase):
         return self._scrub
 
     # ------------------------------------------------------------------ acquire
-    def acquire(self, size: int) -> Lease:
+    def acquire(self, size: int, /) -> Lease:
         """Lease ``size`` bytes from the smallest class whose slot fits.
 
         When that class has no free slot: reclaim quarantine, grow within the budget, then
@@ -337,7 +337,7 @@ class BufferPool(_PoolBase):
             f"acquire_chain() for data that may be larger"
         )
 
-    def acquire_chain(self, size: int) -> LeaseChain:
+    def acquire_chain(self, size: int, /) -> LeaseChain:
         """Lease ``size`` bytes (any size) as slots of the largest class, in order.
 
         Every lease but the last holds the largest class's nominal size.  Never makes one
@@ -359,7 +359,7 @@ class BufferPool(_PoolBase):
             raise
         return LeaseChain(leases)
 
-    async def acquire_async(self, size: int, *, timeout: float | None = None) -> Lease:
+    async def acquire_async(self, size: int, /, *, timeout: float | None = None) -> Lease:
         """Lease ``size`` bytes, waiting (FIFO per class) for a slot when the budget is spent.
 
         Raises PoolExhausted after ``timeout`` seconds.  A cancelled or timed-out waiter never
@@ -413,7 +413,9 @@ class BufferPool(_PoolBase):
                 elif not fut.cancelled():
                     fut.result().release()  # handed over as we gave up: pass it on
 
-    async def acquire_chain_async(self, size: int, *, timeout: float | None = None) -> LeaseChain:
+    async def acquire_chain_async(
+        self, size: int, /, *, timeout: float | None = None
+    ) -> LeaseChain:
         """``acquire_chain`` that waits for slots; ``timeout`` bounds the whole call."""
         if size.__class__ is not int or size < 0:
             _bad_size(size)

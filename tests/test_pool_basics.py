@@ -196,3 +196,21 @@ def test_failed_heap_fallback_counts_no_phantom_lease() -> None:
     st = pool.stats()
     assert st.heap_in_use == 0 and st.heap_fallbacks == 0 and st.in_use == 0
     assert st.oversize == 1  # the request is still counted
+
+
+def test_size_is_positional_only_on_both_cores() -> None:
+    # The compiled acquire/truncate take exactly one positional argument (METH_O): keywords
+    # worked only in pure Python.
+    pool = BufferPool(classes=(64,), initial_slots=1, max_bytes=64, on_exhausted="raise")
+    with pytest.raises(TypeError):
+        pool.acquire(size=10)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        pool.acquire_chain(size=10)  # type: ignore[call-arg]
+    lease = pool.acquire(10)
+    with pytest.raises(TypeError):
+        lease.truncate(size=3)  # type: ignore[call-arg]
+    assert len(lease) == 10 and pool.stats().in_use == 1
+    lease.truncate(3)
+    assert len(lease) == 3
+    lease.release()
+    assert pool.stats().in_use == 0

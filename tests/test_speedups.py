@@ -101,6 +101,33 @@ for bad in (1.5, "10", None, True, -1, -(2**70), MyInt(5), MyInt(0), MyInt(-1)):
     show(f"acquire({type(bad).__name__}({bad!r}))", lambda: pool.acquire(bad))
     show(f"acquire_chain({type(bad).__name__}({bad!r}))", lambda: pool.acquire_chain(bad))
 show("oversize raise", lambda: pool.acquire(5000))
+
+def kind(fn):  # argument errors: the same calls fail on both (CPython words them differently)
+    try:
+        fn()
+    except BaseException as e:
+        return type(e).__name__
+    return "ok"
+
+k = pool.acquire(10)
+for label, fn in [
+    ("acquire(size=10)", lambda: pool.acquire(size=10).release()),
+    ("acquire()", lambda: pool.acquire()),
+    ("acquire(1, 2)", lambda: pool.acquire(1, 2)),
+    ("truncate(size=3)", lambda: k.truncate(size=3)),
+    ("truncate()", lambda: k.truncate()),
+    ("truncate(1, 2)", lambda: k.truncate(1, 2)),
+    ("release(1)", lambda: k.release(1)),
+    ("release(x=1)", lambda: k.release(x=1)),
+    ("retain(1)", lambda: k.retain(1)),
+    ("tobytes(1)", lambda: k.tobytes(1)),
+    ("__enter__(1)", lambda: k.__enter__(1)),
+    ("retain for __exit__", lambda: k.retain().retain()),
+    ("__exit__()", lambda: k.__exit__()),
+    ("__exit__(1, 2, 3, 4)", lambda: k.__exit__(1, 2, 3, 4)),
+]:
+    show(label, lambda: (kind(fn), len(k), k.refcount))
+k.release()
 show("huge", lambda: pool.acquire(2**70))
 a = pool.acquire(10)
 show("repr", lambda: repr(a))
