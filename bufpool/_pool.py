@@ -28,7 +28,7 @@ from ._lease import Lease, LeaseChain, PyLease
 from ._stats import PoolStats, TierStats
 from ._tier import Tier
 from ._tracking import holders
-from ._waiters import Waiter
+from ._waiters import ChainTurn, Waiter
 
 __all__ = ["BufferPool", "report_leaks"]
 
@@ -135,6 +135,8 @@ class BufferPool(_PoolBase):
         #: ``_serve_waiters`` is running (on the lock's owner) / a nested call asked for more.
         self._serving = False
         self._serve_again = False
+        #: Chains of several slots wait for their slots one chain at a time.
+        self._chain_turn = ChainTurn(self._lock)
         self._sampling = leak_detection != "off"
         self._interval = 1 if leak_detection == "paranoid" else SAMPLE_INTERVAL
         self._countdown = self._interval
@@ -416,19 +418,41 @@ class BufferPool(_PoolBase):
     async def acquire_chain_async(
         self, size: int, /, *, timeout: float | None = None
     ) -> LeaseChain:
-        """``acquire_chain`` that waits for slots; ``timeout`` bounds the whole call."""
+        """``acquire_chain`` that waits for slots; ``timeout`` (seconds) bounds the whole call,
+        one deadline across all pieces.  Raises PoolExhausted when it passes; on any failure
+        nothing stays acquired.
+
+        Chains of several slots take them one at a time while holding the ones they have, so
+        such chains wait one after another (FIFO, see ``ChainTurn``): two of them each holding
+        part of what the other needs would otherwise wait for each other forever.  When the
+        slots are free this arms no timer and waits for nothing.
+        """
         if size.__class__ is not int or size < 0:
             _bad_size(size)
         chunk = self._largest.size
+        several = size > chunk
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         leases: list[Lease] = []
         try:
-            async with asyncio.timeout(timeout):
+            if several:
+                try:
+                    await self._chain_turn.take(deadline)
+                except TimeoutError:
+                    with self._lock:
+                        self._timeouts += 1
+                    raise PoolExhausted("") from None
+            try:
                 left = size
                 while left > 0:
                     n = min(chunk, left)
-                    leases.append(await self.acquire_async(n))
+                    wait = None if deadline is None else max(0.0, deadline - loop.time())
+                    leases.append(await self.acquire_async(n, timeout=wait))
                     left -= n
-        except TimeoutError:
+            finally:
+                if several:
+                    self._chain_turn.give()
+        except PoolExhausted:  # the deadline passed (counted once, in ``timeouts``)
             for lease in leases:
                 lease.release()
             raise PoolExhausted(
@@ -685,7 +709,7 @@ class BufferPool(_PoolBase):
                 oversize=self._oversize,
                 quarantined=sum(t.quarantined for t in tiers),
                 leaked=self._leaked,
-                waiting=self._waiting,
+                waiting=self._waiting + self._chain_turn.waiting,
                 timeouts=self._timeouts,
                 trimmed_bytes=self._trimmed,
                 hit_rate=hits / (hits + misses) if hits + misses else 1.0,

@@ -41,8 +41,8 @@ class PoolStats:
     oversize: int  #: requests above the largest class
     quarantined: int  #: released slots waiting for their last view to die
     leaked: int  #: leases garbage-collected without release
-    waiting: int  #: acquire_async callers waiting for a slot
-    timeouts: int  #: acquire_async calls that ran out of time
+    waiting: int  #: acquire_async callers waiting for a slot (acquire_chain_async: or its turn)
+    timeouts: int  #: acquire_async calls that ran out of time (a chain counts once)
     trimmed_bytes: int  #: bytes given back by trim(), cumulative
     hit_rate: float
     waste_ratio: float

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -220,3 +221,131 @@ async def test_poller_keeps_polling_after_a_failed_round() -> None:
     got.release()
     await asyncio.sleep(0.01)
     assert loop not in pool._pollers  # and it stopped once nobody waits
+
+
+def chain_pool(slots: int = 4) -> BufferPool:
+    return BufferPool(
+        classes=(65536,), initial_slots=slots, max_bytes=slots * 65536, on_exhausted="raise"
+    )
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("timeout", [None, 5.0])
+async def test_two_waiting_chains_do_not_deadlock_each_other(timeout: float | None) -> None:
+    # Each chain alone needs 3 of the 4 slots.  Taking them piece by piece, FIFO handed the
+    # freed slots out alternately: each chain held half and waited for the other's half
+    # (PoolExhausted for both after the timeout; forever with timeout=None).
+    pool = chain_pool()
+    held = [pool.acquire(65536) for _ in range(4)]
+    got: list[int] = []
+
+    async def chain(i: int) -> None:
+        c = await pool.acquire_chain_async(3 * 65536, timeout=timeout)
+        got.append(i)
+        await asyncio.sleep(0.01)
+        c.release()
+
+    tasks = [asyncio.create_task(chain(i)) for i in range(2)]
+    await asyncio.sleep(0.01)
+    assert pool.stats().waiting == 2  # one for a slot, one for its turn
+    for lease in held:  # the previous owner finishes, one slot at a time
+        lease.release()
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert got == [0, 1]  # FIFO
+    st = pool.stats()
+    assert st.in_use == 0 and st.waiting == 0 and st.timeouts == 0
+    slot_accounting_adds_up(pool)
+
+
+@pytest.mark.asyncio
+async def test_chain_waiting_for_its_turn_times_out_once_holding_nothing() -> None:
+    pool = chain_pool()
+    held = pool.acquire(65536)
+    first = asyncio.create_task(pool.acquire_chain_async(4 * 65536, timeout=5))
+    await asyncio.sleep(0.01)
+    assert pool.stats().in_use == 4  # `first` holds 3 and waits for the 4th
+    with pytest.raises(PoolExhausted, match=r"no room for a 131072-byte chain within 0\.05 s"):
+        await pool.acquire_chain_async(2 * 65536, timeout=0.05)
+    st = pool.stats()
+    assert st.timeouts == 1 and st.in_use == 4 and st.waiting == 1
+    held.release()
+    chain = await asyncio.wait_for(first, 5)
+    assert len(chain) == 4 * 65536
+    chain.release()
+    again = await pool.acquire_chain_async(2 * 65536, timeout=1)  # the turn was passed on
+    again.release()
+    assert pool.stats().in_use == 0
+
+
+@pytest.mark.asyncio
+async def test_cancelled_chains_pass_the_turn_and_give_back_their_slots() -> None:
+    pool = chain_pool()
+    held = [pool.acquire(65536) for _ in range(2)]
+    holder = asyncio.create_task(pool.acquire_chain_async(3 * 65536))  # takes 2, waits
+    queued = asyncio.create_task(pool.acquire_chain_async(2 * 65536))  # waits for the turn
+    last = asyncio.create_task(pool.acquire_chain_async(2 * 65536))
+    await asyncio.sleep(0.01)
+    assert pool.stats().in_use == 4 and pool.stats().waiting == 3
+    queued.cancel()  # leaves the queue
+    holder.cancel()  # gives back its 2 slots and passes the turn on, to `last`
+    for t in (queued, holder):
+        with pytest.raises(asyncio.CancelledError):
+            await t
+    chain = await asyncio.wait_for(last, 5)
+    st = pool.stats()
+    assert st.in_use == 4 and st.waiting == 0
+    chain.release()
+    for lease in held:
+        lease.release()
+    slot_accounting_adds_up(pool)
+    assert pool.stats().tiers[0].free == 4
+
+
+@pytest.mark.asyncio
+async def test_chain_with_free_slots_arms_no_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    armed: list[str] = []
+    for name in ("timeout", "timeout_at"):
+        real = getattr(asyncio, name)
+        monkeypatch.setattr(
+            asyncio, name, lambda *a, _real=real, _n=name: armed.append(_n) or _real(*a)
+        )
+    pool = chain_pool()
+    chain = await pool.acquire_chain_async(3 * 65536 + 10, timeout=1)
+    assert armed == [] and len(chain) == 3 * 65536 + 10
+    chain.release()
+
+
+def test_chains_on_loops_in_two_threads_do_not_deadlock(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    pool = chain_pool(3)
+    errors: list[BaseException] = []
+
+    async def churn() -> None:
+        for _ in range(50):
+            chain = await pool.acquire_chain_async(2 * 65536, timeout=10)
+            await asyncio.sleep(0)
+            chain.release()
+
+    async def two() -> None:
+        await asyncio.gather(churn(), churn())
+
+    def run() -> None:
+        loop = loop_factory()
+        try:
+            loop.run_until_complete(two())
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            loop.close()
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads) and errors == []
+    st = pool.stats()
+    assert st.in_use == 0 and st.waiting == 0
+    slot_accounting_adds_up(pool)
