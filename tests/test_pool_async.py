@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
 
-from bufpool import BufferPool, PoolExhausted
+import bufpool._pool
+from bufpool import BufferPool, Lease, PoolExhausted
 
 
 def tight_pool(n: int = 1) -> BufferPool:
@@ -127,18 +129,91 @@ async def test_waiter_woken_when_quarantined_slot_frees() -> None:
     got.release()
 
 
+@pytest.fixture
+def no_poller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stretch the waiter poller to a minute: only a handover can wake a waiter in time."""
+    monkeypatch.setattr(bufpool._pool, "WAITER_POLL_INTERVAL", 60.0)
+
+
 @pytest.mark.asyncio
-async def test_release_from_another_thread_wakes_waiter() -> None:
+async def test_release_from_another_thread_wakes_waiter(no_poller: None) -> None:
+    # With the poller at 2 ms this passed even if the cross-thread handover were broken (a
+    # set_result from the wrong thread, or no wake-up of the loop): the poll served it anyway.
     pool = tight_pool()
     held = pool.acquire(1)
-    task = asyncio.create_task(pool.acquire_async(1, timeout=5))
+    task = asyncio.create_task(pool.acquire_async(1, timeout=30))
     await asyncio.sleep(0.01)
-    t = threading.Thread(target=held.release)
+    loop = asyncio.get_running_loop()
+
+    def later() -> None:
+        time.sleep(0.05)  # the loop is asleep in its selector by now
+        held.release()
+
+    t = threading.Thread(target=later)
+    start = loop.time()
     t.start()
-    lease = await asyncio.wait_for(task, 5)
+    lease = await asyncio.wait_for(task, 10)
+    assert loop.time() - start < 2  # woken by the handover, not by a poll or the timeout
     t.join(5)
     assert lease.pooled
     lease.release()
+
+
+def release_in_thread(lease: Lease) -> None:
+    """Release ``lease`` from another thread and wait for it, blocking this loop meanwhile:
+    the handover to a waiter of this loop is scheduled but has not run yet."""
+    t = threading.Thread(target=lease.release)
+    t.start()
+    t.join(5)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("when", ["before delivery", "after delivery"])
+async def test_cancel_after_a_cross_thread_handover_passes_the_slot_on(
+    when: str, no_poller: None
+) -> None:
+    pool = tight_pool()
+    held = pool.acquire(1)
+    first = asyncio.create_task(pool.acquire_async(1, timeout=30))
+    second = asyncio.create_task(pool.acquire_async(1, timeout=30))
+    await asyncio.sleep(0.01)
+    release_in_thread(held)  # hands the slot to `first` through call_soon_threadsafe
+    assert pool.stats().in_use == 1  # it is first's lease now, in flight
+    if when == "after delivery":
+        await asyncio.sleep(0)  # the delivery runs: first's future has the lease
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    lease = await asyncio.wait_for(second, 5)  # well before any poll
+    assert lease.pooled
+    st = pool.stats()
+    assert st.in_use == 1 and st.waiting == 0
+    lease.release()
+    slot_accounting_adds_up(pool)
+    assert pool.stats().tiers[0].free == 1
+
+
+@pytest.mark.asyncio
+async def test_timeout_after_a_cross_thread_handover_passes_the_slot_on(no_poller: None) -> None:
+    pool = tight_pool()
+    held = pool.acquire(1)
+    first = asyncio.create_task(pool.acquire_async(1, timeout=0.05))
+    second = asyncio.create_task(pool.acquire_async(1, timeout=30))
+    await asyncio.sleep(0.01)
+    time.sleep(0.1)  # first's deadline passes while the loop is blocked...
+    release_in_thread(held)  # ...and the slot is handed to it: delivery and timeout both due
+    # Both loops run the delivery, then the timeout: first times out with the lease in its
+    # future, and must pass it on.
+    with pytest.raises(PoolExhausted, match=r"became free within 0\.05 s"):
+        await first
+    assert pool.stats().timeouts == 1
+    lease = await asyncio.wait_for(second, 5)  # well before any poll
+    assert lease.pooled
+    st = pool.stats()
+    assert st.in_use == 1 and st.waiting == 0
+    lease.release()
+    slot_accounting_adds_up(pool)
+    assert pool.stats().tiers[0].free == 1
 
 
 @pytest.mark.asyncio

@@ -149,11 +149,17 @@ def test_stats_export_as_dict_json_and_prometheus() -> None:
 
 
 def test_tls_record_mix_waste_at_most_15_percent() -> None:
-    # Full records of TLS 1.2 and 1.3 plus small handshake/alert records.
+    # Full records of TLS 1.2 and 1.3 (header included) plus small handshake/alert records:
+    # alerts (2-byte body), ChangeCipherSpec (1 byte) and 100-290-byte handshake messages.
+    # (The application-data mix with many 1-4 KiB records is tests/test_tls_waste.py's: the
+    # six default classes do not meet 15% there; the TLS layer's record classes do.)
     pool = BufferPool()
-    sizes = [bufpool.TLS12_MAX_RECORD] * 40 + [bufpool.TLS13_MAX_RECORD] * 40 + [16384 + 5] * 20
+    full = [bufpool.TLS12_MAX_RECORD] * 40 + [bufpool.TLS13_MAX_RECORD] * 40 + [16384 + 5] * 20
+    small = [5 + 2] * 20 + [5 + 1] * 20 + [5 + n for n in range(100, 300, 10)]
+    sizes = full + small
     leases = [pool.acquire(n) for n in sizes]
-    assert all(x.capacity == 18437 for x in leases)
+    assert all(x.capacity == 18437 for x in leases[: len(full)])
+    assert all(x.capacity <= 1024 for x in leases[len(full) :])  # small classes, no spill
     assert pool.stats().waste_ratio <= 0.15
     for x in leases:
         x.release()

@@ -1,16 +1,19 @@
-"""Hypothesis state machine: random acquire / retain / release / slice-and-hold / drop
-sequences against a model.  Invariants: no two live owners share a slot, every owner's bytes
-stay its own, stats add up, and in_use returns to 0."""
+"""Hypothesis state machine: random acquire / retain / release / slice-and-hold / drop-view /
+leak (drop a lease unreleased) sequences against a model.  Invariants: no two live owners
+share a slot, every owner's bytes stay its own, stats add up (leaks included), and in_use
+returns to 0."""
 
 from __future__ import annotations
 
 import gc
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import settings
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule
 
-from bufpool import BufferPool, Lease
+import bufpool
+from bufpool import BufferPool, LeakWarning, Lease, PoolExhausted
 
 
 class PoolMachine(RuleBasedStateMachine):
@@ -23,20 +26,21 @@ class PoolMachine(RuleBasedStateMachine):
             initial_slots=1,
             max_bytes=6 * 256,
             on_exhausted="spill",
-            leak_detection="off",
+            leak_detection="paranoid",  # leaked leases warn, with their site
         )
         self.live: dict[int, tuple[Lease, int, bytes]] = {}  # key -> (lease, refs, stamp)
         self.held: list[tuple[memoryview, bytes]] = []  # stale views and the bytes they saw
         self.counter = 0
         self.next_key = 0
-        self.heap_or_failed = 0
+        self.exhausted = 0
+        self.leaked = 0
 
     @rule(target=leases, size=st.integers(0, 300))
     def acquire(self, size: int) -> int:
         try:
             lease = self.pool.acquire(size)
-        except Exception:
-            self.heap_or_failed += 1
+        except PoolExhausted:  # "spill" found no slot in this class or a larger one
+            self.exhausted += 1
             return -1
         self.counter = (self.counter + 1) % 251
         stamp = bytes([self.counter]) * size
@@ -70,6 +74,17 @@ class PoolMachine(RuleBasedStateMachine):
             b = data.draw(st.integers(a, len(stamp)))
             self.held.append((lease.view[a:b], stamp[a:b]))
 
+    @rule(key=leases)
+    def leak(self, key: int) -> None:
+        """Drop every reference to a live lease without releasing it (retained or not)."""
+        if key in self.live:
+            lease, _, _ = self.live.pop(key)
+            size = len(lease)
+            del lease  # finalized now (no cycle): queued as a leak
+            with pytest.warns(LeakWarning, match=f"a {size}-byte lease was garbage-collected"):
+                assert bufpool.report_leaks() == 1
+            self.leaked += 1
+
     @precondition(lambda self: self.held)
     @rule(data=st.data())
     def drop_view(self, data: st.DataObject) -> None:
@@ -98,6 +113,7 @@ class PoolMachine(RuleBasedStateMachine):
         pooled = sum(1 for lease, _, _ in self.live.values() if lease.pooled)
         assert s.in_use == pooled
         assert s.heap_in_use == len(self.live) - pooled
+        assert s.leaked == self.leaked
         for t in s.tiers:
             assert t.slots == t.free + t.in_use + t.quarantined
         assert s.reserved_bytes == sum(t.slots * t.slot_size for t in s.tiers)
