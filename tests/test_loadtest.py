@@ -291,6 +291,51 @@ def test_bad_arguments_exit_2_naming_the_fault() -> None:
     assert "bad weight" in proc.stderr
 
 
+def test_bad_server_env_exits_2_naming_the_fault() -> None:
+    proc = run_cli("--server-env", "NOEQUALS")
+    assert proc.returncode == 2
+    assert "expected NAME=VALUE" in proc.stderr and "'NOEQUALS'" in proc.stderr
+    proc = run_cli("--url", "http://127.0.0.1:9/", "--server-env", "A=1")
+    assert proc.returncode == 2
+    assert "--server-env apply to the embedded servers" in proc.stderr
+
+
+def test_server_env_reaches_both_embedded_servers(tmp_path: Path) -> None:
+    mark = tmp_path / "started"
+    wrapper = tmp_path / "app.py"
+    example = ROOT / "examples" / "aiohttp_app.py"
+    wrapper.write_text(
+        "import os, runpy, sys\n"
+        "with open(os.environ['BUFPOOL_TEST_MARK'], 'a') as f:\n"
+        "    f.write(('no-pool' if '--no-pool' in sys.argv else 'pool')"
+        " + ' ' + os.environ['BUFPOOL_TEST_VALUE'] + '\\n')\n"
+        f"sys.argv[0] = {str(example)!r}\n"
+        f"runpy.run_path({str(example)!r}, run_name='__main__')\n"
+    )
+    doc = run_json(
+        tmp_path,
+        "--app",
+        str(wrapper),
+        "--server-env",
+        f"BUFPOOL_TEST_MARK={mark}",
+        "--server-env",
+        "BUFPOOL_TEST_VALUE=a=b",
+        "--duration",
+        "0.5",
+        "--rounds",
+        "1",
+        "--warmup",
+        "0",
+        "--connections",
+        "2",
+        "--mix",
+        "1k",
+    )
+    assert sorted(mark.read_text().split("\n")[:-1]) == ["no-pool a=b", "pool a=b"]
+    assert doc["settings"]["server_env"]["BUFPOOL_TEST_VALUE"] == "a=b"
+    assert all(run["requests"] > 0 for run in doc["runs"])
+
+
 # ----------------------------------------------------------------------------- in-process
 
 

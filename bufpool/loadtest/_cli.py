@@ -47,6 +47,15 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _env_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or "\0" in text or not name.replace("_", "a").isalnum():
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=VALUE with NAME made of letters, digits and '_', got {text!r}"
+        )
+    return name, value
+
+
 def _sizes(text: str) -> Mix:
     try:
         return Mix.parse_sizes(text)
@@ -155,6 +164,15 @@ def add_loadtest_arguments(p: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--server-loop", choices=("uvloop", "asyncio"), default="uvloop")
     t.add_argument(
+        "--server-env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set an environment variable in both embedded servers (repeatable), e.g. "
+        "MALLOC_TOP_PAD_=67108864",
+    )
+    t.add_argument(
         "--tls",
         action="store_true",
         help="embedded servers over TLS behind the SNI passthrough proxy",
@@ -201,8 +219,10 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
     if args.url is None and (args.server_pid or args.stats_url):
         parser.error("--server-pid and --stats-url go with --url")
-    if args.url is not None and (args.tls or args.server_workers):
-        parser.error("--tls and --server-workers apply to the embedded servers, not --url")
+    if args.url is not None and (args.tls or args.server_workers or args.server_env):
+        parser.error(
+            "--tls, --server-workers and --server-env apply to the embedded servers, not --url"
+        )
     s = Settings(
         duration=args.duration,
         rounds=args.rounds,
@@ -220,6 +240,7 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         timeout=args.timeout,
         seed=args.seed,
         app=args.app,
+        server_env=dict(args.server_env),
         quiet=args.quiet,
     )
     if args.mix is not None:

@@ -63,6 +63,9 @@ class Settings:
     timeout: float = 10.0
     seed: int = 1
     app: Path | None = None
+    #: Extra environment for both embedded servers (e.g. glibc malloc tunables); the
+    #: comparison stays fair because pool off and pool on get the same.
+    server_env: dict[str, str] = field(default_factory=dict)
     quiet: bool = False
 
     @property
@@ -88,6 +91,7 @@ class Settings:
             "client": self.client,
             "timeout_s": self.timeout,
             "seed": self.seed,
+            "server_env": dict(self.server_env),
         }
 
 
@@ -199,6 +203,11 @@ def _spec(settings: Settings, target: Target) -> LoadSpec:
     )
 
 
+def server_environment(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of an embedded server: ours, then ``--server-env``, then ``extra``."""
+    return {**os.environ, **settings.server_env, **extra}
+
+
 async def _start_embedded(settings: Settings, stack: contextlib.AsyncExitStack) -> list[Target]:
     app = settings.app or find_example()
     python = sys.executable
@@ -239,7 +248,7 @@ async def _start_embedded(settings: Settings, stack: contextlib.AsyncExitStack) 
             ]
             if cert is not None and key is not None:
                 argv += ["--certfile", str(cert), "--keyfile", str(key)]
-            env = dict(os.environ, BUFPOOL_APP_POOLED="1" if pooled else "0")
+            env = server_environment(settings, BUFPOOL_APP_POOLED="1" if pooled else "0")
             server = ServerProcess(
                 name,
                 argv,
@@ -264,7 +273,9 @@ async def _start_embedded(settings: Settings, stack: contextlib.AsyncExitStack) 
             ]
             if not pooled:
                 argv.append("--no-pool")
-            server = ServerProcess(name, argv, ssl_context=scrape_ctx)
+            server = ServerProcess(
+                name, argv, env=server_environment(settings), ssl_context=scrape_ctx
+            )
         else:
             argv = [
                 python,
@@ -278,7 +289,7 @@ async def _start_embedded(settings: Settings, stack: contextlib.AsyncExitStack) 
             ]
             if not pooled:
                 argv.append("--no-pool")
-            server = ServerProcess(name, argv)
+            server = ServerProcess(name, argv, env=server_environment(settings))
         stack.push_async_callback(server.stop)
         await server.start()
         target = Target(
