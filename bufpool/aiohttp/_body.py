@@ -174,10 +174,7 @@ def _too_large(limit: int, size: int, *, declared: bool) -> web.HTTPRequestEntit
     """413 naming the limit; ``size`` is the Content-Length (``declared``) or the count of
     (decoded) body bytes received when reading stopped."""
     if declared:
-        text = (
-            f"request body of {size} bytes (Content-Length) exceeds max_body_size={limit} "
-            "bytes"
-        )
+        text = f"request body of {size} bytes (Content-Length) exceeds max_body_size={limit} bytes"
     else:
         text = f"request body exceeds max_body_size={limit} bytes (stopped reading at {size} bytes)"
     return web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size, text=text)
@@ -204,16 +201,26 @@ def _malformed(exc: BaseException) -> web.HTTPBadRequest:
     return web.HTTPBadRequest(text=f"malformed request body: {detail.strip()}")
 
 
+def _acquire_now(settings: Settings, size: int) -> Lease | LeaseChain | None:
+    """``size`` bytes at once from a "raise" pool (no coroutine per slot), or None: then
+    ``_acquire`` waits.  Other policies never fail a plain acquire, so they go the async way
+    (which waits instead of spilling or falling back to the heap when the budget is spent)."""
+    pool = settings.pool
+    if pool.on_exhausted != "raise":
+        return None
+    try:
+        return pool.acquire(size) if size <= settings.largest else pool.acquire_chain(size)
+    except PoolExhausted:
+        return None
+
+
 async def _acquire(pool: BufferPool, settings: Settings, size: int) -> Lease | LeaseChain:
     """``size`` bytes as one lease (up to the largest class) or a chain, waiting at most
     ``acquire_timeout`` seconds in all; 503 after that."""
     timeout = settings.acquire_timeout
-    if pool.on_exhausted == "raise":
-        # Synchronous fast path (no coroutine per slot); PoolExhausted means "wait" below.
-        try:
-            return pool.acquire(size) if size <= settings.largest else pool.acquire_chain(size)
-        except PoolExhausted:
-            pass
+    owned = _acquire_now(settings, size)
+    if owned is not None:
+        return owned
     try:
         if size <= settings.largest:
             return await pool.acquire_async(size, timeout=timeout)
@@ -252,7 +259,9 @@ async def _read_sized(
         raise _too_large(settings.max_body_size, length, declared=True)
     if length == 0:
         return None
-    owned = await _acquire(settings.pool, settings, length)
+    owned = _acquire_now(settings, length)  # the common case, without a coroutine
+    if owned is None:
+        owned = await _acquire(settings.pool, settings, length)
     try:
         await _fill(request, owned, length)
     except BaseException:

@@ -135,4 +135,3 @@ def make_middleware(settings: Settings) -> Middleware:
             owned.close()
 
     return bufpool_middleware
-

@@ -51,4 +51,3 @@ class Settings:
 POOL_KEY: Final = web.AppKey("bufpool.pool", BufferPool)
 #: The integration's settings: ``app[SETTINGS_KEY]``.
 SETTINGS_KEY: Final = web.AppKey("bufpool.aiohttp.settings", Settings)
-
