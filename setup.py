@@ -1,4 +1,5 @@
-"""Build script for bufpool's optional C speedups (``bufpool/_speedups.c``).
+"""Build script for bufpool's optional C speedups (``bufpool/_speedups.c``, the memory core's
+hot paths, and ``bufpool/tls/_cscan.c``, the TLS record splitter's).
 
 Metadata lives in pyproject.toml; this file only adds the extension.  The extension is
 optional: when it cannot be built (no compiler, no Python headers, a free-threaded or
@@ -61,6 +62,9 @@ if reason is not None:
     _warn(reason)
     ext_modules: list[Extension] = []
 else:
-    ext_modules = [Extension("bufpool._speedups", ["bufpool/_speedups.c"])]
+    ext_modules = [
+        Extension("bufpool._speedups", ["bufpool/_speedups.c"]),
+        Extension("bufpool.tls._cscan", ["bufpool/tls/_cscan.c"]),
+    ]
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": OptionalBuildExt})

@@ -11,11 +11,14 @@ waiters, scrub, leaks).  Chosen once, at import:
 * free-threaded interpreters always get pure Python (the C hot paths rely on the GIL);
 * otherwise the extension is used when it was built.
 
-``bufpool.IMPLEMENTATION`` tells which one is active.
+``bufpool.IMPLEMENTATION`` tells which one is active.  The same rules choose the TLS record
+splitter's scanner (``bufpool.tls._cscan``, see ``bufpool.tls._splitter``) through
+:func:`load_extension`.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sysconfig
 import threading
@@ -23,7 +26,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Final, Literal, Protocol, cast
 
-__all__ = ["IMPLEMENTATION", "PoolLock", "new_lock", "speedups"]
+__all__ = ["IMPLEMENTATION", "PoolLock", "load_extension", "new_lock", "speedups"]
 
 
 class PoolLock(Protocol):
@@ -52,6 +55,21 @@ def _load() -> ModuleType | None:
             raise
         return None
     return _speedups
+
+
+def load_extension(name: str) -> ModuleType | None:
+    """The compiled module ``name`` (e.g. ``"bufpool.tls._cscan"``) under the rules above, or
+    None when the pure-Python twin is to run."""
+    if _flag("BUFPOOL_NO_EXTENSIONS"):
+        return None
+    if sysconfig.get_config_var("Py_GIL_DISABLED"):
+        return None
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        if _flag("BUFPOOL_REQUIRE_EXTENSIONS"):
+            raise
+        return None
 
 
 #: The compiled module, or None when the pure-Python core runs.

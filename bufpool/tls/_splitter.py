@@ -28,10 +28,12 @@ alive, at that point raises :class:`RecordViewHeldError`.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pickle import PickleBuffer
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal, cast
 
 from bufpool import RingBuffer
+from bufpool._impl import load_extension
 
 from ._errors import SplitterFailedError, TLSRecordError, TruncatedRecordError
 from ._records import (
@@ -61,6 +63,18 @@ DEFAULT_RING_CAPACITY: Final = 65536
 MIN_RING_CAPACITY: Final = 2 * (5 + MAX_CIPHERTEXT)
 
 _new = object.__new__
+
+#: The compiled scanner (bufpool/tls/_cscan.c), chosen by the rules of ``bufpool._impl``
+#: (``BUFPOOL_NO_EXTENSIONS=1`` forces pure Python), or None.
+_cscan = load_extension("bufpool.tls._cscan")
+#: "c" when the record scan and expiry loops run compiled, "python" otherwise.
+SCANNER: Final[Literal["c", "python"]] = "python" if _cscan is None else "c"
+if _cscan is not None:
+    _cscan.init(TLSRecord, CONTENT_TYPES)
+    _c_scan = cast(
+        "Callable[[memoryview, int, int, int, list[TLSRecord], int, BufferPool], int]",
+        _cscan.scan,
+    )
 #: Size classes of :func:`default_pool`: the six defaults plus 512/2048/8192-byte steps, so
 #: detached records of a realistic mix (40% 100-300 B, 30% 1-4 KiB, 30% full records) waste
 #: about 14% of slot bytes instead of about 18% with the six default classes
@@ -88,6 +102,24 @@ class RecordViewHeldError(BufferError):
     exported or alive (for example queued by a transport): that memory is about to be reused.
     Forward records with ``detach()``.  Views of ``feed()`` input and of joined records are not
     checked: the splitter never reuses that memory."""
+
+
+def _release_py(records: list[TLSRecord], check: bool) -> int:
+    """Release the views of ``records``; return how many releases were refused (still
+    exported) among records without a lease, if ``check`` (else 0).  C twin: _cscan.release."""
+    held = 0
+    for rec in records:
+        try:
+            rec.raw.release()
+        except BufferError:
+            held += check and rec._lease is None
+        p = rec._payload
+        if p is not None:
+            try:
+                p.release()
+            except BufferError:
+                held += check and rec._lease is None
+    return held
 
 
 class TLSRecordSplitter:
@@ -305,19 +337,8 @@ class TLSRecordSplitter:
     def _expire(self, strict: bool = True) -> None:
         # Only views of ring memory are a hazard when still exported: feed() records view the
         # caller's input, and joined records a lease that the pool quarantines while exported.
-        held = 0
         check = strict and self._handed_ring
-        for rec in self._handed:
-            try:
-                rec.raw.release()
-            except BufferError:
-                held += check and rec._lease is None
-            p = rec._payload
-            if p is not None:
-                try:
-                    p.release()
-                except BufferError:
-                    held += check and rec._lease is None
+        held = self._release(self._handed, check)
         self._handed = []
         derived = self._release_wraps() and check
         if self._deferred:
@@ -376,12 +397,13 @@ class TLSRecordSplitter:
         if err is not None:
             self._fail(err, out)
 
-    def _scan(
+    def _scan_py(
         self, mv: memoryview, pos: int, end: int, base: int, out: list[TLSRecord]
     ) -> int:
         """Hand out every complete record in ``mv[pos:end]``; return where the rest starts.
 
         ``base`` is the stream offset of ``mv[0]``.  O(1) per record plus nothing per byte.
+        The reference implementation; :meth:`_scan_c` is its compiled twin.
         """
         if self._first and pos < end:
             self._check_partial(bytes(mv[pos:pos + 5]), base + pos, out)
@@ -413,6 +435,26 @@ class TLSRecordSplitter:
         if pos < end:
             self._check_partial(bytes(mv[pos:end]), base + pos, out)
         return pos
+
+    def _scan_c(
+        self, mv: memoryview, pos: int, end: int, base: int, out: list[TLSRecord]
+    ) -> int:
+        """:meth:`_scan_py` with its loop over good complete records in C: the C scanner
+        hands out records while headers pass the fast check and are complete, then
+        :meth:`_scan_py` continues where it stopped (the tail, a bad header, an incomplete
+        record), so errors and partial-header judgements are made by the same code."""
+        if self._first and pos < end:
+            if end - pos < 5:
+                return self._scan_py(mv, pos, end, base, out)
+            self._check_partial(bytes(mv[pos:pos + 5]), base + pos, out)
+            self._first = False
+        pos = _c_scan(mv, pos, end, base, out, self._max, self._pool)
+        return self._scan_py(mv, pos, end, base, out)
+
+    _scan = _scan_py if _cscan is None else _scan_c
+    _release: Callable[[list[TLSRecord], bool], int] = staticmethod(
+        _release_py if _cscan is None else _cscan.release
+    )
 
     def _join(
         self, first: memoryview, pos: int, second: memoryview, offset: int,
@@ -508,3 +550,11 @@ class TLSRecordSplitter:
             f"<TLSRecordSplitter {state} offset={self.offset} buffered={self.buffered} "
             f"records={self.records} joined={self.joined}>"
         )
+
+
+class _ReferenceSplitter(TLSRecordSplitter):
+    """The pure-Python splitter, whichever implementation is active (for the tests that
+    compare both and for bench/bench_tls_scan.py)."""
+
+    _scan = TLSRecordSplitter._scan_py
+    _release = staticmethod(_release_py)
