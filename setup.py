@@ -27,7 +27,7 @@ def _warn(reason: str) -> None:
     sys.stderr.write(
         f"\n{bar}\nWARNING: bufpool's C speedups were not built ({reason}).\n"
         "bufpool is installed with its pure-Python core: same behaviour, slower acquire and\n"
-        f"release.\n{bar}\n\n"
+        f"release (and TLS record scanning).\n{bar}\n\n"
     )
 
 
