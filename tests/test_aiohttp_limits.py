@@ -26,7 +26,9 @@ import bufpool.aiohttp as bpa
 
 
 def _recording_app(
-    pool: bufpool.BufferPool, seen: list[Any], kept: list[BaseException] | None = None,
+    pool: bufpool.BufferPool,
+    seen: list[Any],
+    kept: list[BaseException] | None = None,
     **setup_kw: Any,
 ) -> web.Application:
     """/read: read_body; on an HTTP error records (status, in_use right then) and re-raises.
@@ -180,6 +182,30 @@ async def test_waiting_for_memory_succeeds_when_it_frees_in_time(policy: str) ->
         resp = await second
         assert resp.status == 200 and await resp.text() == "60000"
         assert (await first).status == 200
+    await assert_drained(pool)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("policy", ["heap", "raise"])
+async def test_two_bodies_waiting_for_chains_do_not_deadlock(policy: str) -> None:
+    """Budget: four 64 KiB slots, all held.  Two 192 KiB bodies (three slots each) wait.  The
+    slots come back one by one: taken piece by piece, each body would get two and both would
+    wait for a third forever (503 at the timeout).  Chains wait their turn: both get 200."""
+    pool = bufpool.BufferPool(max_bytes=4 * 65536, initial_slots=0, on_exhausted=policy)  # type: ignore[arg-type]
+    seen: list[Any] = []
+    app = _recording_app(pool, seen, acquire_timeout=5.0)
+    held = [pool.acquire(65536) for _ in range(4)]
+    async with served(app) as client:
+        readers = [
+            asyncio.ensure_future(client.post("/read", data=bytes([c]) * 3 * 65536)) for c in b"bc"
+        ]
+        assert await wait_for(lambda: pool.stats().waiting == 2)
+        for lease in held:
+            lease.release()
+            await asyncio.sleep(0.05)
+        for resp in await asyncio.gather(*readers):
+            assert resp.status == 200 and await resp.text() == str(3 * 65536)
+        assert seen == [(200, 3 * 65536), (200, 3 * 65536)]
     await assert_drained(pool)
 
 

@@ -20,7 +20,6 @@ releases them) or until ``PooledBody.release()``.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from hashlib import sha256
 
@@ -224,31 +223,11 @@ async def _acquire(pool: BufferPool, settings: Settings, size: int) -> Lease | L
     try:
         if size <= settings.largest:
             return await pool.acquire_async(size, timeout=timeout)
-        return await _acquire_chain(pool, settings.largest, size, timeout)
+        # One chain at a time and one deadline across its pieces (see acquire_chain_async):
+        # two bodies each holding part of what the other needs would wait forever.
+        return await pool.acquire_chain_async(size, timeout=timeout)
     except PoolExhausted as exc:
         raise _exhausted(settings, size, exc) from None
-
-
-async def _acquire_chain(
-    pool: BufferPool, largest: int, size: int, timeout: float | None
-) -> LeaseChain:
-    # Like pool.acquire_chain_async, but one deadline for all pieces instead of a timeout
-    # context: the common case (slots free) then never arms a timer.
-    loop = asyncio.get_running_loop()
-    deadline = None if timeout is None else loop.time() + timeout
-    leases: list[Lease] = []
-    try:
-        left = size
-        while left > 0:
-            n = min(largest, left)
-            wait = None if deadline is None else max(0.0, deadline - loop.time())
-            leases.append(await pool.acquire_async(n, timeout=wait))
-            left -= n
-    except BaseException:
-        for lease in leases:
-            lease.release()
-        raise
-    return LeaseChain(leases)
 
 
 async def _read_sized(
