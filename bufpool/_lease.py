@@ -68,7 +68,21 @@ class Lease:
         Valid until the last ``release()``; raises LeaseReleasedError after it.
         """
         view = self._view
-        if view is None:
+        if view is not None:
+            return view
+        # Made on first use.  The local ``buf`` is a holder of the slot while the view is
+        # made, so a release by another thread meanwhile quarantines it; stored before the
+        # check, so a release after the check drops it and one before it is seen.
+        buf = self._buf
+        if buf is None:
+            raise LeaseReleasedError(f"{self!r}: .view used after the lease was released")
+        view = memoryview(buf)
+        size = self._size
+        if size != len(buf):
+            view = view[:size]
+        self._view = view
+        if self._buf is not buf:
+            self._view = None
             raise LeaseReleasedError(f"{self!r}: .view used after the lease was released")
         return view
 

@@ -228,14 +228,11 @@ class BufferPool(_PoolBase):
             tier.requested_bytes += size
         finally:
             lock.release()
-        view = memoryview(buf)
-        if size != tier.slot_size:
-            view = view[:size]
         lease = _new_lease(Lease)
         lease._pool = self
         lease._tier = tier
         lease._buf = buf
-        lease._view = view
+        lease._view = None  # made on first use of .view
         lease._size = size
         lease._refcount = 1
         lease._site = site
