@@ -36,6 +36,21 @@ from conftest import loop_kind
 import bufpool
 import bufpool.aiohttp as bpa
 
+#: aiohttp skips ``transport.writelines`` on interpreters before 3.12.9 / 3.13.2 (its
+#: CVE-2024-12254 gate) and joins headers and body into new bytes; on newer ones it hands the
+#: caller's memoryview to the transport, which keeps it (FINDINGS 1).  Tests that take this
+#: fixture run both ways, whatever interpreter runs them.
+WRITELINES = ["joined", "writelines"]
+
+
+@pytest.fixture(params=WRITELINES)
+def aiohttp_writes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    import aiohttp.http_writer as http_writer
+
+    assert hasattr(http_writer, "SKIP_WRITELINES")
+    monkeypatch.setattr(http_writer, "SKIP_WRITELINES", request.param == "joined")
+    return str(request.param)
+
 
 def _app_with_probe(pool: bufpool.BufferPool, events: list[Any]) -> web.Application:
     """/read: read_body, record the outcome, reply; /stall: read_body then wait forever."""
@@ -175,7 +190,7 @@ async def test_timeout_inside_read_body_releases_at_once() -> None:
 
 
 @pytest.mark.asyncio
-async def test_throttled_reader_gets_every_byte_while_the_pool_churns() -> None:
+async def test_throttled_reader_gets_every_byte_while_the_pool_churns(aiohttp_writes: str) -> None:
     """A 4 MiB pooled response to a reader with small socket buffers; meanwhile other
     requests echo random bodies and scribble 0xFF on fresh leases of every class.  Near the
     end the reader stops until the response's slots are released with bytes still queued in
@@ -284,7 +299,9 @@ def _inner_release_app(pool: bufpool.BufferPool, naive: list[bytearray] | None) 
 
 
 @pytest.mark.asyncio
-async def test_release_in_middleware_right_after_handler_returned_is_safe() -> None:
+async def test_release_in_middleware_right_after_handler_returned_is_safe(
+    aiohttp_writes: str,
+) -> None:
     pool = make_pool()
     async with served(_inner_release_app(pool, None)) as client:
         for n in (1000, 4096, 40_000, 65536):
@@ -297,7 +314,7 @@ async def test_release_in_middleware_right_after_handler_returned_is_safe() -> N
 
 
 @pytest.mark.asyncio
-async def test_naive_reuse_in_the_same_place_corrupts_every_byte() -> None:
+async def test_naive_reuse_in_the_same_place_corrupts_every_byte(aiohttp_writes: str) -> None:
     """Control for the test above: the same code with a free list that does not track views."""
     naive: list[bytearray] = []
     pool = make_pool()
@@ -310,7 +327,7 @@ async def test_naive_reuse_in_the_same_place_corrupts_every_byte() -> None:
 
 
 @pytest.mark.asyncio
-async def test_pooled_response_memory_is_leased_until_written() -> None:
+async def test_pooled_response_memory_is_leased_until_written(aiohttp_writes: str) -> None:
     """The middleware writes the response before releasing: a slot reused right after the
     middleware returns would be too late to hurt; and large chain responses stay intact."""
     pool = make_pool()
