@@ -21,10 +21,11 @@ from __future__ import annotations
 import importlib
 import os
 import sysconfig
-import threading
 from collections.abc import Callable
 from types import ModuleType
 from typing import Final, Literal, Protocol, cast
+
+from ._lock import PyPoolLock
 
 __all__ = ["IMPLEMENTATION", "PoolLock", "load_extension", "new_lock", "speedups"]
 
@@ -79,7 +80,8 @@ IMPLEMENTATION: Final[Literal["c", "python"]] = "python" if speedups is None els
 #: Factory of the pool lock: re-entrant, so a finalizer that the GC runs inside one of the
 #: pool's locked sections (and that releases a lease) cannot deadlock its own thread; such a
 #: release is deferred (see ``Lease.release``).  The compiled paths read the state of their
-#: own lock type (``_speedups.FastLock`` has threading.RLock's methods).
+#: own lock type (``_speedups.FastLock`` has threading.RLock's methods); the pure-Python hit
+#: paths take the token of a ``PyPoolLock`` (an RLock plus a token list, see ``_lock``).
 new_lock: Final = cast(
-    Callable[[], PoolLock], threading.RLock if speedups is None else speedups.FastLock
+    Callable[[], PoolLock], PyPoolLock if speedups is None else speedups.FastLock
 )

@@ -15,13 +15,17 @@ from typing import TYPE_CHECKING, NoReturn, SupportsIndex
 from ._errors import LeaseReleasedError
 from ._impl import speedups
 from ._leak import Site
+from ._lock import hot_section, own_section_holds
 from ._tracking import OVERHEAD, getrefcount
 
 if TYPE_CHECKING:
     from ._pool import BufferPool
     from ._tier import Tier
 
-__all__ = ["Lease", "LeaseChain", "PyLease"]
+__all__ = ["Lease", "LeaseChain", "PyLease", "release_locked"]
+
+#: ``getrefcount(buf)`` in ``Lease.release`` when only its local ``buf`` holds the slot.
+ALONE = OVERHEAD + 1
 
 
 class Lease:
@@ -47,7 +51,7 @@ class Lease:
         pool: BufferPool,
         tier: Tier | None,
         buf: bytearray,
-        view: memoryview,
+        view: memoryview | None,
         size: int,
         site: Site | None,
     ) -> None:
@@ -121,36 +125,37 @@ class Lease:
         sections (a ``__del__`` or ``weakref.finalize`` that releases a lease), the release is
         queued and done by the pool's next miss, ``stats()``, ``reclaim()`` or ``trim()``.
         """
+        # The pure-Python hit path; ``release_locked`` is the reference it hands the rest to.
+        if self._refcount == 1:  # most likely the last release: our view dies first, outside
+            self._view = None  # the token stretch (a weakref callback on it may run pool code)
         pool = self._pool
-        lock = pool._lock
-        if lock._is_owned() and not pool._draining:
-            pool._defer_release(self)
+        token = pool._token
+        try:
+            del token[0]; held: list[None] | None = token  # noqa: E702
+        except IndexError:  # a locked section runs (maybe this thread's), or another hit path
+            _release_contended(self)
             return
-        lock.acquire()
         try:
             rc = self._refcount
-            if rc != 1:
-                if rc > 1:
-                    self._refcount = rc - 1
-                    return
-                raise LeaseReleasedError(
-                    f"{self!r} released more times than retained (refcount {rc})"
-                )
-            self._refcount = 0
             tier = self._tier
-            buf = self._buf
-            self._buf = None
-            self._view = None  # the slot's last view dies here unless someone else holds one
-            if tier is None:
-                pool._heap_in_use -= 1
+            if rc == 1 and tier is not None and not pool._slow_release:
+                self._refcount = 0
+                buf = self._buf
+                self._buf = None
+                self._view = None  # None already, unless another thread just made one
+                tier.in_use -= 1
+                # Exactly our ``buf`` (and the call's argument): no view of the slot is alive.
+                if getrefcount(buf) == ALONE:
+                    tier.free.append(buf)  # type: ignore[arg-type]
+                else:
+                    tier.quarantine.append(buf)  # type: ignore[arg-type]
                 return
-            tier.in_use -= 1
-            if getrefcount(buf) - OVERHEAD == 1 and not pool._slow_release:
-                tier.free.append(buf)  # type: ignore[arg-type]
-            else:
-                pool._returned(tier, buf)  # type: ignore[arg-type]
+            if rc > 1:
+                self._refcount = rc - 1
+                return
         finally:
-            lock.release()
+            held = None; token.append(None)  # noqa: E702, F841
+        release_locked(self)  # a heap lease, scrub or waiters, or released already
 
     def truncate(self, size: int, /) -> None:
         """Shrink the visible length to ``size`` bytes (<= len(self)); views taken before keep
@@ -194,8 +199,58 @@ class Lease:
         return f"<Lease {self._size} B in {where}, refcount {self._refcount} at {id(self):#x}>"
 
 
+hot_section(Lease.release.__code__)
+
+
+def release_locked(lease: Lease) -> None:
+    """The reference release, under the pool lock (both cores: the compiled ``release``
+    calls it whenever the lock is held or the release is not a plain pooled one)."""
+    pool = lease._pool
+    lock = pool._lock
+    if lock._is_owned() and not pool._draining:
+        pool._defer_release(lease)
+        return
+    lock.acquire()
+    try:
+        rc = lease._refcount
+        if rc != 1:
+            if rc > 1:
+                lease._refcount = rc - 1
+                return
+            raise LeaseReleasedError(
+                f"{lease!r} released more times than retained (refcount {rc})"
+            )
+        lease._refcount = 0
+        tier = lease._tier
+        buf = lease._buf
+        lease._buf = None
+        lease._view = None  # the slot's last view dies here unless someone else holds one
+        if tier is None:
+            pool._heap_in_use -= 1
+            return
+        tier.in_use -= 1
+        if getrefcount(buf) - OVERHEAD == 1 and not pool._slow_release:
+            tier.free.append(buf)  # type: ignore[arg-type]
+        else:
+            pool._returned(tier, buf)  # type: ignore[arg-type]
+    finally:
+        lock.release()
+
+
+def _release_contended(lease: Lease) -> None:
+    """Pure-Python ``release`` that found the token taken.  Taken by a hit path of this very
+    thread (a finalizer or tracer running inside it: see ``_lock``), the release is queued
+    like one from this thread's locked sections; otherwise it waits for the lock."""
+    pool = lease._pool
+    if not pool._lock._is_owned() and own_section_holds(pool._token):
+        pool._defer_release(lease)
+    else:
+        release_locked(lease)
+
+
 #: The pure-Python lease: the reference implementation.  The compiled ``Lease`` falls back to
-#: its methods whenever the pool lock is held or the release needs the slow path.
+#: ``release_locked`` and ``PyLease.truncate`` whenever the pool lock is held or the call
+#: needs the slow path.
 PyLease = Lease
 if not TYPE_CHECKING and speedups is not None:
     Lease = speedups.Lease  # same API; see bufpool._impl

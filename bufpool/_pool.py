@@ -1,9 +1,10 @@
 """BufferPool: size-classed slots under a byte budget, handed out as leases.
 
-Operations and costs: ``acquire``/``release`` are O(1) on a hit (a list pop/append under one
-lock, one memoryview, one Lease object); a miss scans the class's quarantine (O(quarantined)),
-then grows by one chunk, then applies ``on_exhausted``.  Memory is bounded by ``max_bytes`` for
-pooled slots; heap fallbacks are counted, not bounded.
+Operations and costs: ``acquire``/``release`` are O(1) on a hit (a list pop/append under the
+pool lock's token, one Lease object; the memoryview is made on the first ``lease.view``); a
+miss scans the class's quarantine (O(quarantined)), then grows by one chunk, then applies
+``on_exhausted``.  Memory is bounded by ``max_bytes`` for pooled slots; heap fallbacks are
+counted, not bounded.
 
 The central promise: a released slot is handed to a new owner only when no memoryview of its
 previous contents is alive anywhere (user code, a slice, a transport's write queue).  Until
@@ -24,7 +25,8 @@ from ._classes import DEFAULT_CLASSES, build_classes
 from ._errors import LeakWarning, LeaseReleasedError, PoolExhausted, RequestTooLarge
 from ._impl import new_lock, speedups
 from ._leak import _PKG_DIR, LEVELS, SAMPLE_INTERVAL, SITE_DEPTH, Site, capture_site, format_site
-from ._lease import Lease, LeaseChain, PyLease
+from ._lease import Lease, LeaseChain, PyLease, release_locked
+from ._lock import hot_section
 from ._stats import PoolStats, TierStats
 from ._tier import Tier
 from ._tracking import holders
@@ -44,6 +46,8 @@ DEFAULT_INITIAL_BYTES_PER_CLASS: Final = 128 * 1024
 WAITER_POLL_INTERVAL: Final = 0.002
 
 _new_lease = object.__new__
+#: Distinct request sizes ``acquire`` remembers the tier of (others take ``bisect``).
+SIZE_CACHE_MAX: Final = 4096
 _pools: weakref.WeakSet[BufferPool] = weakref.WeakSet()
 
 
@@ -103,6 +107,8 @@ class BufferPool(_PoolBase):
             raise ValueError(f"leak_detection must be one of {LEVELS}, got {leak_detection!r}")
         if not isinstance(max_bytes, int) or max_bytes < 0:
             raise ValueError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
+        # At most 30 instance attributes (CPython's limit for key-sharing instance dicts):
+        # past it every attribute read of the pure-Python hot paths gets slower.
         self._policy: Policy = on_exhausted
         self._leak_level: LeakLevel = leak_detection
         self._scrub = bool(scrub)
@@ -111,9 +117,8 @@ class BufferPool(_PoolBase):
         self._tiers = tuple(
             Tier(i, c.size, c.slot_size, 0) for i, c in enumerate(size_classes)
         )
-        self._ntiers = len(self._tiers)
-        self._slot_sizes = [t.slot_size for t in self._tiers]
-        self._largest = self._tiers[-1]
+        self._slot_sizes = tuple(t.slot_size for t in self._tiers)
+        self._classes = tuple(t.size for t in self._tiers)
         self._reserved = 0
         self._heap_fallbacks = 0
         self._heap_in_use = 0
@@ -140,6 +145,12 @@ class BufferPool(_PoolBase):
         self._sampling = leak_detection != "off"
         self._interval = 1 if leak_detection == "paranoid" else SAMPLE_INTERVAL
         self._countdown = self._interval
+        #: Request size -> its tier, filled by ``acquire`` (the pure-Python hit path's route).
+        self._tier_by_size: dict[int, Tier] = {}
+        #: The pure-Python hit paths' share of the lock (see ``_lock``); the compiled core
+        #: has no token and never reads it.
+        token: list[None] | None = getattr(self._lock, "token", None)
+        self._token = [None] if token is None else token
         for tier in self._tiers:
             if scrub:
                 tier.zeros = bytes(tier.slot_size)
@@ -164,12 +175,12 @@ class BufferPool(_PoolBase):
     @property
     def classes(self) -> tuple[int, ...]:
         """Nominal class sizes in bytes."""
-        return tuple(t.size for t in self._tiers)
+        return self._classes
 
     @property
     def slot_sizes(self) -> tuple[int, ...]:
         """Bytes reserved per slot of each class (size + headroom)."""
-        return tuple(self._slot_sizes)
+        return self._slot_sizes
 
     @property
     def max_bytes(self) -> int:
@@ -195,39 +206,40 @@ class BufferPool(_PoolBase):
         follow ``on_exhausted``.  Requests above the largest class are served from the heap
         (counted as ``oversize``) unless the policy is "raise" (RequestTooLarge).
         """
-        if size.__class__ is not int or size < 0:
+        # The pure-Python hit path (the compiled core replaces this method).  Pool state is
+        # touched only while this frame holds the token (see ``_lock``; ``held`` says so),
+        # and every statement of that stretch leaves it consistent: a finalizer or tracer
+        # that runs between two of them on this thread re-enters (or queues its release).
+        if size.__class__ is not int:
             _bad_size(size)
-        site = None
-        if self._sampling:
-            left = self._countdown - 1
-            if left:
-                self._countdown = left
-            else:
-                self._countdown = self._interval
-                site = capture_site()
-        i = bisect_left(self._slot_sizes, size)
-        if i == self._ntiers:
-            return self._oversize_lease(size, site)
-        tier = self._tiers[i]
-        lock = self._lock
-        lock.acquire()
+        tier = self._tier_by_size.get(size)
+        if tier is None:  # not seen yet, negative, or above the largest class
+            tier = self._route(size)
+            if tier is None:
+                return self._oversize_lease(size, self._sample_site())
+        left = self._countdown - 1
+        if left:
+            self._countdown = left
+            site = None
+        else:
+            site = self._sampled()
+        token = self._token
         try:
-            free = tier.free
-            if free:
-                buf = free.pop()
+            del token[0]; held: list[None] | None = token  # noqa: E702
+        except IndexError:  # a locked section runs (or another thread's hit path)
+            return self._acquire_slow(tier.index, size, site)
+        try:
+            try:
+                buf = tier.free.pop()
                 tier.hits += 1
-            else:
-                served = self._take_slot(i, size)
-                if served is None:
-                    return self._heap_lease(size, site)
-                buf, tier = served
-            n = tier.in_use + 1
-            tier.in_use = n
-            if n > tier.high_water:
-                tier.high_water = n
-            tier.requested_bytes += size
-        finally:
-            lock.release()
+                tier.in_use = n = tier.in_use + 1
+                if n > tier.high_water:
+                    tier.high_water = n
+                tier.requested_bytes += size
+            finally:
+                held = None; token.append(None)  # noqa: E702, F841
+        except IndexError:  # no free slot (from pop): the miss path, under the lock
+            return self._acquire_slow(tier.index, size, site)
         lease = _new_lease(Lease)
         lease._pool = self
         lease._tier = tier
@@ -238,10 +250,24 @@ class BufferPool(_PoolBase):
         lease._site = site
         return lease
 
+    def _route(self, size: int) -> Tier | None:
+        """The tier for ``size`` bytes (remembered in ``_tier_by_size``), None above the
+        largest class; raises for a negative size (``acquire`` checked the type)."""
+        if size < 0:
+            _bad_size(size)
+        i = bisect_left(self._slot_sizes, size)
+        if i == len(self._tiers):
+            return None
+        tier = self._tiers[i]
+        cache = self._tier_by_size
+        if len(cache) < SIZE_CACHE_MAX:
+            cache[size] = tier
+        return tier
+
     def _acquire_slow(self, i: int, size: int, site: Site | None) -> Lease:
-        """The compiled ``acquire`` calls this when the lock is held or class ``i`` has no
-        free slot (its ``size`` and ``site`` already checked and sampled): the locked part of
-        ``acquire`` above."""
+        """Both ``acquire``s call this when the lock (or its token) is taken or class ``i``
+        has no free slot (``size`` and ``site`` already checked and sampled): the locked
+        version of the hit path, then the miss path."""
         tier = self._tiers[i]
         with self._lock:
             if tier.free:
@@ -255,15 +281,19 @@ class BufferPool(_PoolBase):
             return self._pooled_lease(buf, tier, size, site)
 
     def _sample_site(self) -> Site | None:
-        """The caller's acquisition site when this lease is sampled (as ``acquire`` inlines)."""
-        if not self._sampling:
-            return None
+        """The caller's acquisition site when this lease is sampled (as ``acquire`` inlines).
+
+        The countdown runs at every level; only "sample" and "paranoid" record a site."""
         left = self._countdown - 1
         if left:
             self._countdown = left
             return None
+        return self._sampled()
+
+    def _sampled(self) -> Site | None:
+        """The countdown reached zero: restart it; the site unless leak detection is off."""
         self._countdown = self._interval
-        return capture_site()
+        return capture_site() if self._sampling else None
 
     def _take_slot(self, i: int, size: int) -> tuple[bytearray, Tier] | None:
         """Miss path (lock held): a slot for class ``i`` or a larger one under "spill", or
@@ -320,7 +350,7 @@ class BufferPool(_PoolBase):
     def _heap_lease(self, size: int, site: Site | None) -> Lease:
         """An unpooled lease (lock held).  Counted only once the memory exists."""
         buf = bytearray(size)
-        lease = Lease(self, None, buf, memoryview(buf), size, site)
+        lease = Lease(self, None, buf, None, size, site)
         self._heap_fallbacks += 1
         self._heap_in_use += 1
         return lease
@@ -331,8 +361,8 @@ class BufferPool(_PoolBase):
             if self._policy != "raise":
                 return self._heap_lease(size, site)
         raise RequestTooLarge(
-            f"{size} bytes exceeds the largest size class ({self._largest.size} bytes, "
-            f"{self._largest.slot_size}-byte slots) and on_exhausted='raise'; use "
+            f"{size} bytes exceeds the largest size class ({self._tiers[-1].size} bytes, "
+            f"{self._tiers[-1].slot_size}-byte slots) and on_exhausted='raise'; use "
             f"acquire_chain() for data that may be larger"
         )
 
@@ -344,7 +374,7 @@ class BufferPool(_PoolBase):
         """
         if size.__class__ is not int or size < 0:
             _bad_size(size)
-        chunk = self._largest.size
+        chunk = self._tiers[-1].size
         leases: list[Lease] = []
         try:
             left = size
@@ -368,7 +398,7 @@ class BufferPool(_PoolBase):
         if size.__class__ is not int or size < 0:
             _bad_size(size)
         i = bisect_left(self._slot_sizes, size)
-        if i >= self._ntiers:
+        if i >= len(self._tiers):
             return self.acquire(size)
         site = self._sample_site()
         loop = asyncio.get_running_loop()
@@ -426,7 +456,7 @@ class BufferPool(_PoolBase):
         """
         if size.__class__ is not int or size < 0:
             _bad_size(size)
-        chunk = self._largest.size
+        chunk = self._tiers[-1].size
         several = size > chunk
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -489,10 +519,7 @@ class BufferPool(_PoolBase):
         if tier.in_use > tier.high_water:
             tier.high_water = tier.in_use
         tier.requested_bytes += size
-        view = memoryview(buf)
-        if size != tier.slot_size:
-            view = view[:size]
-        return Lease(self, tier, buf, view, size, site)
+        return Lease(self, tier, buf, None, size, site)  # the view is made on first use
 
     def _serve_waiters(self) -> None:
         """Hand free slots to waiting coroutines, oldest first per class.  Lock held.
@@ -600,7 +627,7 @@ class BufferPool(_PoolBase):
                 continue
             self._draining = True
             try:
-                PyLease.release(lease)  # re-enters our lock (re-entrant) and releases now
+                release_locked(lease)  # re-enters our lock (re-entrant) and releases now
             except LeaseReleasedError as exc:  # no caller left: warned by _collect_leaks
                 self._deferred_errors.append(str(exc))
             finally:
@@ -717,7 +744,7 @@ class BufferPool(_PoolBase):
     def class_for(self, size: int) -> int | None:
         """Nominal size of the class that serves ``size`` bytes, None above the largest."""
         i = bisect_left(self._slot_sizes, size)
-        return self._tiers[i].size if i < self._ntiers else None
+        return self._tiers[i].size if i < len(self._tiers) else None
 
     def __repr__(self) -> str:
         return (
@@ -738,10 +765,12 @@ def _bad_size(size: object) -> None:
     raise TypeError(f"size must be an int number of bytes, got {type(size).__name__}")
 
 
+hot_section(BufferPool.acquire.__code__)
+
 if speedups is not None:
     speedups.setup(
         released_error=LeaseReleasedError,
-        py_release=PyLease.release,
+        py_release=release_locked,
         py_truncate=PyLease.truncate,
         bad_size=_bad_size,
         pkg_dir=_PKG_DIR,
