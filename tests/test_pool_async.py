@@ -167,6 +167,17 @@ def release_in_thread(lease: Lease) -> None:
     t.join(5)
 
 
+async def _second_gets_the_slot(pool: BufferPool, second: asyncio.Task[Lease]) -> None:
+    """The waiter behind one that gave up gets the handed-over slot, well before any poll."""
+    lease = await asyncio.wait_for(second, 5)
+    assert lease.pooled
+    st = pool.stats()
+    assert st.in_use == 1 and st.waiting == 0
+    lease.release()
+    slot_accounting_adds_up(pool)
+    assert pool.stats().tiers[0].free == 1
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("when", ["before delivery", "after delivery"])
 async def test_cancel_after_a_cross_thread_handover_passes_the_slot_on(
@@ -184,13 +195,7 @@ async def test_cancel_after_a_cross_thread_handover_passes_the_slot_on(
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
-    lease = await asyncio.wait_for(second, 5)  # well before any poll
-    assert lease.pooled
-    st = pool.stats()
-    assert st.in_use == 1 and st.waiting == 0
-    lease.release()
-    slot_accounting_adds_up(pool)
-    assert pool.stats().tiers[0].free == 1
+    await _second_gets_the_slot(pool, second)
 
 
 @pytest.mark.asyncio
@@ -207,13 +212,7 @@ async def test_timeout_after_a_cross_thread_handover_passes_the_slot_on(no_polle
     with pytest.raises(PoolExhausted, match=r"became free within 0\.05 s"):
         await first
     assert pool.stats().timeouts == 1
-    lease = await asyncio.wait_for(second, 5)  # well before any poll
-    assert lease.pooled
-    st = pool.stats()
-    assert st.in_use == 1 and st.waiting == 0
-    lease.release()
-    slot_accounting_adds_up(pool)
-    assert pool.stats().tiers[0].free == 1
+    await _second_gets_the_slot(pool, second)
 
 
 @pytest.mark.asyncio
