@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, NoReturn, SupportsIndex
 from ._errors import LeaseReleasedError
 from ._impl import speedups
 from ._leak import Site
-from ._lock import hot_section, own_section_holds
+from ._lock import GIVE, hot_section, own_section_holds
 from ._tracking import OVERHEAD, getrefcount
 
 if TYPE_CHECKING:
@@ -154,7 +154,7 @@ class Lease:
                 self._refcount = rc - 1
                 return
         finally:
-            held = None; token.append(None)  # noqa: E702, F841
+            held = None; token[:] = GIVE  # noqa: E702, F841
         release_locked(self)  # a heap lease, scrub or waiters, or released already
 
     def truncate(self, size: int, /) -> None:

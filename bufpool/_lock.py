@@ -28,7 +28,13 @@ import threading
 import time
 from types import CodeType
 
-__all__ = ["PyPoolLock", "hot_section", "own_section_holds"]
+__all__ = ["GIVE", "PyPoolLock", "hot_section", "own_section_holds"]
+
+#: What a hit path slice-assigns to give the token back (``token[:] = GIVE``).  Not
+#: ``token.append(None)``: that is a call, and a profiler's c_call event (``sys.setprofile``,
+#: ``sys.monitoring``) would run Python code after ``held`` was cleared but before the token
+#: was back; a release there would wait for the token forever on its own thread.
+GIVE: tuple[None] = (None,)
 
 #: Code objects of the hit paths that take the token (registered by ``hot_section``).
 _HOT_CODES: set[CodeType] = set()
@@ -54,7 +60,7 @@ def own_section_holds(token: list[None]) -> bool:
 class PyPoolLock:
     """``threading.RLock`` (same methods, errors and re-entrance) that also takes the token."""
 
-    __slots__ = ("_levels", "_rlock", "token")
+    __slots__ = ("_guest_depth", "_guest_thread", "_levels", "_rlock", "token")
 
     def __init__(self) -> None:
         self._rlock = threading.RLock()
@@ -63,15 +69,32 @@ class PyPoolLock:
         #: Per nesting level of the owner: whether that level took the token (written only
         #: by the owner).  Empty while nobody holds the lock.
         self._levels: list[bool] = []
+        #: Nesting depth of *guests*: code running inside this thread's own token stretch (a
+        #: finalizer, weakref callback or tracer) that takes the lock.  It must not wait for
+        #: the RLock: another thread's section may hold that while it waits for the very
+        #: token this thread's stretch holds.  Such a section touches nothing before it has
+        #: the token, so the guest runs as the stretch's re-entrance.  Written only by the
+        #: guest's thread.
+        self._guest_depth = 0
+        self._guest_thread: int | None = None
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        token = self.token
+        if (
+            not token
+            and not self._rlock._is_owned()  # type: ignore[attr-defined]
+            and (self._guest_depth or own_section_holds(token))
+            and (not self._guest_depth or self._guest_thread == threading.get_ident())
+        ):
+            self._guest_thread = threading.get_ident()
+            self._guest_depth += 1
+            return True
         if not self._rlock.acquire(blocking, timeout):
             return False
         levels = self._levels
         if levels:  # re-entered by the owner, which holds the token already
             levels.append(False)
             return True
-        token = self.token
         try:
             del token[0]
         except IndexError:
@@ -94,6 +117,9 @@ class PyPoolLock:
         return True
 
     def release(self) -> None:
+        if self._guest_depth and self._guest_thread == threading.get_ident():
+            self._guest_depth -= 1
+            return
         if not self._rlock._is_owned():  # type: ignore[attr-defined]
             self._rlock.release()  # raises RuntimeError("cannot release un-acquired lock")
         if self._levels.pop():
@@ -101,10 +127,12 @@ class PyPoolLock:
         self._rlock.release()
 
     def _is_owned(self) -> bool:
+        if self._guest_depth and self._guest_thread == threading.get_ident():
+            return True
         return self._rlock._is_owned()  # type: ignore[attr-defined, no-any-return]
 
     def locked(self) -> bool:
-        return not self.token or bool(self._levels)
+        return not self.token or bool(self._levels) or bool(self._guest_depth)
 
     def __enter__(self) -> bool:
         return self.acquire()

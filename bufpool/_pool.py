@@ -26,7 +26,7 @@ from ._errors import LeakWarning, LeaseReleasedError, PoolExhausted, RequestTooL
 from ._impl import new_lock, speedups
 from ._leak import _PKG_DIR, LEVELS, SAMPLE_INTERVAL, SITE_DEPTH, Site, capture_site, format_site
 from ._lease import Lease, LeaseChain, PyLease, release_locked
-from ._lock import hot_section
+from ._lock import GIVE, hot_section
 from ._stats import PoolStats, TierStats
 from ._tier import Tier
 from ._tracking import holders
@@ -237,7 +237,7 @@ class BufferPool(_PoolBase):
                     tier.high_water = n
                 tier.requested_bytes += size
             finally:
-                held = None; token.append(None)  # noqa: E702, F841
+                held = None; token[:] = GIVE  # noqa: E702, F841
         except IndexError:  # no free slot (from pop): the miss path, under the lock
             return self._acquire_slow(tier.index, size, site)
         lease = _new_lease(Lease)

@@ -221,3 +221,83 @@ def test_pool_keeps_at_most_30_instance_attributes() -> None:
     # CPython shares instance-dict keys for at most 30 attributes; past that every attribute
     # read of the pure-Python hot paths is slower (about 30 ns per acquire+release here).
     assert len(vars(BufferPool())) <= 30
+
+
+# Both scripts hang for good when the defect is back, so each runs in a subprocess that the
+# test kills after a bound: a regression fails instead of stopping the suite.
+_TRACER_VS_SECTION = """
+import sys, threading, time
+from bufpool import BufferPool
+from bufpool._lock import _HOT_CODES
+pool = BufferPool(classes=(64,), initial_slots=8)
+fired = []
+def tracer(frame, event, arg):
+    if (event == "line" and not fired and frame.f_code in _HOT_CODES
+            and frame.f_locals.get("held") is pool._token):
+        fired.append(1)
+        sys.settrace(None)
+        threading.Thread(target=pool.stats, daemon=True).start()
+        while "locked" not in repr(pool._lock._rlock):  # B holds the RLock, waits for the token
+            time.sleep(0.001)
+        pool.acquire(10).release()  # A, inside its own stretch, calls the pool
+    return tracer
+sys.settrace(tracer)
+lease = pool.acquire(10)
+sys.settrace(None)
+lease.release()
+assert fired, "the tracer never ran inside the stretch"
+st = pool.stats()
+assert st.in_use == 0 and st.tiers[0].free == st.tiers[0].slots, st
+print("done")
+"""
+
+_PROFILER_AT_GIVE_BACK = """
+import sys
+from bufpool import BufferPool
+pool = BufferPool(classes=(64,), initial_slots=8)
+other = pool.acquire(10)
+seen = []
+def prof(frame, event, arg):
+    # A call on the token itself (token.append, as the hit paths once gave it back) runs
+    # this hook after ``held`` was cleared and before the token is back.  The hit paths now
+    # give it back with a slice assignment, which is no call: the hook must find nothing.
+    if event == "c_call" and not seen and getattr(arg, "__self__", None) is pool._token:
+        seen.append(1)
+        other.release()
+sys.setprofile(prof)
+lease = pool.acquire(10)
+lease.release()
+sys.setprofile(None)
+pool.stats()  # runs the deferred release, if the hook made one inside a stretch
+other.release() if not seen else None
+st = pool.stats()
+assert st.in_use == 0, st
+print("done")
+"""
+
+
+def _run_bounded(script: str) -> None:
+    import os
+    import subprocess
+
+    env = dict(os.environ, BUFPOOL_NO_EXTENSIONS="1")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=30
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("deadlocked: still blocked after 30 s")
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
+
+
+def test_pool_call_inside_a_stretch_while_another_thread_waits_in_a_section() -> None:
+    """Thread B's section holds the RLock and waits for the token that A's hit path holds; code
+    run inside A's stretch (a tracer here; a finalizer or weakref callback alike) calls the
+    pool.  It must re-enter A's stretch, not wait for B's RLock (that was a deadlock)."""
+    _run_bounded(_TRACER_VS_SECTION)
+
+
+def test_profiler_hook_while_the_token_goes_back_does_not_deadlock() -> None:
+    """A profiler's c_call event ran Python code after ``held`` was cleared but before the token
+    was back; a release there waited for the token forever on its own thread."""
+    _run_bounded(_PROFILER_AT_GIVE_BACK)
