@@ -154,7 +154,7 @@ class Lease:
                 self._refcount = rc - 1
                 return
         finally:
-            held = None; token[:] = GIVE  # noqa: E702, F841
+            held = None; token += GIVE  # noqa: E702, F841
         release_locked(self)  # a heap lease, scrub or waiters, or released already
 
     def truncate(self, size: int, /) -> None:

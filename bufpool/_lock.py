@@ -30,10 +30,11 @@ from types import CodeType
 
 __all__ = ["GIVE", "PyPoolLock", "hot_section", "own_section_holds"]
 
-#: What a hit path slice-assigns to give the token back (``token[:] = GIVE``).  Not
-#: ``token.append(None)``: that is a call, and a profiler's c_call event (``sys.setprofile``,
-#: ``sys.monitoring``) would run Python code after ``held`` was cleared but before the token
-#: was back; a release there would wait for the token forever on its own thread.
+#: What a hit path adds to give the token back (``token += GIVE``: an in-place list
+#: concatenation, no call).  Not ``token.append(None)``: that is a call, and a profiler's
+#: c_call event (``sys.setprofile``, ``sys.monitoring``) would run Python code after ``held``
+#: was cleared but before the token was back; a release there would wait for the token
+#: forever on its own thread.
 GIVE: tuple[None] = (None,)
 
 #: Code objects of the hit paths that take the token (registered by ``hot_section``).

@@ -237,7 +237,7 @@ class BufferPool(_PoolBase):
                     tier.high_water = n
                 tier.requested_bytes += size
             finally:
-                held = None; token[:] = GIVE  # noqa: E702, F841
+                held = None; token += GIVE  # noqa: E702, F841
         except IndexError:  # no free slot (from pop): the miss path, under the lock
             return self._acquire_slow(tier.index, size, site)
         lease = _new_lease(Lease)

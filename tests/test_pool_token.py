@@ -260,7 +260,7 @@ seen = []
 def prof(frame, event, arg):
     # A call on the token itself (token.append, as the hit paths once gave it back) runs
     # this hook after ``held`` was cleared and before the token is back.  The hit paths now
-    # give it back with a slice assignment, which is no call: the hook must find nothing.
+    # give it back with an in-place +=, which is no call: the hook must find nothing.
     if event == "c_call" and not seen and getattr(arg, "__self__", None) is pool._token:
         seen.append(1)
         other.release()
