@@ -226,3 +226,16 @@ def openssl_session(
         payload_c2s=bytes(got_c2s),
         payload_s2c=bytes(got_s2c),
     )
+
+
+def real_tls_streams(directory: str | Path, *, c2s: int, s2c: int) -> list[bytes]:
+    """Captured byte streams of real OpenSSL sessions (TLS 1.2, then 1.3; SNI example.com,
+    ALPN h2) carrying ``c2s``/``s2c`` bytes of application data: for each version the
+    client-to-server stream, then the server-to-client one."""
+    certs = make_certs(["example.com"], directory)
+    out: list[bytes] = []
+    for v in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        cap = openssl_session(certs, server_name="example.com", version=v,
+                              alpn_client=["h2"], c2s=bytes(c2s), s2c=bytes(s2c))
+        out += [cap.client_to_server, cap.server_to_client]
+    return out

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gc
 import random
-import ssl
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,7 +20,7 @@ from bufpool.tls import (
     TLSRecordSplitter,
     parse_client_hello,
 )
-from tests._tls_helpers import make_certs, openssl_session
+from tests._tls_helpers import real_tls_streams
 
 SETTINGS = settings(max_examples=200, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -30,13 +29,7 @@ POOL = bufpool.BufferPool(leak_detection="off")
 
 @pytest.fixture(scope="module")
 def real_streams(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
-    certs = make_certs(["example.com"], tmp_path_factory.mktemp("fuzzcerts"))
-    out = []
-    for v in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
-        cap = openssl_session(certs, server_name="example.com", version=v,
-                              alpn_client=["h2"], c2s=bytes(5000), s2c=bytes(40000))
-        out += [cap.client_to_server, cap.server_to_client]
-    return out
+    return real_tls_streams(tmp_path_factory.mktemp("fuzzcerts"), c2s=5000, s2c=40000)
 
 
 def run(stream: bytes, cuts: list[int], *, via_ring: bool = False,

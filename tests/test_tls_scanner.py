@@ -10,7 +10,6 @@ import gc
 import os
 import pickle
 import random
-import ssl
 import struct
 import sys
 from array import array
@@ -23,7 +22,7 @@ from hypothesis import strategies as st
 import bufpool
 from bufpool.tls import MAX_CIPHERTEXT, RecordViewHeldError, TLSRecord, TLSRecordSplitter, _splitter
 from bufpool.tls._records import CONTENT_TYPES
-from tests._tls_helpers import HELLO, make_certs, openssl_session, rec
+from tests._tls_helpers import HELLO, real_tls_streams, rec
 
 Reference = _splitter._ReferenceSplitter
 POOL = bufpool.BufferPool(leak_detection="off")
@@ -180,13 +179,7 @@ def test_same_judgement_of_the_stream_start(start: bytes) -> None:
 
 @pytest.fixture(scope="module")
 def real_streams(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
-    certs = make_certs(["example.com"], tmp_path_factory.mktemp("scannercerts"))
-    out = []
-    for v in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
-        cap = openssl_session(certs, server_name="example.com", version=v,
-                              alpn_client=["h2"], c2s=bytes(20000), s2c=bytes(70000))
-        out += [cap.client_to_server, cap.server_to_client]
-    return out
+    return real_tls_streams(tmp_path_factory.mktemp("scannercerts"), c2s=20000, s2c=70000)
 
 
 @SETTINGS
