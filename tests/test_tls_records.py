@@ -386,6 +386,22 @@ def test_live_view_derived_from_a_ring_record_is_reported(
     assert_clean(pool)
 
 
+def _through_ring(
+    s: TLSRecordSplitter, stream: bytes, each: Callable[[TLSRecord], None], step: int = 9000
+) -> None:
+    """Write ``stream`` into the splitter's ring (get_buffer/buffer_updated, at most ``step``
+    bytes at a time) and call ``each`` on every record, before the next write."""
+    pos = 0
+    while pos < len(stream):
+        buf = s.get_buffer(-1)
+        n = min(len(buf), len(stream) - pos, step)
+        buf[:n] = stream[pos:pos + n]
+        del buf  # our own view of the ring would keep its slot quarantined
+        pos += n
+        for r in s.buffer_updated(n):
+            each(r)
+
+
 def test_derived_views_released_in_time_and_feed_records_are_not_an_error(
     pool: bufpool.BufferPool,
 ) -> None:
@@ -393,17 +409,13 @@ def test_derived_views_released_in_time_and_feed_records_are_not_an_error(
     payloads = [bytes([i % 251]) * (100 + 997 * i % 15000) for i in range(60)]
     stream = HELLO + b"".join(rec(23, p) for p in payloads)
     got: list[bytes] = []
-    pos = 0
-    while pos < len(stream):  # ring wraps and joins happen; derived views die in time
-        buf = s.get_buffer(-1)
-        n = min(len(buf), len(stream) - pos, 9000)
-        buf[:n] = stream[pos:pos + n]
-        del buf
-        pos += n
-        for r in s.buffer_updated(n):
-            view = memoryview(r.raw)[5:]
-            got.append(bytes(r.raw[:5]) + bytes(view))
-            del view
+
+    def keep(r: TLSRecord) -> None:  # ring wraps and joins happen; derived views die in time
+        view = memoryview(r.raw)[5:]
+        got.append(bytes(r.raw[:5]) + bytes(view))
+        del view
+
+    _through_ring(s, stream, keep)
     assert b"".join(got) == stream and s.joined >= 1
     s.close()
     f = TLSRecordSplitter(pool=pool)
@@ -447,14 +459,7 @@ def test_buffer_protocol_path_parses_in_place_and_joins_at_wrap(
     payloads = [bytes([i % 251]) * (1000 + 997 * i % 15000) for i in range(60)]
     stream = HELLO + b"".join(rec(23, p) for p in payloads)
     got: list[bytes] = []
-    pos = 0
-    while pos < len(stream):
-        buf = s.get_buffer(-1)
-        n = min(len(buf), len(stream) - pos, 9000)
-        buf[:n] = stream[pos:pos + n]
-        pos += n
-        got.extend(bytes(r.raw) for r in s.buffer_updated(n))
-    del buf  # our own view of the ring would keep its slot quarantined
+    _through_ring(s, stream, lambda r: got.append(bytes(r.raw)))
     assert b"".join(got) == stream
     assert s.joined >= 1  # some records wrapped the ring's end
     assert s.joined < len(got) // 2
