@@ -29,7 +29,6 @@ from aiohttp.web import RequestPayloadError
 
 from .._errors import PoolExhausted
 from .._lease import Lease, LeaseChain
-from .._pool import BufferPool
 from ._errors import BodyAlreadyRead, BodyNotContiguous
 from ._lifetime import owner_of
 from ._settings import Settings
@@ -213,9 +212,10 @@ def _acquire_now(settings: Settings, size: int) -> Lease | LeaseChain | None:
         return None
 
 
-async def _acquire(pool: BufferPool, settings: Settings, size: int) -> Lease | LeaseChain:
-    """``size`` bytes as one lease (up to the largest class) or a chain, waiting at most
-    ``acquire_timeout`` seconds in all; 503 after that."""
+async def _acquire(settings: Settings, size: int) -> Lease | LeaseChain:
+    """``size`` bytes of the app's pool as one lease (up to the largest class) or a chain,
+    waiting at most ``acquire_timeout`` seconds in all; 503 after that."""
+    pool = settings.pool
     timeout = settings.acquire_timeout
     owned = _acquire_now(settings, size)
     if owned is not None:
@@ -240,7 +240,7 @@ async def _read_sized(
         return None
     owned = _acquire_now(settings, length)  # the common case, without a coroutine
     if owned is None:
-        owned = await _acquire(settings.pool, settings, length)
+        owned = await _acquire(settings, length)
     try:
         await _fill(request, owned, length)
     except BaseException:
@@ -331,7 +331,7 @@ async def _read_streamed(request: web.Request, settings: Settings) -> Lease | Le
                     if cur is not None and len(leases) == 1 and len(cur) < largest:
                         # Grow the only lease to the next class that fits (copying <= 64 KiB).
                         size = next((s for s in steps if s >= need), largest)
-                        bigger = await _acquire(pool, settings, size)
+                        bigger = await _acquire(settings, size)
                         assert isinstance(bigger, Lease)
                         bigger.view[:filled] = cur.view[:filled]
                         cur.release()
@@ -340,7 +340,7 @@ async def _read_streamed(request: web.Request, settings: Settings) -> Lease | Le
                         size = next((s for s in steps if s >= n - p), largest)
                         if cur is not None:
                             size = largest
-                        fresh = await _acquire(pool, settings, size)
+                        fresh = await _acquire(settings, size)
                         assert isinstance(fresh, Lease)
                         leases.append(fresh)
                         cur = fresh
