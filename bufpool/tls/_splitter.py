@@ -33,8 +33,8 @@ from pickle import PickleBuffer
 from typing import TYPE_CHECKING, Final, Literal, cast
 
 from bufpool import RingBuffer
-from bufpool._impl import load_extension
 
+from . import _records
 from ._errors import SplitterFailedError, TLSRecordError, TruncatedRecordError
 from ._records import (
     CONTENT_TYPES,
@@ -64,16 +64,18 @@ MIN_RING_CAPACITY: Final = 2 * (5 + MAX_CIPHERTEXT)
 
 _new = object.__new__
 
-#: The compiled scanner (bufpool/tls/_cscan.c), chosen by the rules of ``bufpool._impl``
-#: (``BUFPOOL_NO_EXTENSIONS=1`` forces pure Python), or None.
-_cscan = load_extension("bufpool.tls._cscan")
+#: The compiled scanner and record type (bufpool/tls/_cscan.c, loaded by ``_records``), or None.
+_cscan = _records._cscan
 #: "c" when the record scan and expiry loops run compiled, "python" otherwise.
 SCANNER: Final[Literal["c", "python"]] = "python" if _cscan is None else "c"
 if _cscan is not None:
-    _cscan.init(TLSRecord, CONTENT_TYPES)
     _c_scan = cast(
         "Callable[[memoryview, int, int, int, list[TLSRecord], int, BufferPool], int]",
         _cscan.scan,
+    )
+    _c_make = cast(
+        "Callable[[int, int, int, memoryview, int, int, BufferPool, Lease | None], TLSRecord]",
+        _cscan.make,
     )
 #: Size classes of :func:`default_pool`: the six defaults plus 512/2048/8192-byte steps, so
 #: detached records of a realistic mix (40% 100-300 B, 30% 1-4 KiB, 30% full records) waste
@@ -415,6 +417,7 @@ class TLSRecordSplitter:
         pool = self._pool
         append = out.append
         new = _new
+        make = _c_make if _cscan is not None else None
         while end - pos >= 5:
             ct, ver, ln = unpack(mv, pos)
             if ln > limit or ver >> 8 != 3 or not 20 <= ct <= 24 or (not ln and ct != 23):
@@ -422,15 +425,18 @@ class TLSRecordSplitter:
             stop = pos + 5 + ln
             if stop > end:
                 return pos
-            rec = new(TLSRecord)
-            rec.content_type = cts[ct]  # 20..24 checked above
-            rec.version = ver
-            rec.offset = base + pos
-            rec.raw = mv[pos:stop]
-            rec._payload = None
-            rec._pool = pool
-            rec._lease = None
-            append(rec)
+            if make is None:
+                rec = new(TLSRecord)
+                rec.content_type = cts[ct]  # 20..24 checked above
+                rec.version = ver
+                rec.offset = base + pos
+                rec.raw = mv[pos:stop]
+                rec._payload = None
+                rec._pool = pool
+                rec._lease = None
+                append(rec)
+            else:  # the compiled record type
+                append(make(ct, ver, base + pos, mv, pos, stop, pool, None))
             pos = stop
         if pos < end:
             self._check_partial(bytes(mv[pos:end]), base + pos, out)
@@ -452,6 +458,7 @@ class TLSRecordSplitter:
         return self._scan_py(mv, pos, end, base, out)
 
     _scan = _scan_py if _cscan is None else _scan_c
+    # the expiry loop belongs to the record type: compiled records go stale in C
     _release: Callable[[list[TLSRecord], bool], int] = staticmethod(
         _release_py if _cscan is None else _cscan.release
     )
@@ -534,6 +541,11 @@ class TLSRecordSplitter:
         self._leases.append(lease)
         self.joined += 1
         self.joined_bytes += len(lease)
+        if _cscan is not None:
+            view = lease.view
+            out.append(_c_make(head[0], (head[1] << 8) | head[2], offset, view, 0, len(view),
+                               self._pool, lease))
+            return
         rec = _new(TLSRecord)
         rec.content_type = CONTENT_TYPES[head[0]]  # type: ignore[assignment]
         rec.version = (head[1] << 8) | head[2]
@@ -553,8 +565,8 @@ class TLSRecordSplitter:
 
 
 class _ReferenceSplitter(TLSRecordSplitter):
-    """The pure-Python splitter, whichever implementation is active (for the tests that
-    compare both and for bench/bench_tls_scan.py)."""
+    """The splitter with the pure-Python scan loop, whichever implementation is active (for
+    the tests that compare both and for bench/bench_tls_scan.py).  Its records are of the
+    active record type and expire through that type's loop."""
 
     _scan = TLSRecordSplitter._scan_py
-    _release = staticmethod(_release_py)
