@@ -16,9 +16,10 @@
  *   scan(mv, pos, end, base, out, limit, pool) -> int
  *       hands out, appended to ``out``, every complete record of ``mv[pos:end]`` whose header
  *       passes the splitter's fast check (content type 20..24, version major 3, length <=
- *       ``limit``, no empty non-application_data record); returns where it stopped: fewer
- *       than 5 bytes left, a header that fails the check, or an incomplete record.  The
- *       pure-Python reference (TLSRecordSplitter._scan_py) then continues from there, so
+ *       ``limit``, no empty non-application_data record); returns where it stopped: ``pos``
+ *       at the end of the input or at an incomplete record whose header passed, ``-pos - 1``
+ *       where the pure-Python reference (TLSRecordSplitter._scan_py) must continue: fewer
+ *       than 5 bytes left, a header that fails the check, or input it does not expect.  So
  *       every error, message and partial-header judgement is made by the same Python code.
  *   release(records, check) -> int
  *       the expiry of a call's records: each record goes stale (its views can no longer be
@@ -410,8 +411,8 @@ cscan_scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (!ready()) {
         return NULL;
     }
-    PyObject *mv = args[0], *pos_obj = args[1], *out = args[4], *pool = args[6];
-    Py_ssize_t pos = PyLong_AsSsize_t(pos_obj);
+    PyObject *mv = args[0], *out = args[4], *pool = args[6];
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
     Py_ssize_t end = PyLong_AsSsize_t(args[2]);
     Py_ssize_t base = PyLong_AsSsize_t(args[3]);
     Py_ssize_t limit = PyLong_AsSsize_t(args[5]);
@@ -422,29 +423,36 @@ cscan_scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "scan() needs a list for out");
         return NULL;
     }
-    if (end - pos < 5) {
-        return Py_NewRef(pos_obj);
+    if (pos < 0) {
+        PyErr_SetString(PyExc_ValueError, "scan(): negative position");
+        return NULL;
     }
     Py_buffer view;
     if (!byte_view_ok(mv, &view)) {  /* the Python path says what is wrong */
-        return Py_NewRef(pos_obj);
+        return PyLong_FromSsize_t(-pos - 1);
     }
     if (pos < 0 || end > view.len || pos > end) {
         PyBuffer_Release(&view);
-        return Py_NewRef(pos_obj);
+        return PyLong_FromSsize_t(-pos - 1);
     }
     const unsigned char *buf = (const unsigned char *)view.buf;
     PyObject *result = NULL;
-    while (end - pos >= 5) {
+    int judged = 1;  /* stopped where nothing needs the Python path's judgement */
+    while (pos < end) {
         const unsigned char *h = buf + pos;
         unsigned int ct = h[0];
+        if (end - pos < 5) {
+            judged = 0;  /* a partial header: the Python path judges its bytes */
+            break;
+        }
         Py_ssize_t ln = ((Py_ssize_t)h[3] << 8) | h[4];
         if (ln > limit || h[1] != 3 || ct < 20 || ct > 24 || (ln == 0 && ct != 23)) {
+            judged = 0;  /* a bad header: the Python path raises */
             break;
         }
         Py_ssize_t stop = pos + 5 + ln;
         if (stop > end) {
-            break;
+            break;  /* incomplete record, header good */
         }
         RecordObject *r = record_alloc();
         if (r == NULL) {
@@ -465,7 +473,7 @@ cscan_scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         pos = stop;
     }
-    result = PyLong_FromSsize_t(pos);
+    result = PyLong_FromSsize_t(judged ? pos : -pos - 1);
 done:
     PyBuffer_Release(&view);
     return result;

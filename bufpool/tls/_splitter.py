@@ -395,6 +395,11 @@ class TLSRecordSplitter:
         return head
 
     def _check_partial(self, head: bytes, offset: int, out: list[TLSRecord]) -> None:
+        if len(head) == 5 and not self._first:  # the common case, without diagnose_header's walk
+            ct = head[0]
+            ln = head[3] << 8 | head[4]
+            if 20 <= ct <= 24 and head[1] == 3 and ln <= self._max and (ln or ct == 23):
+                return
         err = diagnose_header(head, offset=offset, first=self._first, max_length=self._max)
         if err is not None:
             self._fail(err, out)
@@ -446,16 +451,19 @@ class TLSRecordSplitter:
         self, mv: memoryview, pos: int, end: int, base: int, out: list[TLSRecord]
     ) -> int:
         """:meth:`_scan_py` with its loop over good complete records in C: the C scanner
-        hands out records while headers pass the fast check and are complete, then
-        :meth:`_scan_py` continues where it stopped (the tail, a bad header, an incomplete
-        record), so errors and partial-header judgements are made by the same code."""
+        hands out records while headers pass the fast check and are complete.  Where it
+        stops at the end of the input or at an incomplete record whose header passed, that is
+        the answer; otherwise (a tail under 5 bytes, a bad header) :meth:`_scan_py` continues
+        from there, so errors and partial-header judgements are made by the same code."""
         if self._first and pos < end:
             if end - pos < 5:
                 return self._scan_py(mv, pos, end, base, out)
             self._check_partial(bytes(mv[pos:pos + 5]), base + pos, out)
             self._first = False
         pos = _c_scan(mv, pos, end, base, out, self._max, self._pool)
-        return self._scan_py(mv, pos, end, base, out)
+        if pos >= 0:  # all consumed, or an incomplete record whose header passed the check
+            return pos
+        return self._scan_py(mv, ~pos, end, base, out)
 
     _scan = _scan_py if _cscan is None else _scan_c
     # the expiry loop belongs to the record type: compiled records go stale in C
@@ -504,7 +512,8 @@ class TLSRecordSplitter:
         k = len(ring)
         offset = base - k
         views = ring.readable_views()
-        head = b"".join(bytes(v[:5]) for v in views)[:5]
+        first = views[0]
+        head = bytes(first[:5]) if len(first) >= 5 else b"".join(bytes(v[:5]) for v in views)[:5]
         used = 0
         if len(head) < 5:
             used = min(5 - len(head), n)
