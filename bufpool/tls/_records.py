@@ -261,7 +261,8 @@ class DetachedRecord:
 #: ``bufpool._impl`` (``BUFPOOL_NO_EXTENSIONS=1`` forces pure Python), or None.  When it is
 #: built, :class:`TLSRecord` is its compiled type (same attributes, views made on first read).
 _cscan = load_extension("bufpool.tls._cscan")
+#: The pure-Python record class, whichever type :class:`TLSRecord` is.
+PyTLSRecord: Final = TLSRecord
 if _cscan is not None:
     _cscan.init(CONTENT_TYPES, _detach, _record_repr)
-    PyTLSRecord = TLSRecord
     TLSRecord = _cscan.TLSRecord  # type: ignore[misc]

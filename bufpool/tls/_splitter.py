@@ -41,6 +41,7 @@ from ._records import (
     HEADER,
     MAX_CIPHERTEXT,
     MAX_CIPHERTEXT_TLS13,
+    PyTLSRecord,
     TLSRecord,
     diagnose_header,
 )
@@ -73,10 +74,10 @@ if _cscan is not None:
         "Callable[[memoryview, int, int, int, list[TLSRecord], int, BufferPool], int]",
         _cscan.scan,
     )
-    _c_make = cast(
-        "Callable[[int, int, int, memoryview, int, int, BufferPool, Lease | None], TLSRecord]",
-        _cscan.make,
-    )
+_MakeRecord = Callable[[int, int, int, memoryview, int, int, "BufferPool", "Lease | None"],
+                       TLSRecord]
+#: Builds one compiled record (for the Python paths), or None without the extension.
+_c_make: _MakeRecord | None = None if _cscan is None else _cscan.make
 #: Size classes of :func:`default_pool`: the six defaults plus 512/2048/8192-byte steps, so
 #: detached records of a realistic mix (40% 100-300 B, 30% 1-4 KiB, 30% full records) waste
 #: about 14% of slot bytes instead of about 18% with the six default classes
@@ -422,7 +423,7 @@ class TLSRecordSplitter:
         pool = self._pool
         append = out.append
         new = _new
-        make = _c_make if _cscan is not None else None
+        make = self._make
         while end - pos >= 5:
             ct, ver, ln = unpack(mv, pos)
             if ln > limit or ver >> 8 != 3 or not 20 <= ct <= 24 or (not ln and ct != 23):
@@ -431,7 +432,7 @@ class TLSRecordSplitter:
             if stop > end:
                 return pos
             if make is None:
-                rec = new(TLSRecord)
+                rec = new(PyTLSRecord)
                 rec.content_type = cts[ct]  # 20..24 checked above
                 rec.version = ver
                 rec.offset = base + pos
@@ -466,7 +467,8 @@ class TLSRecordSplitter:
         return self._scan_py(mv, ~pos, end, base, out)
 
     _scan = _scan_py if _cscan is None else _scan_c
-    # the expiry loop belongs to the record type: compiled records go stale in C
+    # The record type: compiled (made by _make, expired in C) or pure Python (_make None).
+    _make: _MakeRecord | None = None if _c_make is None else staticmethod(_c_make)
     _release: Callable[[list[TLSRecord], bool], int] = staticmethod(
         _release_py if _cscan is None else _cscan.release
     )
@@ -550,12 +552,13 @@ class TLSRecordSplitter:
         self._leases.append(lease)
         self.joined += 1
         self.joined_bytes += len(lease)
-        if _cscan is not None:
+        make = self._make
+        if make is not None:
             view = lease.view
-            out.append(_c_make(head[0], (head[1] << 8) | head[2], offset, view, 0, len(view),
-                               self._pool, lease))
+            out.append(make(head[0], (head[1] << 8) | head[2], offset, view, 0, len(view),
+                            self._pool, lease))
             return
-        rec = _new(TLSRecord)
+        rec = _new(PyTLSRecord)
         rec.content_type = CONTENT_TYPES[head[0]]  # type: ignore[assignment]
         rec.version = (head[1] << 8) | head[2]
         rec.offset = offset
@@ -574,8 +577,10 @@ class TLSRecordSplitter:
 
 
 class _ReferenceSplitter(TLSRecordSplitter):
-    """The splitter with the pure-Python scan loop, whichever implementation is active (for
-    the tests that compare both and for bench/bench_tls_scan.py).  Its records are of the
-    active record type and expire through that type's loop."""
+    """The pure-Python splitter, whichever implementation is active: the Python scan loop,
+    the pure-Python :class:`TLSRecord` class and its expiry loop (for the tests that compare
+    both and for bench/bench_tls_scan.py)."""
 
     _scan = TLSRecordSplitter._scan_py
+    _make = None
+    _release = staticmethod(_release_py)
