@@ -1,7 +1,8 @@
 """Record-framing server over loopback: naive Protocol vs StreamReader vs PooledProtocol.
 
 A client process streams TLS-like records (5-byte header: type 23, version 0x0303, 2-byte
-big-endian length; mix 40% 100-300 B, 30% 1-4 KiB, 30% 16 KiB) to a server in this process
+big-endian length; mix 40% 100-300 B, 30% 1-4 KiB, 30% 16 KiB, or with ``--sizes small`` all
+100-300 B) to a server in this process
 as fast as it can.  The server parses every record and checks its type byte, with:
 
   ceiling       BufferedProtocol into one fixed buffer, no parsing (loopback + client limit)
@@ -62,14 +63,17 @@ LOOPS = ("asyncio", "uvloop")
 
 
 # ---------------------------------------------------------------- the record stream
-def record_block(seed: int = 7, target: int = 4 * 1024 * 1024) -> tuple[bytes, int]:
-    """About ``target`` bytes of whole records and how many records they hold."""
+def record_block(
+    seed: int = 7, target: int = 4 * 1024 * 1024, sizes: str = "mix"
+) -> tuple[bytes, int]:
+    """About ``target`` bytes of whole records and how many records they hold (``sizes``:
+    "mix" 40% 100-300 B, 30% 1-4 KiB, 30% 16 KiB; "small" all 100-300 B)."""
     rng = random.Random(seed)
     source = rng.randbytes(20000)
     out = bytearray()
     count = 0
     while len(out) < target:
-        r = rng.random()
+        r = 0.0 if sizes == "small" else rng.random()
         if r < 0.4:
             n = rng.randint(100, 300)
         elif r < 0.7:
@@ -82,10 +86,12 @@ def record_block(seed: int = 7, target: int = 4 * 1024 * 1024) -> tuple[bytes, i
     return bytes(out), count
 
 
-def run_client(port: int, total_bytes: int, connections: int, cert: str | None = None) -> None:
+def run_client(
+    port: int, total_bytes: int, connections: int, cert: str | None = None, sizes: str = "mix"
+) -> None:
     """Client process: for each connection, send whole blocks until ``total_bytes``, half-close
     (TLS: close_notify), wait for the server to close."""
-    block, _ = record_block()
+    block, _ = record_block(sizes=sizes)
     reps = max(1, total_bytes // len(block))
     view = memoryview(block)
     ctx = None
@@ -308,7 +314,8 @@ async def serve_variant(variant: str, args: argparse.Namespace, per_conn: int) -
         server = await loop.create_server(factories[variant], HOST, 0, ssl=tls)
     port = server.sockets[0].getsockname()[1]
     connections = 2
-    cmd = [sys.executable, __file__, "--client", str(port), str(per_conn), str(connections)]
+    cmd = [sys.executable, __file__, "--client", str(port), str(per_conn), str(connections),
+           "--sizes", args.sizes]
     if args.cert is not None:
         cmd += ["--client-cert", str(args.cert)]
     client = subprocess.Popen(cmd)
@@ -350,6 +357,8 @@ def main() -> None:
     parser.add_argument("--loops", default=",".join(LOOPS))
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--ring-kb", type=int, default=256, help="PooledProtocol ring size (KiB)")
+    parser.add_argument("--sizes", choices=("mix", "small"), default="mix",
+                        help="record sizes: the mix (default) or all 100-300 B")
     parser.add_argument("--tls", action="store_true",
                         help="terminate TLS in the server (TLS 1.3, throwaway certificate)")
     parser.add_argument("--json", help="also write the results to this file")
@@ -357,7 +366,7 @@ def main() -> None:
     parser.add_argument("--client-cert", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
-        run_client(*args.client, cert=args.client_cert)
+        run_client(*args.client, cert=args.client_cert, sizes=args.sizes)
         return
     args.cert = None
     args.tls_context = None
@@ -377,7 +386,7 @@ def main() -> None:
 
 
 def measure_all(args: argparse.Namespace) -> None:
-    block, block_records = record_block()
+    block, block_records = record_block(sizes=args.sizes)
     per_conn = args.mb * 1_000_000
     loops = args.loops.split(",")
     variants = args.variants.split(",")
@@ -413,7 +422,7 @@ def report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Names
     from rich.table import Table
 
     table = Table(
-        title=f"record framing over loopback{' over TLS 1.3' if args.tls else ''}, "
+        title=f"record framing ({args.sizes}) over loopback{' over TLS 1.3' if args.tls else ''}, "
         f"{args.mb} MB x {args.repeat} per variant (median), ring {args.ring_kb} KiB"
     )
     for col in (
