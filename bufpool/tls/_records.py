@@ -161,6 +161,11 @@ class TLSRecord:
     Lifetime: the views are valid until the next ``feed()``/``get_buffer()`` of the splitter
     that produced the record.  Then they are released: using them raises ValueError ("operation
     forbidden on released memoryview object").  Keep a record longer with :meth:`detach`.
+
+    This is the pure-Python class (also :data:`PyTLSRecord`).  When the compiled extension is
+    built, ``TLSRecord`` is its type instead: the same attributes, behaviour and errors, with
+    ``raw`` and ``payload`` made on first read rather than by the scan, so a record whose
+    views nobody reads costs no memoryview.
     """
 
     __slots__ = ("_lease", "_payload", "_pool", "content_type", "offset", "raw", "version")

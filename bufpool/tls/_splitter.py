@@ -20,9 +20,11 @@ whatever the input.  Memory held between calls: the ring (``ring_capacity`` byte
 pool) plus, until the next call, the records handed out by the last one.
 
 Lifetimes: records returned by a call are valid until the next ``feed``/``get_buffer``/
-``close``; their views are then released (stale use raises ValueError).  On the ring paths a
-view still exported, or derived from a record (a slice, ``memoryview(rec.raw)``) and still
-alive, at that point raises :class:`RecordViewHeldError`.
+``close``; their views are then released (stale use raises ValueError).  With the compiled
+record type a record makes its views when first read, and expiry marks every record stale and
+releases only the views that were made: one pass per call, no per-record view otherwise.
+On the ring paths a view still exported, or derived from a record (a slice,
+``memoryview(rec.raw)``) and still alive, at that point raises :class:`RecordViewHeldError`.
 """
 
 from __future__ import annotations
