@@ -263,17 +263,23 @@ async def test_tls_failed_or_stalled_handshake_takes_no_pool_memory(
         return proto
 
     loop = asyncio.get_running_loop()
-    async with Server(factory, ssl=certs.server_context(NAME), ssl_handshake_timeout=0.5) as srv:
+    ctx = certs.server_context(NAME)
+    async with Server(factory, ssl=ctx, ssl_handshake_timeout=1.0) as srv:
         # plaintext on the TLS port: the handshake fails, the connection closes
         reader, writer = await asyncio.open_connection(HOST, srv.port)
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+        try:  # closed by the server (an alert or nothing before it, a FIN or a reset)
+            await asyncio.wait_for(reader.read(), TIMEOUT)
+        except ConnectionResetError:
+            pass
         writer.close()
         # silence after connecting: closed at the handshake timeout
         sock = socket.create_connection((HOST, srv.port))
         sock.setblocking(False)
         try:
             assert await asyncio.wait_for(loop.sock_recv(sock, 1), TIMEOUT) == b""
+        except ConnectionResetError:
+            pass
         finally:
             sock.close()
         assert pool.stats().in_use == 0
