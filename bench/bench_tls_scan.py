@@ -27,6 +27,7 @@ splitter call, including the expiry of the previous call's records.
     python bench/bench_tls_scan.py                # a few seconds
     python bench/bench_tls_scan.py --rounds 9 --mb 8
     python bench/bench_tls_scan.py --pure-core    # also: everything pure Python (subprocess)
+    python bench/bench_tls_scan.py --parts        # where the time goes, 100-300 B records
 """
 
 from __future__ import annotations
@@ -170,6 +171,74 @@ def measure(mb: float, rounds: int, workloads: list[str]) -> list[dict[str, Any]
     return rows
 
 
+def parts(rounds: int) -> None:
+    """ns per 100-300 B record of the pieces of ``feed`` (whole-record 64 KiB chunks, so the
+    scan alone sees only complete records): the compiled scan, ``feed`` with the expiry, and
+    ``feed`` with every ``len(rec.payload)`` read; plus the bare consumer loop."""
+    from bufpool.tls import _splitter
+
+    pool = BufferPool(leak_detection="off")
+    stream, _ = stream_of(WORKLOADS["small"], 4_000_000)
+    chunks: list[bytes] = []
+    cur = bytearray()
+    pos = len(HELLO)
+    while pos < len(stream):
+        n = 5 + (stream[pos + 3] << 8 | stream[pos + 4])
+        if len(cur) + n > 65536:
+            chunks.append(bytes(cur))
+            cur = bytearray()
+        cur += stream[pos:pos + n]
+        pos += n
+    chunks.append(bytes(cur))
+    limit = 18432
+
+    def scan_only() -> float:
+        n = 0
+        t = time.perf_counter_ns()
+        for c in chunks:
+            out: list[Any] = []
+            m = memoryview(c)
+            _splitter._c_scan(m, 0, len(m), 0, out, limit, pool)
+            n += len(out)
+        return (time.perf_counter_ns() - t) / n
+
+    def feed(read: bool) -> float:
+        s = TLSRecordSplitter(pool=pool, mid_stream=True)
+        n = total = 0
+        t = time.perf_counter_ns()
+        for c in chunks:
+            out = s.feed(c)
+            n += len(out)
+            if read:
+                for rec in out:
+                    total += len(rec.payload)
+        s.feed(b"")
+        dt = time.perf_counter_ns() - t
+        s.close()
+        return dt / n
+
+    def loop_only() -> float:
+        lists = [[None] * 300 for _ in range(len(chunks))]
+        n = total = 0
+        t = time.perf_counter_ns()
+        for out in lists:
+            for _rec in out:
+                total += 1
+            n += len(out)
+        return (time.perf_counter_ns() - t) / n
+
+    pieces: list[tuple[str, Callable[[], float]]] = [
+        ("feed, expiry", lambda: feed(False)),
+        ("feed, expiry, len(payload)", lambda: feed(True)),
+        ("bare consumer loop", loop_only),
+    ]
+    if SCANNER == "c":
+        pieces.insert(0, ("compiled scan alone", scan_only))
+    print(f"ns per 100-300 B record, best of {rounds} (scanner {SCANNER}):")
+    for label, f in pieces:
+        print(f"  {label:28} {min(f() for _ in range(rounds)):6.0f}")
+
+
 def pure_core(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The same measurement with everything pure Python (BUFPOOL_NO_EXTENSIONS=1)."""
     env = dict(os.environ, BUFPOOL_NO_EXTENSIONS="1")
@@ -190,9 +259,14 @@ def main() -> None:
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--pure-core", action="store_true",
                         help="also run everything pure Python in a subprocess")
+    parser.add_argument("--parts", action="store_true",
+                        help="only time the pieces of feed() on 100-300 B records")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--json-stdout", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.parts:
+        parts(args.rounds)
+        return
     rows = measure(args.mb, args.rounds, args.workloads.split(","))
     if args.json_stdout:
         print(json.dumps(rows))
