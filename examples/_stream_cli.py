@@ -28,6 +28,8 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 
+from _tls_cert import server_context  # examples/_tls_cert.py, beside this module
+
 from bufpool import BufferPool
 from bufpool.aio import PooledProtocol
 
@@ -59,16 +61,6 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
 
         return uvloop.new_event_loop
     return asyncio.SelectorEventLoop
-
-
-def tls_context(directory: Path) -> tuple[ssl.SSLContext, Path]:
-    """A server context with a fresh self-signed certificate written into ``directory``."""
-    from bufpool.loadtest._tls import make_certificate
-
-    cert, key = make_certificate(directory, ["localhost"])
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert, key)
-    return ctx, cert
 
 
 async def serve(
@@ -112,7 +104,7 @@ async def serve(
 def run(args: argparse.Namespace, pool: BufferPool, factory: Callable[[], PooledProtocol]) -> None:
     directory = Path(tempfile.mkdtemp(prefix="bufpool-example-tls-")) if args.tls else None
     try:
-        tls = tls_context(directory) if directory is not None else None
+        tls = server_context(directory) if directory is not None else None
         with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
             runner.run(serve(args.host, args.port, pool, factory, tls))
     finally:
