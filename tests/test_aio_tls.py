@@ -191,8 +191,8 @@ async def test_tls_full_ring_pauses_the_ssl_transport_and_resumes_byte_exact(
         _reader, writer = await _connect(certs, srv.port)
         proto = await srv.protocol()
         assert isinstance(proto, Hold)
-        sender = asyncio.create_task(writer.drain())
         writer.write(data)
+        sender = asyncio.create_task(writer.drain())  # completes as the test reads
         await wait_until(lambda: proto.reading_paused)
         ring = proto.ring
         assert len(ring) == ring.max_capacity == 65536  # full, and not grown past its bound
