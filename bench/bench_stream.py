@@ -1,7 +1,8 @@
 """Record-framing server over loopback: naive Protocol vs StreamReader vs PooledProtocol.
 
 A client process streams TLS-like records (5-byte header: type 23, version 0x0303, 2-byte
-big-endian length; mix 40% 100-300 B, 30% 1-4 KiB, 30% 16 KiB) to a server in this process
+big-endian length; mix 40% 100-300 B, 30% 1-4 KiB, 30% 16 KiB, or with ``--sizes small`` all
+100-300 B) to a server in this process
 as fast as it can.  The server parses every record and checks its type byte, with:
 
   ceiling       BufferedProtocol into one fixed buffer, no parsing (loopback + client limit)
@@ -13,12 +14,22 @@ as fast as it can.  The server parses every record and checks its type byte, wit
                 ``consume`` per batch (``peek`` only for a record straddling the wrap)
 
 on the default loop and on uvloop.  ``--repeat`` rounds interleave all variants; in each, a
-variant gets a fresh server, one warm-up connection and one measured one (median reported).
-Server CPU (user+sys) and minor page faults come from ``resource.getrusage`` of this process
-between connection_made and EOF; the client is a separate process and not counted.
+variant gets a fresh server, one warm-up connection and one measured one (median reported,
+and the min-max over rounds of each round's ratio to naive, since a round's variants run
+back to back under the same load).  Server CPU (user+sys) and minor page faults come from
+``resource.getrusage`` of this process between connection_made and EOF; the client is a
+separate process and not counted.
+
+``--tls``: the same over TLS terminated in the server (``create_server(..., ssl=ctx)``,
+``start_server(..., ssl=ctx)``; TLS 1.3, a throwaway self-signed ECDSA certificate made with
+``cryptography``).  The client process encrypts with ``ssl.SSLSocket`` and ends each
+connection with close_notify.  Both loops' SSL transports decrypt into the BufferedProtocol
+variants' ``get_buffer`` view (the pooled ring) and hand the Protocol/StreamReader variants a
+new ``bytes`` per read.  The handshake is not measured (connection_made runs after it).
 
     python bench/bench_stream.py                # 50 MB per connection, a few seconds
     python bench/bench_stream.py --mb 200 --repeat 5
+    python bench/bench_stream.py --tls --variants naive,streamreader,pooled,pooled-batch
 """
 
 from __future__ import annotations
@@ -28,13 +39,17 @@ import asyncio
 import json
 import random
 import resource
+import shutil
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bufpool import BufferPool, RingBuffer
@@ -48,14 +63,17 @@ LOOPS = ("asyncio", "uvloop")
 
 
 # ---------------------------------------------------------------- the record stream
-def record_block(seed: int = 7, target: int = 4 * 1024 * 1024) -> tuple[bytes, int]:
-    """About ``target`` bytes of whole records and how many records they hold."""
+def record_block(
+    seed: int = 7, target: int = 4 * 1024 * 1024, sizes: str = "mix"
+) -> tuple[bytes, int]:
+    """About ``target`` bytes of whole records and how many records they hold (``sizes``:
+    "mix" 40% 100-300 B, 30% 1-4 KiB, 30% 16 KiB; "small" all 100-300 B)."""
     rng = random.Random(seed)
     source = rng.randbytes(20000)
     out = bytearray()
     count = 0
     while len(out) < target:
-        r = rng.random()
+        r = 0.0 if sizes == "small" else rng.random()
         if r < 0.4:
             n = rng.randint(100, 300)
         elif r < 0.7:
@@ -68,19 +86,34 @@ def record_block(seed: int = 7, target: int = 4 * 1024 * 1024) -> tuple[bytes, i
     return bytes(out), count
 
 
-def run_client(port: int, total_bytes: int, connections: int) -> None:
-    """Client process: for each connection, send whole blocks until ``total_bytes``, half-close,
-    wait for the server to close."""
-    block, _ = record_block()
+def run_client(
+    port: int, total_bytes: int, connections: int, cert: str | None = None, sizes: str = "mix"
+) -> None:
+    """Client process: for each connection, send whole blocks until ``total_bytes``, half-close
+    (TLS: close_notify), wait for the server to close."""
+    block, _ = record_block(sizes=sizes)
     reps = max(1, total_bytes // len(block))
     view = memoryview(block)
+    ctx = None
+    if cert is not None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cert)
     for _ in range(connections):
         with socket.create_connection((HOST, port)) as sock:
-            for _ in range(reps):
-                sock.sendall(view)
-            sock.shutdown(socket.SHUT_WR)
-            while sock.recv(65536):
-                pass
+            if ctx is None:
+                for _ in range(reps):
+                    sock.sendall(view)
+                sock.shutdown(socket.SHUT_WR)
+                while sock.recv(65536):
+                    pass
+                continue
+            with ctx.wrap_socket(sock, server_hostname="localhost") as tls:
+                for _ in range(reps):
+                    tls.sendall(view)
+                try:
+                    tls.unwrap()  # close_notify; returns at the server's
+                except (OSError, ssl.SSLError):
+                    pass  # the server closed without answering it: the data was all read
 
 
 # ---------------------------------------------------------------- measurement
@@ -268,8 +301,9 @@ async def serve_variant(variant: str, args: argparse.Namespace, per_conn: int) -
     ring_size = args.ring_kb * 1024
     pool = BufferPool(classes=sorted({64, 256, 1024, 4096, 16384, 65536, ring_size}))
     server: asyncio.Server
+    tls = args.tls_context
     if variant == "streamreader":
-        server = await asyncio.start_server(stream_handler(meter), HOST, 0)
+        server = await asyncio.start_server(stream_handler(meter), HOST, 0, ssl=tls)
     else:
         factories: dict[str, Callable[[], asyncio.BaseProtocol]] = {
             "ceiling": lambda: Ceiling(meter),
@@ -277,12 +311,14 @@ async def serve_variant(variant: str, args: argparse.Namespace, per_conn: int) -
             "pooled": lambda: Pooled(meter, pool, ring_size),
             "pooled-batch": lambda: PooledBatch(meter, pool, ring_size),
         }
-        server = await loop.create_server(factories[variant], HOST, 0)
+        server = await loop.create_server(factories[variant], HOST, 0, ssl=tls)
     port = server.sockets[0].getsockname()[1]
     connections = 2
-    client = subprocess.Popen(
-        [sys.executable, __file__, "--client", str(port), str(per_conn), str(connections)]
-    )
+    cmd = [sys.executable, __file__, "--client", str(port), str(per_conn), str(connections),
+           "--sizes", args.sizes]
+    if args.cert is not None:
+        cmd += ["--client-cert", str(args.cert)]
+    client = subprocess.Popen(cmd)
     runs = [await asyncio.wait_for(meter.done.get(), 600) for _ in range(connections)]
     await asyncio.to_thread(client.wait, 60)
     server.close()
@@ -321,14 +357,36 @@ def main() -> None:
     parser.add_argument("--loops", default=",".join(LOOPS))
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--ring-kb", type=int, default=256, help="PooledProtocol ring size (KiB)")
+    parser.add_argument("--sizes", choices=("mix", "small"), default="mix",
+                        help="record sizes: the mix (default) or all 100-300 B")
+    parser.add_argument("--tls", action="store_true",
+                        help="terminate TLS in the server (TLS 1.3, throwaway certificate)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--client", nargs=3, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--client-cert", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
-        run_client(*args.client)
+        run_client(*args.client, cert=args.client_cert, sizes=args.sizes)
         return
+    args.cert = None
+    args.tls_context = None
+    directory = Path(tempfile.mkdtemp(prefix="bench-stream-tls-")) if args.tls else None
+    try:
+        if directory is not None:
+            from bufpool.loadtest._tls import make_certificate
 
-    block, block_records = record_block()
+            args.cert, key = make_certificate(directory, ["localhost"])
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(args.cert, key)
+            args.tls_context = ctx
+        measure_all(args)
+    finally:
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def measure_all(args: argparse.Namespace) -> None:
+    block, block_records = record_block(sizes=args.sizes)
     per_conn = args.mb * 1_000_000
     loops = args.loops.split(",")
     variants = args.variants.split(",")
@@ -343,10 +401,20 @@ def main() -> None:
         lp: {v: summarize(runs[lp, v], block_records, len(block), per_conn) for v in variants}
         for lp in loops
     }
+    if "naive" in variants:  # per-round ratios: both sides of a round ran under the same load
+        for lp in loops:
+            for v in variants:
+                mbs = [r.nbytes / r.wall / (n.nbytes / n.wall)
+                       for r, n in zip(runs[lp, v], runs[lp, "naive"], strict=True)]
+                cpu = [(r.cpu / max(r.records, 1)) / (n.cpu / max(n.records, 1))
+                       for r, n in zip(runs[lp, v], runs[lp, "naive"], strict=True)]
+                results[lp][v].update(mbs_vs_naive_min=min(mbs), mbs_vs_naive_max=max(mbs),
+                                      cpu_vs_naive_min=min(cpu), cpu_vs_naive_max=max(cpu))
     report(results, args)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+            saved = {k: v for k, v in vars(args).items() if k not in ("tls_context", "cert")}
+            json.dump({"args": saved, "results": results}, f, indent=2)
 
 
 def report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Namespace) -> None:
@@ -354,8 +422,8 @@ def report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Names
     from rich.table import Table
 
     table = Table(
-        title=f"record framing over loopback, {args.mb} MB x {args.repeat} per variant "
-        f"(median), ring {args.ring_kb} KiB"
+        title=f"record framing ({args.sizes}) over loopback{' over TLS 1.3' if args.tls else ''}, "
+        f"{args.mb} MB x {args.repeat} per variant (median), ring {args.ring_kb} KiB"
     )
     for col in (
         "loop",
@@ -364,7 +432,8 @@ def report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Names
         "records/s",
         "CPU µs/rec",
         "minor faults",
-        "x naive rec/s",
+        "x naive MB/s (rounds)",
+        "x naive CPU/rec (rounds)",
         "% of ceiling",
     ):
         table.add_column(col, justify="right")
@@ -380,10 +449,14 @@ def report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Names
                 f"{m['records/s']:,.0f}" if parsed else "-",
                 f"{m['cpu_us_per_record']:.2f}",
                 f"{m['minflt']:,.0f}",
-                f"{m['records/s'] / naive['records/s']:.2f}x" if naive and parsed else "-",
+                f"{m['MB/s'] / naive['MB/s']:.2f}x ({m['mbs_vs_naive_min']:.2f}-"
+                f"{m['mbs_vs_naive_max']:.2f})" if naive and parsed else "-",
+                f"{m['cpu_us_per_record'] / naive['cpu_us_per_record']:.2f}x "
+                f"({m['cpu_vs_naive_min']:.2f}-{m['cpu_vs_naive_max']:.2f})"
+                if naive and parsed else "-",
                 f"{100 * m['MB/s'] / ceiling['MB/s']:.0f}%" if ceiling else "-",
             )
-    Console().print(table)
+    Console(width=200).print(table)
 
 
 if __name__ == "__main__":

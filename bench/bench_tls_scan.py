@@ -1,9 +1,17 @@
-"""TLSRecordSplitter records/s: the compiled scanner vs the pure-Python reference, one run.
+"""TLSRecordSplitter records/s against the naive splitter a user would write, one run.
 
-Both splitters run in this process on the same streams, in alternating rounds (best round
-kept, the usual timeit practice on a shared machine): ``TLSRecordSplitter`` (the compiled
-scanner of bufpool/tls/_cscan.c when it is built) and ``_ReferenceSplitter`` (the pure-Python
-``_scan``/expiry loops, whatever is built).  Everything else (pool, ring, joins) is shared.
+Three splitters run in this process on the same streams, in alternating rounds:
+
+  naive    ``buf += chunk``; per record ``bytes(buf[5:5 + n])`` and ``del buf[:5 + n]``
+           (no validation at all; records as (type, payload bytes) tuples)
+  python   ``_ReferenceSplitter``: the pure-Python scan loop (records of the active type)
+  c        ``TLSRecordSplitter``: the compiled scanner and record type of
+           bufpool/tls/_cscan.c when it is built
+
+Every variant reads ``len(payload)`` of every record it hands out (the consumer's minimum).
+Per workload and path the table shows the best round's ns per record and records/s, and the
+ratio compiled/naive and compiled/pure-Python records/s as best-of and as the min-max over
+the rounds (each round times all three back to back, so a round's ratio shares its load).
 
 Workloads (application_data records after one handshake record):
 
@@ -19,6 +27,7 @@ splitter call, including the expiry of the previous call's records.
     python bench/bench_tls_scan.py                # a few seconds
     python bench/bench_tls_scan.py --rounds 9 --mb 8
     python bench/bench_tls_scan.py --pure-core    # also: everything pure Python (subprocess)
+    python bench/bench_tls_scan.py --parts        # where the time goes, 100-300 B records
 """
 
 from __future__ import annotations
@@ -62,12 +71,37 @@ def stream_of(sizes: Callable[[random.Random], int], nbytes: int, seed: int = 7
     return bytes(out), count
 
 
+def time_naive(chunks: list[bytes]) -> float:
+    """The naive splitter: a growing bytearray, a copy per record, a delete from the front."""
+    buf = bytearray()
+    n = 0
+    total = 0
+    t0 = time.perf_counter_ns()
+    for c in chunks:
+        buf += c
+        out = []
+        while len(buf) >= 5:
+            ln = buf[3] << 8 | buf[4]
+            if len(buf) < 5 + ln:
+                break
+            out.append((buf[0], bytes(buf[5:5 + ln])))
+            del buf[:5 + ln]
+        for _, payload in out:
+            total += len(payload)
+        n += len(out)
+    return (time.perf_counter_ns() - t0) / n
+
+
 def time_feed(cls: type[TLSRecordSplitter], chunks: list[bytes], pool: BufferPool) -> float:
     s = cls(pool=pool)
     n = 0
+    total = 0
     t0 = time.perf_counter_ns()
     for c in chunks:
-        n += len(s.feed(c))
+        out = s.feed(c)
+        for rec in out:
+            total += len(rec.payload)
+        n += len(out)
     s.feed(b"")  # expires the last call's records
     dt = time.perf_counter_ns() - t0
     s.close()
@@ -77,6 +111,7 @@ def time_feed(cls: type[TLSRecordSplitter], chunks: list[bytes], pool: BufferPoo
 def time_ring(cls: type[TLSRecordSplitter], stream: bytes, pool: BufferPool) -> float:
     s = cls(pool=pool)
     n = 0
+    total = 0
     dt = 0
     pos = 0
     view = memoryview(stream)
@@ -90,7 +125,10 @@ def time_ring(cls: type[TLSRecordSplitter], stream: bytes, pool: BufferPool) -> 
         del buf
         pos += k
         t0 = clock()
-        n += len(s.buffer_updated(k))
+        out = s.buffer_updated(k)
+        for rec in out:
+            total += len(rec.payload)
+        n += len(out)
         dt += clock() - t0
     t0 = clock()
     s.expire()
@@ -106,16 +144,99 @@ def measure(mb: float, rounds: int, workloads: list[str]) -> list[dict[str, Any]
         stream, count = stream_of(WORKLOADS[name], int(mb * 1e6))
         chunks = [stream[i:i + 65536] for i in range(0, len(stream), 65536)]
         for path in ("feed", "ring"):
-            best: dict[str, float] = {}
-            for _ in range(rounds):
-                for label, cls in (("python", _ReferenceSplitter), ("c", TLSRecordSplitter)):
-                    ns = (time_feed(cls, chunks, pool) if path == "feed"
-                          else time_ring(cls, stream, pool))
-                    best[label] = min(best.get(label, ns), ns)
+            per_round: list[dict[str, float]] = []
+            for i in range(rounds):
+                ns: dict[str, float] = {}
+                order = [("naive", None), ("python", _ReferenceSplitter),
+                         ("c", TLSRecordSplitter)]
+                if i % 2:
+                    order.reverse()
+                for label, cls in order:
+                    if cls is None:
+                        ns[label] = time_naive(chunks)
+                    elif path == "feed":
+                        ns[label] = time_feed(cls, chunks, pool)
+                    else:
+                        ns[label] = time_ring(cls, stream, pool)
+                per_round.append(ns)
+            best = {k: min(r[k] for r in per_round) for k in ("naive", "python", "c")}
+            vs_naive = [r["naive"] / r["c"] for r in per_round]
+            vs_py = [r["python"] / r["c"] for r in per_round]
             rows.append({"workload": name, "path": path, "records": count,
-                         "python_ns": best["python"], "c_ns": best["c"],
-                         "ratio": best["python"] / best["c"]})
+                         "naive_ns": best["naive"], "python_ns": best["python"],
+                         "c_ns": best["c"], "ratio": best["python"] / best["c"],
+                         "vs_naive": best["naive"] / best["c"],
+                         "vs_naive_range": [min(vs_naive), max(vs_naive)],
+                         "vs_python_range": [min(vs_py), max(vs_py)]})
     return rows
+
+
+def parts(rounds: int) -> None:
+    """ns per 100-300 B record of the pieces of ``feed`` (whole-record 64 KiB chunks, so the
+    scan alone sees only complete records): the compiled scan, ``feed`` with the expiry, and
+    ``feed`` with every ``len(rec.payload)`` read; plus the bare consumer loop."""
+    from bufpool.tls import _splitter
+
+    pool = BufferPool(leak_detection="off")
+    stream, _ = stream_of(WORKLOADS["small"], 4_000_000)
+    chunks: list[bytes] = []
+    cur = bytearray()
+    pos = len(HELLO)
+    while pos < len(stream):
+        n = 5 + (stream[pos + 3] << 8 | stream[pos + 4])
+        if len(cur) + n > 65536:
+            chunks.append(bytes(cur))
+            cur = bytearray()
+        cur += stream[pos:pos + n]
+        pos += n
+    chunks.append(bytes(cur))
+    limit = 18432
+
+    def scan_only() -> float:
+        n = 0
+        t = time.perf_counter_ns()
+        for c in chunks:
+            out: list[Any] = []
+            m = memoryview(c)
+            _splitter._c_scan(m, 0, len(m), 0, out, limit, pool)
+            n += len(out)
+        return (time.perf_counter_ns() - t) / n
+
+    def feed(read: bool) -> float:
+        s = TLSRecordSplitter(pool=pool, mid_stream=True)
+        n = total = 0
+        t = time.perf_counter_ns()
+        for c in chunks:
+            out = s.feed(c)
+            n += len(out)
+            if read:
+                for rec in out:
+                    total += len(rec.payload)
+        s.feed(b"")
+        dt = time.perf_counter_ns() - t
+        s.close()
+        return dt / n
+
+    def loop_only() -> float:
+        lists = [[None] * 300 for _ in range(len(chunks))]
+        n = total = 0
+        t = time.perf_counter_ns()
+        for out in lists:
+            for _rec in out:
+                total += 1
+            n += len(out)
+        return (time.perf_counter_ns() - t) / n
+
+    pieces: list[tuple[str, Callable[[], float]]] = [
+        ("feed, expiry", lambda: feed(False)),
+        ("feed, expiry, len(payload)", lambda: feed(True)),
+        ("bare consumer loop", loop_only),
+    ]
+    if SCANNER == "c":
+        pieces.insert(0, ("compiled scan alone", scan_only))
+    print(f"ns per 100-300 B record, best of {rounds} (scanner {SCANNER}):")
+    for label, f in pieces:
+        print(f"  {label:28} {min(f() for _ in range(rounds)):6.0f}")
 
 
 def pure_core(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -138,9 +259,14 @@ def main() -> None:
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--pure-core", action="store_true",
                         help="also run everything pure Python in a subprocess")
+    parser.add_argument("--parts", action="store_true",
+                        help="only time the pieces of feed() on 100-300 B records")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--json-stdout", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.parts:
+        parts(args.rounds)
+        return
     rows = measure(args.mb, args.rounds, args.workloads.split(","))
     if args.json_stdout:
         print(json.dumps(rows))
@@ -150,20 +276,27 @@ def main() -> None:
     if SCANNER != "c":
         print("(the compiled scanner is not active: both columns are the pure-Python "
               "reference)")
-    head = (f"{'workload':8} {'path':5} {'pure Python':>20} {'compiled scanner':>20} "
-            f"{'ratio':>7}")
+    head = (f"{'workload':8} {'path':5} {'naive':>18} {'pure Python':>18} "
+            f"{'compiled':>18} {'c/naive (rounds)':>21} {'c/python (rounds)':>21}")
     print(head)
     print("-" * len(head))
+
+    def cell(ns: float) -> str:
+        return f"{1e9 / ns / 1e6:6.2f} M/s {ns:5.0f} ns"
+
     for r in rows:
-        py, c = float(r["python_ns"]), float(r["c_ns"])
-        print(f"{r['workload']!s:8} {r['path']!s:5} "
-              f"{1e9 / py / 1e6:7.2f} M/s {py:6.0f} ns  {1e9 / c / 1e6:7.2f} M/s {c:6.0f} ns "
-              f"{py / c:6.2f}x")
+        nv, py, c = float(r["naive_ns"]), float(r["python_ns"]), float(r["c_ns"])
+        lo, hi = r["vs_naive_range"]
+        plo, phi = r["vs_python_range"]
+        print(f"{r['workload']!s:8} {r['path']!s:5} {cell(nv)} {cell(py)} {cell(c)} "
+              f"{nv / c:5.2f}x ({lo:.2f}-{hi:.2f}) {py / c:5.2f}x ({plo:.2f}-{phi:.2f})")
+    print("(naive validates nothing and has no ring path: its figure is the same per workload)")
     if args.pure_core:
         print("\neverything pure Python (BUFPOOL_NO_EXTENSIONS=1, its own process):")
         for r in pure_core(args):
-            py = float(r["python_ns"])
-            print(f"{r['workload']!s:8} {r['path']!s:5} {1e9 / py / 1e6:7.2f} M/s {py:6.0f} ns")
+            py, nv = float(r["python_ns"]), float(r["naive_ns"])
+            print(f"{r['workload']!s:8} {r['path']!s:5} {1e9 / py / 1e6:7.2f} M/s {py:6.0f} ns"
+                  f"  ({nv / py:.2f}x naive)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

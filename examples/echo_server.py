@@ -6,6 +6,7 @@ which releases the chain at once — the pool keeps those slots out of circulati
 transport has sent them.  Reading pauses while the peer does not read our writes.
 
     python examples/echo_server.py --port 8888 --loop uvloop
+    python examples/echo_server.py --tls     # TLS terminated in the server, decrypted into the ring
 """
 
 from __future__ import annotations

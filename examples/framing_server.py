@@ -9,6 +9,7 @@ Frames are hashed in place from the ring (``peek``): no copy unless a frame stra
 ring's end (then one counted copy).  Replies are written from pooled leases.
 
     python examples/framing_server.py --port 8889 --loop uvloop --max-frame 1048576
+    python examples/framing_server.py --tls  # TLS terminated in the server, decrypted into the ring
 """
 
 from __future__ import annotations

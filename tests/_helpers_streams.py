@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import ssl
 import struct
 from collections.abc import Callable
 
@@ -110,8 +111,13 @@ class FrameCollector(PooledProtocol):
 class Server:
     """A loopback server whose protocols are kept for inspection."""
 
-    def __init__(self, factory: Callable[[], PooledProtocol]) -> None:
+    def __init__(
+        self, factory: Callable[[], PooledProtocol], *, ssl: ssl.SSLContext | None = None,
+        ssl_handshake_timeout: float | None = None,
+    ) -> None:
         self.factory = factory
+        self.ssl = ssl
+        self.ssl_handshake_timeout = ssl_handshake_timeout
         self.protocols: list[PooledProtocol] = []
         self.server: asyncio.Server | None = None
         self.port = 0
@@ -123,7 +129,9 @@ class Server:
 
     async def __aenter__(self) -> Server:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(self._make, HOST, 0)
+        self.server = await loop.create_server(
+            self._make, HOST, 0, ssl=self.ssl, ssl_handshake_timeout=self.ssl_handshake_timeout
+        )
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 

@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -37,9 +38,18 @@ class Example:
         assert line.startswith("listening on "), line + self.proc.stderr.read()  # type: ignore[union-attr]
         host, port = line.split()[-1].rsplit(":", 1)
         self.address = (host, int(port))
+        self.cert: Path | None = None
+        if "--tls" in extra:
+            line = self.proc.stdout.readline()
+            assert line.startswith("certificate "), line
+            self.cert = Path(line.split(" ", 1)[1].strip())
 
     def connect(self) -> socket.socket:
-        return socket.create_connection(self.address, timeout=TIMEOUT)
+        sock = socket.create_connection(self.address, timeout=TIMEOUT)
+        if self.cert is None:
+            return sock
+        ctx = ssl.create_default_context(cafile=str(self.cert))  # trusts exactly that one
+        return ctx.wrap_socket(sock, server_hostname="localhost")
 
     def stop(self) -> dict[str, object]:
         """SIGTERM; returns the pool stats the example printed on its way out."""
@@ -136,4 +146,57 @@ def test_framing_server_rejects_an_oversized_frame_and_closes(framing: Example) 
         assert message == b"error: frame of 300001 bytes exceeds max_frame=300000"
         assert sock.recv(1) == b""
     stats = framing.stop()
+    assert stats["in_use"] == 0 and stats["heap_in_use"] == 0
+
+
+@pytest.fixture
+def echo_tls(loop_name: str) -> Iterator[Example]:
+    ex = Example("echo_server.py", loop_name, "--tls")
+    yield ex
+    if ex.proc.poll() is None:
+        ex.proc.kill()
+        ex.proc.wait()
+
+
+@pytest.fixture
+def framing_tls(loop_name: str) -> Iterator[Example]:
+    ex = Example("framing_server.py", loop_name, "--tls", "--max-frame", "300000")
+    yield ex
+    if ex.proc.poll() is None:
+        ex.proc.kill()
+        ex.proc.wait()
+
+
+def test_echo_server_over_tls_returns_every_byte(echo_tls: Example) -> None:
+    data = random.Random(3).randbytes(1024 * 1024 + 5)
+    cert = echo_tls.cert
+    with echo_tls.connect() as tls:
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        for i in range(0, len(data), 40_000):  # one chunk in flight: no concurrent SSL calls
+            piece = data[i:i + 40_000]
+            tls.sendall(piece)
+            assert recv_exactly(tls, len(piece)) == piece
+        tls.sendall(b"x")
+        assert recv_exactly(tls, 1) == b"x"
+    stats = echo_tls.stop()
+    assert stats["in_use"] == 0 and stats["heap_in_use"] == 0
+    assert cert is not None and not cert.exists()  # the throwaway certificate is gone
+
+
+def test_framing_server_over_tls_hashes_frames_and_refuses_oversize(framing_tls: Example) -> None:
+    rng = random.Random(4)
+    payloads = [rng.randbytes(rng.choice([0, 1, 200, 3000, 16384, 70_000])) for _ in range(40)]
+    with framing_tls.connect() as tls:
+        for p in payloads:
+            tls.sendall(struct.pack(">I", len(p)) + p)
+            (n,) = struct.unpack(">I", recv_exactly(tls, 4))
+            assert recv_exactly(tls, n) == hashlib.sha256(p).digest()
+        tls.sendall(struct.pack(">I", 300_001) + b"x" * 100)
+        (n,) = struct.unpack(">I", recv_exactly(tls, 4))
+        assert recv_exactly(tls, n) == b"error: frame of 300001 bytes exceeds max_frame=300000"
+        try:
+            assert tls.recv(1) == b""  # close_notify (or a plain close) after the error
+        except (ConnectionError, ssl.SSLError):
+            pass
+    stats = framing_tls.stop()
     assert stats["in_use"] == 0 and stats["heap_in_use"] == 0

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import bufpool
 from bufpool.tls import MAX_CIPHERTEXT, RecordViewHeldError, TLSRecord, TLSRecordSplitter, _splitter
-from bufpool.tls._records import CONTENT_TYPES
+from bufpool.tls._records import CONTENT_TYPES, PyTLSRecord
 from tests._tls_helpers import HELLO, real_tls_streams, rec
 
 Reference = _splitter._ReferenceSplitter
@@ -46,7 +46,8 @@ def describe_view(v: memoryview) -> tuple[Any, ...]:
 
 
 def describe(r: TLSRecord) -> tuple[Any, ...]:
-    assert type(r) is TLSRecord
+    # the reference hands out the pure-Python record class, the splitter the active type
+    assert type(r) in (TLSRecord, PyTLSRecord)
     return (r.content_type, type(r.content_type), r.version, r.offset, r.length,
             describe_view(r.raw), describe_view(r.payload), r._lease is None, r._pool is POOL,
             repr(r))
@@ -283,3 +284,46 @@ def test_compiled_scan_leaks_no_references() -> None:
     gc.collect()
     pool.reclaim()
     assert pool.stats().in_use == 0
+
+
+def test_views_never_read_before_expiry_fail_the_same_way() -> None:
+    """The compiled record makes its views on first read: one that nobody read before the
+    next call must fail like the reference's released views (raw is a released view,
+    payload/length/detach raise ValueError, repr says stale), on both input paths."""
+    stream = HELLO + rec(23, b"abc") + rec(23, b"")
+    seen = []
+    for cls in (Reference, TLSRecordSplitter):
+        s = cls(pool=POOL)
+        fed = s.feed(stream)
+        buf = s.get_buffer(-1)
+        buf[:len(stream) - len(HELLO)] = stream[len(HELLO):]
+        del buf
+        pulled = s.buffer_updated(len(stream) - len(HELLO))
+        s.expire()
+        for r in (*fed, *pulled):
+            raw = r.raw
+            with pytest.raises(ValueError, match="released"):
+                bytes(raw)
+            with pytest.raises(ValueError, match="released"):
+                r.payload  # noqa: B018
+            with pytest.raises(ValueError, match="released"):
+                r.length  # noqa: B018
+            with pytest.raises(ValueError, match="released"):
+                r.detach()
+            seen.append((cls.__name__ != "TLSRecordSplitter", repr(r), r.offset, r.version,
+                         r.content_type, r._lease is None))
+        del fed, pulled, r, raw
+        s.close()
+    half = len(seen) // 2
+    assert [x[1:] for x in seen[:half]] == [x[1:] for x in seen[half:]]
+    assert all("stale" in x[1] for x in seen)
+
+
+def test_a_record_read_once_keeps_its_views() -> None:
+    for cls in (Reference, TLSRecordSplitter):
+        s = cls(pool=POOL)
+        (_, r) = s.feed(HELLO + rec(23, b"abcd"))
+        assert r.raw is r.raw and r.payload is r.payload  # made once, the same view after
+        assert r.payload.obj is r.raw.obj
+        assert r._payload is r.payload
+        s.close()

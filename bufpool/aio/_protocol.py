@@ -12,6 +12,14 @@ Goals: no per-read allocation and no copy on the receive path; identical behavio
 default loop and on uvloop (the selector loop asks ``get_buffer(-1)``, uvloop
 ``get_buffer(65536)``; the hint is advisory and never makes the ring grow).
 
+TLS: behind ``create_server(..., ssl=ctx)`` both loops' SSL transports decrypt straight into
+the ``get_buffer`` view (hints: asyncio the ciphertext bytes pending, possibly 0; uvloop that
+plus 256), so plaintext lands in the ring's pool memory.  ``connection_made`` runs after the
+handshake (a failed one allocates nothing); the peer's close_notify calls ``eof_received``,
+after which the transport closes whatever it returns (TLS has no half-close on either loop);
+``pause_reading`` stops decryption into the ring while ciphertext buffers in the SSL layer up
+to its high-water mark (256 KiB).
+
 Bounds: memory per connection is at most ``max_capacity`` bytes of ring plus the scratch area
 of linearizing peeks (at most the largest peek); the work per read is O(1) plus the hook's.
 
@@ -108,7 +116,8 @@ class PooledProtocol(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool | None:
         """The peer will send no more.  Return True to keep the write side open (the
-        default, None, lets the transport close).  Buffered data is still in ``self.ring``."""
+        default, None, lets the transport close; over TLS the transport closes anyway and
+        logs a warning for True).  Buffered data is still in ``self.ring``."""
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -17,6 +17,8 @@ from enum import IntEnum
 from struct import Struct
 from typing import TYPE_CHECKING, Final
 
+from bufpool._impl import load_extension
+
 from ._errors import (
     NotTLSError,
     RecordOverflowError,
@@ -159,6 +161,11 @@ class TLSRecord:
     Lifetime: the views are valid until the next ``feed()``/``get_buffer()`` of the splitter
     that produced the record.  Then they are released: using them raises ValueError ("operation
     forbidden on released memoryview object").  Keep a record longer with :meth:`detach`.
+
+    This is the pure-Python class (also :data:`PyTLSRecord`).  When the compiled extension is
+    built, ``TLSRecord`` is its type instead: the same attributes, behaviour and errors, with
+    ``raw`` and ``payload`` made on first read rather than by the scan, so a record whose
+    views nobody reads costs no memoryview.
     """
 
     __slots__ = ("_lease", "_payload", "_pool", "content_type", "offset", "raw", "version")
@@ -188,27 +195,37 @@ class TLSRecord:
         """Copy the record into a pooled lease (``pool``, default the splitter's pool) that
         stays valid until you release it.  One copy of ``len(raw)`` bytes; a record that had
         to be joined across a wrap is handed over without a second copy."""
-        raw = self.raw  # raises ValueError when stale
-        lease = self._lease
-        if lease is not None and (pool is None or pool is self._pool):
-            lease.retain()
-            return DetachedRecord(self.content_type, self.version, lease)
-        target = pool if pool is not None else self._pool
-        if target is None:
-            from bufpool import BufferPool  # only reached without any pool configured
-
-            target = self._pool = BufferPool()
-        lease = target.acquire(len(raw))
-        lease.view[:] = raw
-        return DetachedRecord(self.content_type, self.version, lease)
+        return _detach(self, pool)
 
     def __repr__(self) -> str:
-        try:
-            size = f"{len(self.raw) - 5} B"
-        except ValueError:
-            size = "stale"
-        ct = self.content_type.name
-        return f"<TLSRecord {ct} v{self.version:#06x} {size} at offset {self.offset}>"
+        return _record_repr(self)
+
+
+def _detach(rec: TLSRecord, pool: BufferPool | None) -> DetachedRecord:
+    """``TLSRecord.detach`` of both record types (this class and the compiled one)."""
+    raw = rec.raw  # raises ValueError when stale
+    lease = rec._lease
+    if lease is not None and (pool is None or pool is rec._pool):
+        lease.retain()
+        return DetachedRecord(rec.content_type, rec.version, lease)
+    target = pool if pool is not None else rec._pool
+    if target is None:
+        from ._splitter import default_pool  # only reached without any pool configured
+
+        target = default_pool()
+    lease = target.acquire(len(raw))
+    lease.view[:] = raw
+    return DetachedRecord(rec.content_type, rec.version, lease)
+
+
+def _record_repr(rec: TLSRecord) -> str:
+    """``repr`` of both record types."""
+    try:
+        size = f"{len(rec.raw) - 5} B"
+    except ValueError:
+        size = "stale"
+    ct = rec.content_type.name
+    return f"<TLSRecord {ct} v{rec.version:#06x} {size} at offset {rec.offset}>"
 
 
 class DetachedRecord:
@@ -243,3 +260,14 @@ class DetachedRecord:
 
     def __repr__(self) -> str:
         return f"<DetachedRecord {self.content_type.name} {len(self.lease) - 5} B>"
+
+
+#: The compiled record type and scanner (bufpool/tls/_cscan.c), chosen by the rules of
+#: ``bufpool._impl`` (``BUFPOOL_NO_EXTENSIONS=1`` forces pure Python), or None.  When it is
+#: built, :class:`TLSRecord` is its compiled type (same attributes, views made on first read).
+_cscan = load_extension("bufpool.tls._cscan")
+#: The pure-Python record class, whichever type :class:`TLSRecord` is.
+PyTLSRecord: Final = TLSRecord
+if _cscan is not None:
+    _cscan.init(CONTENT_TYPES, _detach, _record_repr)
+    TLSRecord = _cscan.TLSRecord  # type: ignore[misc]

@@ -20,9 +20,11 @@ whatever the input.  Memory held between calls: the ring (``ring_capacity`` byte
 pool) plus, until the next call, the records handed out by the last one.
 
 Lifetimes: records returned by a call are valid until the next ``feed``/``get_buffer``/
-``close``; their views are then released (stale use raises ValueError).  On the ring paths a
-view still exported, or derived from a record (a slice, ``memoryview(rec.raw)``) and still
-alive, at that point raises :class:`RecordViewHeldError`.
+``close``; their views are then released (stale use raises ValueError).  With the compiled
+record type a record makes its views when first read, and expiry marks every record stale and
+releases only the views that were made: one pass per call, no per-record view otherwise.
+On the ring paths a view still exported, or derived from a record (a slice,
+``memoryview(rec.raw)``) and still alive, at that point raises :class:`RecordViewHeldError`.
 """
 
 from __future__ import annotations
@@ -33,14 +35,15 @@ from pickle import PickleBuffer
 from typing import TYPE_CHECKING, Final, Literal, cast
 
 from bufpool import RingBuffer
-from bufpool._impl import load_extension
 
+from . import _records
 from ._errors import SplitterFailedError, TLSRecordError, TruncatedRecordError
 from ._records import (
     CONTENT_TYPES,
     HEADER,
     MAX_CIPHERTEXT,
     MAX_CIPHERTEXT_TLS13,
+    PyTLSRecord,
     TLSRecord,
     diagnose_header,
 )
@@ -64,17 +67,19 @@ MIN_RING_CAPACITY: Final = 2 * (5 + MAX_CIPHERTEXT)
 
 _new = object.__new__
 
-#: The compiled scanner (bufpool/tls/_cscan.c), chosen by the rules of ``bufpool._impl``
-#: (``BUFPOOL_NO_EXTENSIONS=1`` forces pure Python), or None.
-_cscan = load_extension("bufpool.tls._cscan")
+#: The compiled scanner and record type (bufpool/tls/_cscan.c, loaded by ``_records``), or None.
+_cscan = _records._cscan
 #: "c" when the record scan and expiry loops run compiled, "python" otherwise.
 SCANNER: Final[Literal["c", "python"]] = "python" if _cscan is None else "c"
 if _cscan is not None:
-    _cscan.init(TLSRecord, CONTENT_TYPES)
     _c_scan = cast(
         "Callable[[memoryview, int, int, int, list[TLSRecord], int, BufferPool], int]",
         _cscan.scan,
     )
+_MakeRecord = Callable[[int, int, int, memoryview, int, int, "BufferPool", "Lease | None"],
+                       TLSRecord]
+#: Builds one compiled record (for the Python paths), or None without the extension.
+_c_make: _MakeRecord | None = None if _cscan is None else _cscan.make
 #: Size classes of :func:`default_pool`: the six defaults plus 512/2048/8192-byte steps, so
 #: detached records of a realistic mix (40% 100-300 B, 30% 1-4 KiB, 30% full records) waste
 #: about 14% of slot bytes instead of about 18% with the six default classes
@@ -393,6 +398,11 @@ class TLSRecordSplitter:
         return head
 
     def _check_partial(self, head: bytes, offset: int, out: list[TLSRecord]) -> None:
+        if len(head) == 5 and not self._first:  # the common case, without diagnose_header's walk
+            ct = head[0]
+            ln = head[3] << 8 | head[4]
+            if 20 <= ct <= 24 and head[1] == 3 and ln <= self._max and (ln or ct == 23):
+                return
         err = diagnose_header(head, offset=offset, first=self._first, max_length=self._max)
         if err is not None:
             self._fail(err, out)
@@ -415,6 +425,7 @@ class TLSRecordSplitter:
         pool = self._pool
         append = out.append
         new = _new
+        make = self._make
         while end - pos >= 5:
             ct, ver, ln = unpack(mv, pos)
             if ln > limit or ver >> 8 != 3 or not 20 <= ct <= 24 or (not ln and ct != 23):
@@ -422,15 +433,18 @@ class TLSRecordSplitter:
             stop = pos + 5 + ln
             if stop > end:
                 return pos
-            rec = new(TLSRecord)
-            rec.content_type = cts[ct]  # 20..24 checked above
-            rec.version = ver
-            rec.offset = base + pos
-            rec.raw = mv[pos:stop]
-            rec._payload = None
-            rec._pool = pool
-            rec._lease = None
-            append(rec)
+            if make is None:
+                rec = new(PyTLSRecord)
+                rec.content_type = cts[ct]  # 20..24 checked above
+                rec.version = ver
+                rec.offset = base + pos
+                rec.raw = mv[pos:stop]
+                rec._payload = None
+                rec._pool = pool
+                rec._lease = None
+                append(rec)
+            else:  # the compiled record type
+                append(make(ct, ver, base + pos, mv, pos, stop, pool, None))
             pos = stop
         if pos < end:
             self._check_partial(bytes(mv[pos:end]), base + pos, out)
@@ -440,18 +454,23 @@ class TLSRecordSplitter:
         self, mv: memoryview, pos: int, end: int, base: int, out: list[TLSRecord]
     ) -> int:
         """:meth:`_scan_py` with its loop over good complete records in C: the C scanner
-        hands out records while headers pass the fast check and are complete, then
-        :meth:`_scan_py` continues where it stopped (the tail, a bad header, an incomplete
-        record), so errors and partial-header judgements are made by the same code."""
+        hands out records while headers pass the fast check and are complete.  Where it
+        stops at the end of the input or at an incomplete record whose header passed, that is
+        the answer; otherwise (a tail under 5 bytes, a bad header) :meth:`_scan_py` continues
+        from there, so errors and partial-header judgements are made by the same code."""
         if self._first and pos < end:
             if end - pos < 5:
                 return self._scan_py(mv, pos, end, base, out)
             self._check_partial(bytes(mv[pos:pos + 5]), base + pos, out)
             self._first = False
         pos = _c_scan(mv, pos, end, base, out, self._max, self._pool)
-        return self._scan_py(mv, pos, end, base, out)
+        if pos >= 0:  # all consumed, or an incomplete record whose header passed the check
+            return pos
+        return self._scan_py(mv, ~pos, end, base, out)
 
     _scan = _scan_py if _cscan is None else _scan_c
+    # The record type: compiled (made by _make, expired in C) or pure Python (_make None).
+    _make: _MakeRecord | None = None if _c_make is None else staticmethod(_c_make)
     _release: Callable[[list[TLSRecord], bool], int] = staticmethod(
         _release_py if _cscan is None else _cscan.release
     )
@@ -497,7 +516,8 @@ class TLSRecordSplitter:
         k = len(ring)
         offset = base - k
         views = ring.readable_views()
-        head = b"".join(bytes(v[:5]) for v in views)[:5]
+        first = views[0]
+        head = bytes(first[:5]) if len(first) >= 5 else b"".join(bytes(v[:5]) for v in views)[:5]
         used = 0
         if len(head) < 5:
             used = min(5 - len(head), n)
@@ -534,7 +554,13 @@ class TLSRecordSplitter:
         self._leases.append(lease)
         self.joined += 1
         self.joined_bytes += len(lease)
-        rec = _new(TLSRecord)
+        make = self._make
+        if make is not None:
+            view = lease.view
+            out.append(make(head[0], (head[1] << 8) | head[2], offset, view, 0, len(view),
+                            self._pool, lease))
+            return
+        rec = _new(PyTLSRecord)
         rec.content_type = CONTENT_TYPES[head[0]]  # type: ignore[assignment]
         rec.version = (head[1] << 8) | head[2]
         rec.offset = offset
@@ -553,8 +579,10 @@ class TLSRecordSplitter:
 
 
 class _ReferenceSplitter(TLSRecordSplitter):
-    """The pure-Python splitter, whichever implementation is active (for the tests that
-    compare both and for bench/bench_tls_scan.py)."""
+    """The pure-Python splitter, whichever implementation is active: the Python scan loop,
+    the pure-Python :class:`TLSRecord` class and its expiry loop (for the tests that compare
+    both and for bench/bench_tls_scan.py)."""
 
     _scan = TLSRecordSplitter._scan_py
+    _make = None
     _release = staticmethod(_release_py)
