@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import os
 import sys
@@ -23,15 +24,29 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from ._abuse import AbuseResult, AttackCrew, sample_pool
+from ._flood import FloodResult, run_flood
 from ._metrics import LoadResult, ServerSampler, ServerUsage, pool_delta, scrape_pool_stats
 from ._schedule import Mix, request_sequence
 from ._server import ServerError, ServerProcess, find_example
 from ._workers import LoadSpec, Running, WorkerPool
 
-__all__ = ["RunRecord", "Session", "Settings", "Target", "run_session"]
+__all__ = [
+    "SCENARIOS",
+    "AbuseRecord",
+    "FloodRecord",
+    "RunRecord",
+    "Session",
+    "Settings",
+    "Target",
+    "run_session",
+]
+
+#: Scenario names, in the order a default run takes them.
+SCENARIOS: Final = ("steady", "flood", "abuse")
 
 #: Embedded configurations, baseline first.
 BASELINE = "no-pool"
@@ -67,6 +82,19 @@ class Settings:
     #: comparison stays fair because pool off and pool on get the same.
     server_env: dict[str, str] = field(default_factory=dict)
     quiet: bool = False
+    #: Scenarios to run, in this order (see SCENARIOS).
+    scenarios: tuple[str, ...] = ("steady", "flood", "abuse")
+    #: flood: simultaneous uploads, bytes per upload, seconds of idle tail after the last reply.
+    flood_clients: int = 96
+    flood_body: int = 8 * 1024 * 1024
+    flood_idle: float = 6.0
+    #: abuse: measured seconds per run, attackers of each kind, legitimate connections, body
+    #: bytes the stalling/trickling heads declare, reply bytes the non-readers ask for.
+    abuse_duration: float = 4.0
+    attackers: int = 16
+    abuse_connections: int = 16
+    attack_declared: int = 8 * 1024 * 1024
+    attack_reply: int = 8 * 1024 * 1024
 
     @property
     def mode(self) -> str:
@@ -82,6 +110,7 @@ class Settings:
             "connections": self.connections,
             "mix": self.mix.describe(),
             "reply": self.reply.describe(),
+            "reply_given": self.reply_given,
             "method": self.method.describe(),
             "url": self.url,
             "workers": self.workers,
@@ -92,6 +121,19 @@ class Settings:
             "timeout_s": self.timeout,
             "seed": self.seed,
             "server_env": dict(self.server_env),
+            "scenarios": list(self.scenarios),
+            "flood": {
+                "clients": self.flood_clients,
+                "body_bytes": self.flood_body,
+                "idle_s": self.flood_idle,
+            },
+            "abuse": {
+                "duration_s": self.abuse_duration,
+                "attackers_per_kind": self.attackers,
+                "legit_connections": self.abuse_connections,
+                "declared_body_bytes": self.attack_declared,
+                "no_read_reply_bytes": self.attack_reply,
+            },
         }
 
 
@@ -122,13 +164,35 @@ class RunRecord:
 
 
 @dataclass
+class FloodRecord:
+    """One flood run (one configuration, one round)."""
+
+    config: str
+    round: int
+    result: FloodResult
+
+
+@dataclass
+class AbuseRecord:
+    """One abuse run (one configuration, one round)."""
+
+    config: str
+    round: int
+    result: AbuseResult
+
+
+@dataclass
 class Session:
-    """Everything measured, in run order."""
+    """Everything measured, in run order.  ``configs``/``runs`` are the steady scenario's."""
 
     settings: Settings
     configs: list[str]
     runs: list[RunRecord] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    flood: list[FloodRecord] = field(default_factory=list)
+    abuse: list[AbuseRecord] = field(default_factory=list)
+    #: Wall-clock seconds of each scenario, servers' start and stop included.
+    wall_s: dict[str, float] = field(default_factory=dict)
 
     def by_config(self) -> dict[str, tuple[LoadResult, ServerUsage | None, dict[str, Any] | None]]:
         """Rounds of each configuration combined: histograms merged, durations added."""
@@ -424,32 +488,193 @@ async def _one_run(
     return result, usage, (pool_delta(before, after) if after is not None else None)
 
 
-async def run_session(
+async def _targets(
+    settings: Settings, stack: contextlib.AsyncExitStack, say: Callable[[str], None]
+) -> list[Target]:
+    if settings.url is not None:
+        return [_url_target(settings)]
+    say("starting the example server twice (pool off, pool on)")
+    return await _start_embedded(settings, stack)
+
+
+async def _run_steady(
     settings: Settings,
-    progress: ProgressHook | None = None,
-    on_status: Callable[[str], None] | None = None,
-) -> Session:
-    """Start what is needed, warm up, run the interleaved rounds, stop everything."""
-    say = on_status or (lambda _msg: None)
+    session: Session,
+    progress: ProgressHook | None,
+    say: Callable[[str], None],
+) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        if settings.url is not None:
-            targets = [_url_target(settings)]
-        else:
-            say("starting the example server twice (pool off, pool on)")
-            targets = await _start_embedded(settings, stack)
+        targets = await _targets(settings, stack, say)
         workers: WorkerPool | None = None
         if settings.workers > 1:
             workers = WorkerPool(settings.workers)
             stack.callback(workers.close)
-        session = Session(settings, [t.name for t in targets])
+        session.configs = [t.name for t in targets]
         if settings.warmup > 0:
             for t in targets:
                 await _one_run(settings, t, workers, f"warm-up {t.name}", settings.warmup, progress)
         for rnd in range(1, settings.rounds + 1):
             for t in targets:
-                label = f"round {rnd}/{settings.rounds} {t.name}"
+                label = f"steady {rnd}/{settings.rounds} {t.name}"
                 load, usage, pool = await _one_run(
                     settings, t, workers, label, settings.duration, progress
                 )
                 session.runs.append(RunRecord(t.name, rnd, load, usage, pool))
-        return session
+
+
+def _host_port(target: Target) -> tuple[str, int]:
+    if target.server is not None:
+        return target.server.host, target.server.port
+    parts = urlsplit(target.url)
+    return parts.hostname or "127.0.0.1", parts.port or 80
+
+
+def _scraper(target: Target) -> Callable[[], Any]:
+    url = target.stats_url
+
+    async def scrape() -> dict[str, Any] | None:
+        if url is None:
+            return None
+        return await asyncio.to_thread(scrape_pool_stats, url, 5.0, None)
+
+    return scrape
+
+
+def _url_path(settings: Settings) -> str:
+    parts = urlsplit(settings.url or "")
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+async def _run_flood(settings: Settings, session: Session, say: Callable[[str], None]) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        targets = await _targets(settings, stack, say)
+        reply = int(settings.reply.values()[0])
+        path = f"/process?reply={reply}" if settings.url is None else _url_path(settings)
+        for rnd in range(1, settings.rounds + 1):
+            for t in targets:
+                say(
+                    f"flood {rnd}/{settings.rounds} {t.name}: {settings.flood_clients} x "
+                    f"{settings.flood_body / 2**20:g} MiB at once, then {settings.flood_idle:g} s idle"
+                )
+                host, port = _host_port(t)
+                result = await run_flood(
+                    host,
+                    port,
+                    path,
+                    clients=settings.flood_clients,
+                    body=settings.flood_body,
+                    idle=settings.flood_idle,
+                    timeout=max(settings.timeout, 30.0),
+                    server_pid=t.server_pid,
+                    stats=_scraper(t) if t.stats_url else None,
+                )
+                if t.server is not None and not t.server.alive():
+                    raise ServerError(
+                        f"server {t.name!r} exited during the flood:\n{t.server.output_tail()}"
+                    )
+                session.flood.append(FloodRecord(t.name, rnd, result))
+
+
+async def _abuse_run(
+    settings: Settings, target: Target, label: str, progress: ProgressHook | None
+) -> AbuseResult:
+    host, port = _host_port(target)
+    if settings.url is None:
+        post_path, read_path = "/process", f"/bytes/{settings.attack_reply}"
+    else:
+        post_path = read_path = _url_path(settings)
+    crew = AttackCrew(
+        host,
+        port,
+        settings.attackers,
+        declared=settings.attack_declared,
+        post_path=post_path,
+        read_path=read_path,
+    )
+    res = AbuseResult(duration_s=settings.abuse_duration)
+    sampler = ServerSampler(target.server_pid) if target.server_pid else None
+    t0 = time.monotonic()
+    if sampler is not None:
+        sampler.start()
+    sampling = asyncio.ensure_future(_sample(sampler, target.server)) if sampler else None
+    pool_task = (
+        asyncio.ensure_future(sample_pool(_scraper(target), t0, res.pool))
+        if target.stats_url
+        else None
+    )
+    legit_settings = dataclasses.replace(settings, connections=settings.abuse_connections)
+    running = Running(_spec(legit_settings, target))
+    shown = None
+    try:
+        await crew.start()
+        await asyncio.sleep(0.2)  # let the attackers' heads land first
+        await running.connect()
+        start_ns = time.monotonic_ns() + 20_000_000
+        end_ns = start_ns + int(settings.abuse_duration * 1e9)
+        if progress is not None:
+            shown = progress(label, settings.abuse_duration, running.completed)
+        res.legit = await running.run(start_ns, end_ns)
+        crew.check()
+    finally:
+        if shown is not None:
+            with contextlib.suppress(Exception):
+                shown()
+        await running.close()
+        await crew.stop()
+        for task in (pool_task, sampling):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ServerError):
+                    await task
+    res.attackers = crew.attackers
+    if sampler is not None:
+        usage = sampler.stop()
+        res.rss = [(round(t, 3), v) for t, v in usage.rss_samples]
+        res.rss_peak = usage.rss_peak
+    if target.server is not None and not target.server.alive():
+        raise ServerError(
+            f"server {target.name!r} exited during the abuse run:\n{target.server.output_tail()}"
+        )
+    return res
+
+
+async def _run_abuse(
+    settings: Settings,
+    session: Session,
+    progress: ProgressHook | None,
+    say: Callable[[str], None],
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        targets = await _targets(settings, stack, say)
+        for rnd in range(1, settings.rounds + 1):
+            for t in targets:
+                label = f"abuse {rnd}/{settings.rounds} {t.name}"
+                say(
+                    f"{label}: {settings.abuse_connections} legitimate connections, "
+                    f"{settings.attackers} x stall / trickle / no-read attackers"
+                )
+                result = await _abuse_run(settings, t, label, progress)
+                session.abuse.append(AbuseRecord(t.name, rnd, result))
+
+
+async def run_session(
+    settings: Settings,
+    progress: ProgressHook | None = None,
+    on_status: Callable[[str], None] | None = None,
+) -> Session:
+    """Run each scenario in turn -- fresh servers for each, rounds interleaved A B A B --
+    and stop everything it started, also on failure or Ctrl-C."""
+    say = on_status or (lambda _msg: None)
+    session = Session(settings, [])
+    for name in settings.scenarios:
+        t0 = time.monotonic()
+        if name == "steady":
+            await _run_steady(settings, session, progress, say)
+        elif name == "flood":
+            await _run_flood(settings, session, say)
+        elif name == "abuse":
+            await _run_abuse(settings, session, progress, say)
+        else:
+            raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
+        session.wall_s[name] = round(time.monotonic() - t0, 1)
+    return session
