@@ -4,8 +4,8 @@ Attackers (each its own connection, ``per_kind`` of each kind):
 
 * ``stall``   -- sends a request head declaring a ``declared``-byte body, then nothing.
 * ``trickle`` -- the same head, then one body byte every 100 ms.
-* ``no-read`` -- asks for a large reply (``GET read_path``, e.g. ``/bytes/8388608``) with a 4 KiB receive buffer
-  and never reads it.
+* ``no-read`` -- asks for a large reply (``GET read_path``, e.g. ``/bytes/8388608``) with a
+  4 KiB receive buffer and never reads it.
 
 Legitimate traffic is the steady mix from the normal load generator on its own connections.
 The two are counted apart: the legitimate side is a ``LoadResult``; each attacker records when
@@ -70,7 +70,9 @@ def pinned_bytes(stats: dict[str, Any] | None) -> int | None:
     """Bytes of pool slots held by live leases, from a stats-endpoint dict (None: no pool)."""
     if not stats or not isinstance(stats.get("tiers"), list):
         return None
-    return sum(int(t.get("in_use", 0)) * int(t.get("slot_size", t.get("size", 0))) for t in stats["tiers"])
+    return sum(
+        int(t.get("in_use", 0)) * int(t.get("slot_size", t.get("size", 0))) for t in stats["tiers"]
+    )
 
 
 class AttackCrew:
@@ -127,6 +129,8 @@ class AttackCrew:
     async def start(self) -> None:
         """Connect every attacker and send its head; then watch them until ``stop``."""
         await asyncio.gather(*(self._open(a) for a in self.attackers))
+        if self.attackers and all(a.how == "connect failed" for a in self.attackers):
+            raise ConnectionError(f"cannot connect to {self.host}:{self.port}")
         self._task = asyncio.ensure_future(self._watch())
 
     async def _watch(self) -> None:
@@ -235,5 +239,7 @@ async def sample_pool(
         stats = await scrape()
         pinned = pinned_bytes(stats)
         if stats is not None and pinned is not None:
-            out.append((round(time.monotonic() - t0, 3), pinned, int(stats.get("reserved_bytes", 0))))
+            out.append(
+                (round(time.monotonic() - t0, 3), pinned, int(stats.get("reserved_bytes", 0)))
+            )
         await asyncio.sleep(interval)

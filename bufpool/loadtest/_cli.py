@@ -124,16 +124,16 @@ def add_loadtest_arguments(p: argparse.ArgumentParser) -> None:
     sc.add_argument(
         "--flood-idle",
         type=_non_negative_float,
-        default=6.0,
+        default=5.0,
         metavar="SECONDS",
-        help="flood: idle tail after the last reply, RSS still sampled (default 6)",
+        help="flood: idle tail after the last reply, RSS still sampled (default 5)",
     )
     sc.add_argument(
         "--abuse-duration",
         type=_positive_float,
-        default=4.0,
+        default=3.0,
         metavar="SECONDS",
-        help="abuse: measured seconds of legitimate load per run (default 4)",
+        help="abuse: measured seconds of legitimate load per run (default 3)",
     )
     sc.add_argument(
         "--attackers",
@@ -161,9 +161,9 @@ def add_loadtest_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--duration",
         type=_positive_float,
-        default=5.0,
+        default=4.0,
         metavar="SECONDS",
-        help="measured seconds per run (default 5)",
+        help="steady: measured seconds per run (default 4)",
     )
     g.add_argument(
         "--rounds",

@@ -360,9 +360,7 @@ class LoadGenerator:
             if not isinstance(exc, OSError | ssl.SSLError | TimeoutError):
                 raise exc
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise ConnectionError(
-                f"cannot connect to {self.url} ({self.host}:{self.port}): {why}"
-            ) from exc
+            raise ConnectionError(f"cannot connect to {self.host}:{self.port}: {why}") from exc
 
     async def _open(self) -> _Connection:
         conn = _Connection(self)

@@ -140,12 +140,13 @@ async def run_flood(
     """
     res = FloodResult(clients=clients, body_bytes=body, idle_s=idle)
     sampler = ServerSampler(server_pid) if server_pid else None
-    t0 = time.monotonic()
+    if sampler is not None:
+        sampler.start()
+    t0 = time.monotonic()  # the sampler's time zero (to within microseconds)
     stop_sampling = asyncio.Event()
 
     async def sample() -> None:
         assert sampler is not None
-        sampler.start()
         while not stop_sampling.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop_sampling.wait(), interval)
@@ -171,12 +172,11 @@ async def run_flood(
                 conns.append(None)
             else:
                 conns.append(item)
+        if clients and not any(conns):
+            raise ConnectionError(f"cannot connect to {host}:{port}: every connection failed")
         await asyncio.sleep(max(0.0, 0.3 - (time.monotonic() - t0)))  # a baseline sample
         start = time.monotonic_ns()
-        if sampler is not None:
-            sampler_offset = time.monotonic() - t0  # sampler time of the start signal
-        else:
-            sampler_offset = 0.0
+        sampler_offset = time.monotonic() - t0  # sampler time of the start signal
 
         async def one(pair: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
             outcome = await _upload(pair[0], pair[1], head, body, timeout)

@@ -40,7 +40,13 @@ def _color(name: str) -> str:
 
 
 def _percentiles(ax: Any, curves: dict[str, LoadResult], title: str) -> None:
-    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
+    from matplotlib.ticker import (
+        FixedLocator,
+        FuncFormatter,
+        LogLocator,
+        NullFormatter,
+        NullLocator,
+    )
 
     top = 1.0
     for name, load in curves.items():
@@ -139,11 +145,13 @@ def _flood_row(session: Session, ax_lat: Any, ax_rss: Any) -> None:
         ax_rss.text(
             0.01, 0.97, "flood", transform=ax_rss.transAxes, va="top", fontsize=8, color="dimgrey"
         )
-        ax_rss.legend(fontsize=8, loc="center right")
+        ax_rss.legend(fontsize=8, loc="upper right")
     else:
         _empty(ax_rss, "no server process to sample")
     ax_rss.set_ylim(bottom=0)
-    ax_rss.set_xlabel(f"seconds since the flood began (idle tail {first.idle_s:g} s; dashed: round 2+)")
+    ax_rss.set_xlabel(
+        f"seconds since the flood began (idle tail {first.idle_s:g} s; dashed: round 2+)"
+    )
     ax_rss.set_ylabel("server RSS (MiB)")
     ax_rss.set_title("flood: server memory through the flood and the idle tail", fontsize=10)
     ax_rss.grid(True, alpha=0.3)
@@ -197,7 +205,9 @@ def write_plot(session: Session, path: Path) -> None:
         or (name == "flood" and session.flood)
         or (name == "abuse" and session.abuse)
     ]
-    fig, axes = plt.subplots(max(1, len(rows)), 2, figsize=(13, 4.2 * max(1, len(rows))), squeeze=False)
+    fig, axes = plt.subplots(
+        max(1, len(rows)), 2, figsize=(13, 4.2 * max(1, len(rows))), squeeze=False
+    )
     for (ax_left, ax_right), name in zip(axes, rows, strict=False):
         if name == "steady":
             _steady_row(session, ax_left, ax_right)

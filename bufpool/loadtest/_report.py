@@ -25,6 +25,7 @@ the pool -- good for ``rps``, bad for latency, RSS, faults and CPU.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -154,7 +155,7 @@ def _steady_rows() -> list[Row]:
     out = []
     for key, label, fmt in _ROWS:
         better = "" if key not in ratio_keys else ("lower" if key in lower else "higher")
-        out.append(Row(label, lambda d, key=key: _get(d, key), fmt, better))
+        out.append(Row(label, functools.partial(_get, key=key), fmt, better))
     return out
 
 

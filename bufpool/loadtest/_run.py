@@ -58,7 +58,7 @@ _SNI = {BASELINE: "no-pool.bufpool.test", CANDIDATE: "pool.bufpool.test"}
 class Settings:
     """What the command line asked for.  Sizes in bytes, times in seconds."""
 
-    duration: float = 5.0
+    duration: float = 4.0
     rounds: int = 2
     warmup: float = 1.0
     rate: float | None = None
@@ -87,10 +87,10 @@ class Settings:
     #: flood: simultaneous uploads, bytes per upload, seconds of idle tail after the last reply.
     flood_clients: int = 96
     flood_body: int = 8 * 1024 * 1024
-    flood_idle: float = 6.0
+    flood_idle: float = 5.0
     #: abuse: measured seconds per run, attackers of each kind, legitimate connections, body
     #: bytes the stalling/trickling heads declare, reply bytes the non-readers ask for.
-    abuse_duration: float = 4.0
+    abuse_duration: float = 3.0
     attackers: int = 16
     abuse_connections: int = 16
     attack_declared: int = 8 * 1024 * 1024
@@ -554,7 +554,8 @@ async def _run_flood(settings: Settings, session: Session, say: Callable[[str], 
             for t in targets:
                 say(
                     f"flood {rnd}/{settings.rounds} {t.name}: {settings.flood_clients} x "
-                    f"{settings.flood_body / 2**20:g} MiB at once, then {settings.flood_idle:g} s idle"
+                    f"{settings.flood_body / 2**20:g} MiB at once, then "
+                    f"{settings.flood_idle:g} s idle"
                 )
                 host, port = _host_port(t)
                 result = await run_flood(
@@ -668,13 +669,18 @@ async def run_session(
     session = Session(settings, [])
     for name in settings.scenarios:
         t0 = time.monotonic()
-        if name == "steady":
-            await _run_steady(settings, session, progress, say)
-        elif name == "flood":
-            await _run_flood(settings, session, say)
-        elif name == "abuse":
-            await _run_abuse(settings, session, progress, say)
-        else:
-            raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
+        try:
+            if name == "steady":
+                await _run_steady(settings, session, progress, say)
+            elif name == "flood":
+                await _run_flood(settings, session, say)
+            elif name == "abuse":
+                await _run_abuse(settings, session, progress, say)
+            else:
+                raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
+        except ConnectionError as exc:
+            if settings.url is None:
+                raise
+            raise ConnectionError(f"{settings.url}: {exc}") from exc
         session.wall_s[name] = round(time.monotonic() - t0, 1)
     return session

@@ -97,12 +97,12 @@ def table_rows(
                     got = {r["config"]: r for r in runs if r["round"] == rnd}
                     if baseline in got and candidate in got:
                         per_round.append((row.get(got[candidate]), row.get(got[baseline])))
-                sp = ratio_spread(row.get(configs[candidate]), row.get(configs[baseline]), per_round)
+                sp = ratio_spread(
+                    row.get(configs[candidate]), row.get(configs[baseline]), per_round
+                )
                 ratios[row.label] = {**sp, "better": row.better}
                 cells.append("-" if sp["ratio"] is None else f"{sp['ratio']:.2f}x")
-                cells.append(
-                    "-" if sp["min"] is None else f"{sp['min']:.2f}-{sp['max']:.2f}"
-                )
+                cells.append("-" if sp["min"] is None else f"{sp['min']:.2f}-{sp['max']:.2f}")
                 cells.append(row.better)
             else:
                 cells += ["-", "-", ""]
@@ -162,7 +162,7 @@ def _flood_combined(results: list[FloodResult]) -> dict[str, Any]:
         "uploads_per_s": round(served / flood_s, 2) if flood_s else 0.0,
         "served_mib_per_s": round(served * body / _MIB / flood_s, 1) if flood_s else 0.0,
         "latency_ms": _latency(load),
-        "rss_before_bytes": max((r.rss_before for r in results), default=0),
+        "rss_before_bytes": min((r.rss_before for r in results), default=0),
         "rss_peak_bytes": max((r.rss_peak for r in results), default=0),
         "rss_after_idle_bytes": max((r.rss_after_idle for r in results), default=0),
     }
@@ -225,18 +225,16 @@ def _flood_verdict(
     configs: dict[str, Any], ratios: dict[str, Any], baseline: str, candidate: str, idle: float
 ) -> str:
     if baseline not in configs or candidate not in configs:
-        ((name, cfg),) = list(configs.items())[:1] or [("target", None)]
-        if cfg is None:
+        if not configs:
             return "flood: nothing measured"
+        cfg = next(iter(configs.values()))
         return (
             f"flood: {_outcome_words(cfg)}; peak RSS {human_bytes(cfg['rss_peak_bytes'] or None)}"
             f", {human_bytes(cfg['rss_after_idle_bytes'] or None)} after {idle:g} s idle"
         )
     b, c = configs[baseline], configs[candidate]
     peak = ratios.get("peak RSS MiB", {})
-    spread = (
-        f" (rounds {peak['min']:.2f}-{peak['max']:.2f})" if peak.get("min") is not None else ""
-    )
+    spread = f" (rounds {peak['min']:.2f}-{peak['max']:.2f})" if peak.get("min") is not None else ""
     peak_words = f"{peak['ratio']:.2f}x peak RSS{spread}, " if peak.get("ratio") else ""
     return (
         f"flood: {candidate}: {peak_words}{_outcome_words(c)}, "
@@ -254,7 +252,7 @@ def _attack_summary(attackers: Sequence[dict[str, Any]]) -> dict[str, Any]:
     cut = [a["cut_s"] for a in attackers if a["how"] != "open" and a["cut_s"] is not None]
     by_kind: dict[str, dict[str, int]] = {}
     for a in attackers:
-        by_kind.setdefault(a["kind"], Counter())[a["how"]] += 1  # type: ignore[index]
+        by_kind.setdefault(a["kind"], Counter())[a["how"]] += 1
     return {
         "total": len(attackers),
         "cut_off": len(cut),
@@ -317,9 +315,7 @@ ABUSE_ROWS: Final = (
     Row("legit requests/s", lambda d: d["legit"]["rps"], "{:,.0f}", "higher"),
     Row("legit p50 ms", lambda d: d["legit"]["latency_ms"]["p50"] or None, "{:.2f}", "lower"),
     Row("legit p99 ms", lambda d: d["legit"]["latency_ms"]["p99"] or None, "{:.2f}", "lower"),
-    Row(
-        "legit p99.9 ms", lambda d: d["legit"]["latency_ms"]["p99_9"] or None, "{:.2f}", "lower"
-    ),
+    Row("legit p99.9 ms", lambda d: d["legit"]["latency_ms"]["p99_9"] or None, "{:.2f}", "lower"),
     Row("attackers", lambda d: d["attackers"]["total"], "{:,}", ""),
     Row("attackers cut off", _cut_rate, "{:.0%}", "higher"),
     Row(
@@ -330,9 +326,9 @@ ABUSE_ROWS: Final = (
     ),
     Row(
         "pool pinned peak MiB",
-        lambda d: None
-        if d["pool_pinned_peak_bytes"] is None
-        else d["pool_pinned_peak_bytes"] / _MIB,
+        lambda d: (
+            None if d["pool_pinned_peak_bytes"] is None else d["pool_pinned_peak_bytes"] / _MIB
+        ),
         "{:,.1f}",
         "",
     ),
@@ -375,9 +371,7 @@ def abuse_doc(
 def _abuse_words(name: str, d: dict[str, Any]) -> str:
     att = d["attackers"]
     lat = d["legit"]["latency_ms"]
-    when = (
-        f" (median {att['cut_s']['median']:.1f} s)" if att["cut_s"]["median"] is not None else ""
-    )
+    when = f" (median {att['cut_s']['median']:.1f} s)" if att["cut_s"]["median"] is not None else ""
     pinned = (
         f", pool pinned up to {human_bytes(d['pool_pinned_peak_bytes'])}"
         if d["pool_pinned_peak_bytes"] is not None
@@ -423,7 +417,7 @@ def steady_verdict(
     lo, hi = rps.get("min"), rps.get("max")
     if lo is None or hi is None:
         call = "one round: run more --rounds to see the spread"
-    elif lo <= 1.0 <= hi or (0.95 <= lo and hi <= 1.05):
+    elif lo <= 1.0 <= hi or (lo >= 0.95 and hi <= 1.05):
         call = "no throughput difference beyond the run-to-run spread"
     elif lo > 1.0:
         call = f"{candidate} faster in every round"
