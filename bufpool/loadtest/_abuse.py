@@ -14,7 +14,11 @@ server answered), ``closed`` (FIN without a reply), ``reset`` -- or stays ``open
 
 Cut-offs are noticed by one task that looks at every attacker socket each 50 ms (non-blocking
 ``recv`` for the two that read, ``poll`` for ``POLLRDHUP``/``POLLERR`` for the one that must
-not read): time resolution 50 ms, cost O(attackers) per tick.
+not read): time resolution 50 ms, cost O(attackers) per tick.  A non-reader cannot see a
+graceful close (the FIN waits behind reply bytes it never takes, and asyncio's ``abort()`` is a
+plain ``close()``, no RST), so when the server's pid is known its sockets are also listed
+(psutil, every 200 ms): a non-reader whose server-side socket the server process no longer
+holds counts as ``closed``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
+
+import psutil
 
 from ._metrics import LoadResult
 
@@ -53,6 +59,7 @@ class Attacker:
     sent: int = 0
     next_byte: float = 0.0
     seen: bytes = b""
+    port: int = 0  #: our local port: the server's peer port for this connection
 
     def cut(self, how: str, now: float) -> None:
         if self.cut_s is None:
@@ -87,6 +94,7 @@ class AttackCrew:
         declared: int,
         post_path: str = "/process",
         read_path: str = "/bytes/8388608",
+        server_pid: int | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.declared = declared
@@ -95,6 +103,8 @@ class AttackCrew:
         self._task: asyncio.Task[None] | None = None
         self._poll = select.poll()
         self._by_fd: dict[int, Attacker] = {}
+        self._server = psutil.Process(server_pid) if server_pid else None
+        self._ticks = 0
 
     def _head(self, kind: str) -> bytes:
         host = f"Host: {self.host}:{self.port}\r\nUser-Agent: bufpool-loadtest-attacker\r\n"
@@ -120,6 +130,7 @@ class AttackCrew:
             a.cut_s = 0.0
             return
         a.sock = sock
+        a.port = sock.getsockname()[1]
         a.started = time.monotonic()
         a.next_byte = a.started + _TRICKLE_EVERY
         if a.kind == "no-read":
@@ -147,6 +158,15 @@ class AttackCrew:
                 continue
             self._poll.unregister(fd)
             a.cut("reset" if events & (select.POLLERR | select.POLLHUP) else "closed", now)
+        self._ticks += 1
+        if self._server is not None and self._by_fd and self._ticks % 4 == 0:
+            held = self._server_peer_ports()
+            if held is not None:
+                for fd, a in list(self._by_fd.items()):
+                    if a.port not in held:
+                        self._poll.unregister(fd)
+                        del self._by_fd[fd]
+                        a.cut("closed", now)
         for a in self.attackers:
             if a.sock is None or a.kind == "no-read":
                 continue
@@ -176,6 +196,22 @@ class AttackCrew:
                     a.cut("reset", now)
                     continue
                 a.next_byte = now + _TRICKLE_EVERY
+
+    def _server_peer_ports(self) -> set[int] | None:
+        """Peer ports of every TCP socket the server's process tree holds (None: unknown)."""
+        assert self._server is not None
+        try:
+            procs = [self._server, *self._server.children(recursive=True)]
+        except psutil.Error:
+            return None
+        ports: set[int] = set()
+        for proc in procs:
+            try:
+                conns = proc.net_connections("tcp")
+            except psutil.Error:
+                continue
+            ports.update(c.raddr.port for c in conns if c.raddr)
+        return ports
 
     async def stop(self) -> None:
         if self._task is not None:

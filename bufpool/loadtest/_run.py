@@ -591,6 +591,7 @@ async def _abuse_run(
         declared=settings.attack_declared,
         post_path=post_path,
         read_path=read_path,
+        server_pid=target.server_pid,
     )
     res = AbuseResult(duration_s=settings.abuse_duration)
     sampler = ServerSampler(target.server_pid) if target.server_pid else None
