@@ -1,25 +1,52 @@
-"""Reporting a session: terminal table (rich), JSON document, markdown table.
+"""Reporting a session: terminal tables (rich), JSON document, markdown tables.
 
-The JSON document (``--json FILE``) has this shape (schema id ``bufpool-loadtest/1``)::
+The JSON document (``--json FILE``) has this shape (schema id ``bufpool-loadtest/2``; the
+steady scenario keeps schema 1's top-level ``runs`` and ``summary``)::
 
-    {"schema": "bufpool-loadtest/1", "created": ISO-8601, "host": {...}, "settings": {...},
-     "runs": [RUN, ...],                       # one per measured run, in run order
+    {"schema": "bufpool-loadtest/2", "created": ISO-8601, "host": {...},
+     "settings": {..., "scenarios": [NAME, ...], "flood": {...}, "abuse": {...}},
+     "runs": [RUN, ...],                       # steady: one per measured run, in run order
      "summary": {"configs": {NAME: RUN-without-round, ...},
-                 "ratios": {"baseline": "no-pool", "candidate": "pool", METRIC: float, ...}}}
+                 "ratios": {"baseline": "no-pool", "candidate": "pool", METRIC: float, ...}},
+     "scenarios": {NAME: TABLE, ...},          # in the order they ran
+     "wall_s": float}                          # seconds for all scenarios, servers included
 
     RUN = {"config": str, "round": int, "mode": "closed"|"open", "duration_s": float,
            "requests": int, "late": int, "rps": float, "bytes_sent": int, "bytes_received": int,
            "latency_ms": {"p50","p90","p99","p99_9","max","mean": float},
            "send_lag_ms": {"p99","max": float},
            "errors": {KIND: int}, "status": {"200": int, ...},
+           "reply_bytes": {"BODY-BYTES": int, ...},   # replies by body size actually received
            "server": {"rss_peak_bytes", "minor_faults", "major_faults": int,
                       "cpu_seconds": float, "cpu_us_per_request": float,
                       "rss_samples": [[seconds, bytes], ...]} | null,
            "pool": {"hit_rate", "in_use", "quarantined", "waste_ratio", "reserved_bytes",
                     ...} | null}
 
+    TABLE = {"title": str, "header": [str, ...], "rows": [[str, ...], ...], "verdict": str,
+             "wall_s": float, ...}
+      steady: + "spread": {ROW-LABEL: {"ratio", "min", "max": float, "better": str}},
+                "replies_received": str
+      flood:  + "runs": [{"config", "round", "clients", "body_bytes", "idle_s", "flood_s",
+                          "served", "outcomes": {"HTTP 200" | "reset" | ...: int},
+                          "uploads_per_s", "served_mib_per_s", "latency_ms",
+                          "rss_before_bytes", "rss_peak_bytes", "rss_after_idle_bytes",
+                          "rss_samples": [[seconds since the flood began, bytes], ...],
+                          "pool_after_idle": {...} | null}, ...],
+                "configs": {NAME: the runs combined}, "ratios": {ROW-LABEL: {...}}
+      abuse:  + "runs": [{"config", "round", "duration_s", "legit": RUN-without-round,
+                          "legit_ok", "legit_total": int, "legit_success_rate": float,
+                          "attackers": {"total", "cut_off": int, "by_outcome", "by_kind",
+                                        "cut_s": {"min","median","max"},
+                                        "list": [{"kind","cut_s","how","sent"}, ...]},
+                          "pool_samples": [[seconds, pinned bytes, reserved bytes], ...],
+                          "pool_pinned_peak_bytes": int | null, "rss_peak_bytes": int,
+                          "rss_samples": [[seconds, bytes], ...]}, ...],
+                "configs": {NAME: the runs combined}, "ratios": {ROW-LABEL: {...}}
+
 Ratios are candidate / baseline (``pool`` over ``no-pool``): above 1 means more of it with
-the pool -- good for ``rps``, bad for latency, RSS, faults and CPU.
+the pool; each table row says which direction is better and the min-max of the rounds' own
+ratios.
 """
 
 from __future__ import annotations
