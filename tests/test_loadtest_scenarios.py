@@ -28,6 +28,7 @@ import pytest
 from bufpool.loadtest._abuse import AttackCrew
 from bufpool.loadtest._flood import run_flood
 from bufpool.loadtest._report import SCHEMA
+from bufpool.loadtest._summaries import ratio_spread, steady_verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -404,3 +405,36 @@ def test_locustfile_runs_flood_and_abuse(tmp_path: Path, scenario: str) -> None:
         assert {"stall", "trickle", "no-read"} <= set(attacks), text[-3000:]
         legit = [r for (kind, name), r in by_name.items() if name.startswith("/process body=")]
         assert legit and all(int(r[2]) > 0 and int(r[3]) == 0 for r in legit)
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+def _steady_cfg(rps: float) -> dict[str, Any]:
+    return {"rps": rps, "errors": {}, "status": {"200": 1}, "latency_ms": {"p99": 1.0}}
+
+
+@pytest.mark.parametrize(
+    ("rounds", "words"),
+    [
+        ([(0.96, 1.0), (1.10, 1.0)], "no throughput difference beyond the run-to-run spread"),
+        ([(1.2, 1.0), (1.3, 1.0)], "pool faster in every round"),
+        ([(0.8, 1.0), (0.9, 1.0)], "pool slower in every round"),
+        ([(0.97, 1.0), (0.99, 1.0)], "no throughput difference beyond the run-to-run spread"),
+    ],
+)
+def test_steady_verdict_weighs_the_ratio_against_the_rounds_spread(
+    rounds: list[tuple[float, float]], words: str
+) -> None:
+    spread = {"requests/s": ratio_spread(sum(c for c, _ in rounds), len(rounds), rounds)}
+    configs = {"no-pool": _steady_cfg(1.0), "pool": _steady_cfg(1.0)}
+    verdict = steady_verdict(configs, spread, "no-pool", "pool")
+    lo, hi = min(c for c, _ in rounds), max(c for c, _ in rounds)
+    assert verdict.endswith(words)
+    assert f"(rounds {lo:.2f}-{hi:.2f})" in verdict
+
+
+def test_ratio_spread_is_the_min_and_max_of_the_rounds_own_ratios() -> None:
+    sp = ratio_spread(30, 20, [(10, 10), (20, 10), (0, 0)])  # a round without a baseline
+    assert sp == {"ratio": 1.5, "min": 1.0, "max": 2.0}
+    assert ratio_spread(1, 0, []) == {"ratio": None, "min": None, "max": None}

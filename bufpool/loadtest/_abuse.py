@@ -206,8 +206,10 @@ class AttackCrew:
             return None
         ports: set[int] = set()
         for proc in procs:
+            # psutil >= 6 names it net_connections; 5.9 (our floor) only has connections.
+            listing = getattr(proc, "net_connections", None) or proc.connections
             try:
-                conns = proc.net_connections("tcp")
+                conns = listing("tcp")
             except psutil.Error:
                 continue
             ports.update(c.raddr.port for c in conns if c.raddr)

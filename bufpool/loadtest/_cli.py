@@ -401,7 +401,7 @@ class _LiveProgress:
 
 
 async def _main_async(settings: Any, err: Console) -> Any:
-    from ._run import run_session
+    from ._scenarios import run_session
 
     if settings.quiet:
         return await run_session(settings)
