@@ -8,6 +8,7 @@ from figures that are in the table.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -144,6 +145,18 @@ def _pool_gauges(stats: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: stats.get(k) for k in ("reserved_bytes", "in_use", "quarantined", "max_bytes")}
 
 
+def _outcome(d: dict[str, Any], key: str) -> int:
+    return int(d["outcomes"].get(key, 0))
+
+
+def _not_served(d: dict[str, Any]) -> int:
+    return sum(n for k, n in d["outcomes"].items() if not k.startswith("HTTP 2"))
+
+
+def _fate(d: dict[str, Any], key: str) -> int:
+    return int(d["attackers"]["by_outcome"].get(key, 0))
+
+
 def _flood_combined(results: list[FloodResult]) -> dict[str, Any]:
     load = LoadResult()
     outcomes: Counter[str] = Counter()
@@ -193,7 +206,14 @@ def flood_doc(
     runs = [{"config": c, "round": r, **flood_run(res)} for c, r, res in records]
     names = list(dict.fromkeys(c for c, _, _ in records))
     configs = {n: _flood_combined([res for c, _, res in records if c == n]) for n in names}
-    header, rows, ratios = table_rows(FLOOD_ROWS, configs, runs, baseline, candidate)
+    failed = sorted(
+        {k for cfg in configs.values() for k in cfg["outcomes"] if not k.startswith("HTTP 2")}
+    )
+    by_outcome = [Row(f"  {k}", functools.partial(_outcome, key=k), "{:,}", "") for k in failed]
+    rows_spec = [FLOOD_ROWS[0], Row("not served", _not_served, "{:,}", ""), *by_outcome]
+    header, rows, ratios = table_rows(
+        [*rows_spec, *FLOOD_ROWS[1:]], configs, runs, baseline, candidate
+    )
     for n in names:
         other = {k: v for k, v in configs[n]["outcomes"].items() if not k.startswith("HTTP 2")}
         configs[n]["failed"] = other
@@ -312,6 +332,7 @@ def _cut_rate(d: dict[str, Any]) -> float | None:
 ABUSE_ROWS: Final = (
     Row("legit success", lambda d: d["legit_success_rate"], "{:.1%}", "higher"),
     Row("legit responses 2xx", lambda d: d["legit_ok"], "{:,}", "higher"),
+    Row("legit failed", lambda d: d["legit_total"] - d["legit_ok"], "{:,}", ""),
     Row("legit requests/s", lambda d: d["legit"]["rps"], "{:,.0f}", "higher"),
     Row("legit p50 ms", lambda d: d["legit"]["latency_ms"]["p50"] or None, "{:.2f}", "lower"),
     Row("legit p99 ms", lambda d: d["legit"]["latency_ms"]["p99"] or None, "{:.2f}", "lower"),
@@ -350,7 +371,12 @@ def abuse_doc(
     configs = {
         n: _abuse_combined([res for c, _, res in records if c == n], run_dict) for n in names
     }
-    header, rows, ratios = table_rows(ABUSE_ROWS, configs, runs, baseline, candidate)
+    fates = sorted({k for cfg in configs.values() for k in cfg["attackers"]["by_outcome"]})
+    by_fate = [Row(f"  attackers {k}", functools.partial(_fate, key=k), "{:,}", "") for k in fates]
+    at = next(i for i, r in enumerate(ABUSE_ROWS) if r.label == "attackers") + 1
+    header, rows, ratios = table_rows(
+        [*ABUSE_ROWS[:at], *by_fate, *ABUSE_ROWS[at:]], configs, runs, baseline, candidate
+    )
     duration = records[0][2].duration_s if records else 0.0
     title = (
         f"abuse: {connections} legitimate connections for {duration:g} s among {per_kind} "
@@ -364,11 +390,11 @@ def abuse_doc(
         "header": header,
         "rows": rows,
         "ratios": ratios,
-        "verdict": _abuse_verdict(configs, baseline, candidate),
+        "verdict": _abuse_verdict(configs, ratios, baseline, candidate),
     }
 
 
-def _abuse_words(name: str, d: dict[str, Any]) -> str:
+def _abuse_words(name: str, d: dict[str, Any], rate: str = "") -> str:
     att = d["attackers"]
     lat = d["legit"]["latency_ms"]
     when = f" (median {att['cut_s']['median']:.1f} s)" if att["cut_s"]["median"] is not None else ""
@@ -379,16 +405,27 @@ def _abuse_words(name: str, d: dict[str, Any]) -> str:
     )
     return (
         f"{name}: {d['legit_success_rate']:.0%} of {d['legit_total']:,} legitimate requests "
-        f"served (p99 {lat['p99']:.1f} ms), {att['cut_off']}/{att['total']} attackers cut off"
-        f"{when}{pinned}"
+        f"served ({rate}p99 {lat['p99']:.1f} ms, p99.9 {lat['p99_9']:.1f} ms), "
+        f"{att['cut_off']}/{att['total']} attackers cut off{when}{pinned}"
     )
 
 
-def _abuse_verdict(configs: dict[str, Any], baseline: str, candidate: str) -> str:
+def _abuse_verdict(
+    configs: dict[str, Any], ratios: dict[str, Any], baseline: str, candidate: str
+) -> str:
     if not configs:
         return "abuse: nothing measured"
-    order = [n for n in (candidate, baseline) if n in configs] or list(configs)
-    return "abuse: " + "; ".join(_abuse_words(n, configs[n]) for n in order)
+    if baseline not in configs or candidate not in configs:
+        return "abuse: " + "; ".join(_abuse_words(n, d) for n, d in configs.items())
+    rps = ratios.get("legit requests/s", {})
+    rate = ""
+    if rps.get("ratio") is not None:
+        spread = f" in rounds {rps['min']:.2f}-{rps['max']:.2f}" if rps.get("min") else ""
+        rate = f"{rps['ratio']:.2f}x {baseline}'s rate{spread}, "
+    return (
+        f"abuse: {_abuse_words(candidate, configs[candidate], rate)}; "
+        f"{_abuse_words(baseline, configs[baseline])}"
+    )
 
 
 def steady_verdict(
