@@ -105,6 +105,7 @@ class AttackCrew:
         self._by_fd: dict[int, Attacker] = {}
         self._server = psutil.Process(server_pid) if server_pid else None
         self._ticks = 0
+        self._connect_error = ""
 
     def _head(self, kind: str) -> bytes:
         host = f"Host: {self.host}:{self.port}\r\nUser-Agent: bufpool-loadtest-attacker\r\n"
@@ -124,10 +125,11 @@ class AttackCrew:
         try:
             await loop.sock_connect(sock, (self.host, self.port))
             await loop.sock_sendall(sock, self._head(a.kind))
-        except OSError:
+        except OSError as exc:
             sock.close()
             a.how = "connect failed"
             a.cut_s = 0.0
+            self._connect_error = exc.strerror or str(exc)
             return
         a.sock = sock
         a.port = sock.getsockname()[1]
@@ -141,7 +143,9 @@ class AttackCrew:
         """Connect every attacker and send its head; then watch them until ``stop``."""
         await asyncio.gather(*(self._open(a) for a in self.attackers))
         if self.attackers and all(a.how == "connect failed" for a in self.attackers):
-            raise ConnectionError(f"cannot connect to {self.host}:{self.port}")
+            raise ConnectionError(
+                f"cannot connect to {self.host}:{self.port}: {self._connect_error}"
+            )
         self._task = asyncio.ensure_future(self._watch())
 
     async def _watch(self) -> None:

@@ -294,8 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
         "loadtest",
         help="load an HTTP server; by default compare the example app with the pool off/on",
         description="Load-test an HTTP server. Without --url: start the example aiohttp app "
-        "with the pool off and on, load both with the same requests in interleaved rounds, "
-        "and print a side-by-side table with ratios.",
+        "with the pool off and on and run three scenarios (steady, flood, abuse) against "
+        "both in interleaved rounds; print a table per scenario with pool/no-pool ratios, "
+        "their min-max over rounds and which direction is better, one verdict line per "
+        "scenario, and write a chart (about 60 s on 2 cores).",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
