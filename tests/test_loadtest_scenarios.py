@@ -438,3 +438,27 @@ def test_ratio_spread_is_the_min_and_max_of_the_rounds_own_ratios() -> None:
     sp = ratio_spread(30, 20, [(10, 10), (20, 10), (0, 0)])  # a round without a baseline
     assert sp == {"ratio": 1.5, "min": 1.0, "max": 2.0}
     assert ratio_spread(1, 0, []) == {"ratio": None, "min": None, "max": None}
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_a_non_reader_waiting_in_the_listen_backlog_is_not_counted_closed() -> None:
+    # A server that listens but never accepts: the connections complete in the kernel's
+    # backlog, so this process holds no socket for them -- that is not a cut-off.
+    import socket
+
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(16)
+        host, port = lsock.getsockname()[:2]
+        crew = AttackCrew(host, port, 2, declared=10, read_path="/big", server_pid=os.getpid())
+        await crew.start()
+        try:
+            for _ in range(12):  # 12 looks (the socket listing runs on every 4th)
+                await asyncio.sleep(0.05)
+                crew.check()
+        finally:
+            await crew.stop()
+    no_read = [a for a in crew.attackers if a.kind == "no-read"]
+    assert [a.how for a in no_read] == ["open", "open"]
+    assert not any(a.held for a in no_read)

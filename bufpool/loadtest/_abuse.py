@@ -17,8 +17,8 @@ Cut-offs are noticed by one task that looks at every attacker socket each 50 ms 
 not read): time resolution 50 ms, cost O(attackers) per tick.  A non-reader cannot see a
 graceful close (the FIN waits behind reply bytes it never takes, and asyncio's ``abort()`` is a
 plain ``close()``, no RST), so when the server's pid is known its sockets are also listed
-(psutil, every 200 ms): a non-reader whose server-side socket the server process no longer
-holds counts as ``closed``.
+(psutil, every 200 ms): a non-reader whose server-side socket the server process was seen
+holding and no longer holds counts as ``closed`` (one never accepted stays ``open``).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class Attacker:
     next_byte: float = 0.0
     seen: bytes = b""
     port: int = 0  #: our local port: the server's peer port for this connection
+    held: bool = False  #: the server process was seen holding this connection's socket
 
     def cut(self, how: str, now: float) -> None:
         if self.cut_s is None:
@@ -167,7 +168,9 @@ class AttackCrew:
             held = self._server_peer_ports()
             if held is not None:
                 for fd, a in list(self._by_fd.items()):
-                    if a.port not in held:
+                    if a.port in held:
+                        a.held = True
+                    elif a.held:  # accepted, then let go (not: still in the listen backlog)
                         self._poll.unregister(fd)
                         del self._by_fd[fd]
                         a.cut("closed", now)
