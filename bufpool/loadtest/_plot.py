@@ -177,7 +177,8 @@ def _abuse_row(session: Session, ax_lat: Any, ax_ok: Any) -> None:
             ax_ok.text(
                 x,
                 2,
-                f"r{rnd}\n{res.legit_success:.0%}\ncut {cut}/{len(res.attackers)}",
+                f"round {rnd}\n{res.legit_success:.0%} ok\n{res.legit.rps:,.0f} req/s\n"
+                f"cut off {cut}/{len(res.attackers)}",
                 ha="center",
                 va="bottom",
                 fontsize=7,
@@ -187,7 +188,9 @@ def _abuse_row(session: Session, ax_lat: Any, ax_ok: Any) -> None:
     ax_ok.set_xticklabels(names)
     ax_ok.set_ylim(0, 105)
     ax_ok.set_ylabel("legitimate requests served 2xx (%)")
-    ax_ok.set_title("abuse: legitimate success per round (attackers cut off)", fontsize=10)
+    ax_ok.set_title(
+        "abuse: legitimate success per round (legitimate req/s, attackers cut off)", fontsize=10
+    )
     ax_ok.grid(True, axis="y", alpha=0.3)
 
 
