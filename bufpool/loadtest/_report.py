@@ -326,12 +326,16 @@ def render_table(doc: dict[str, Any], console: Console) -> None:
     problems seen, then one verdict line per scenario."""
     problems = _problems(doc)
     for name, sc in doc["scenarios"].items():
-        table = Table(title=sc["title"], title_justify="left")
+        # steady: the load shape on top, what was sent and received in the footer.
+        title, _, footer = sc["title"].partition(" per config, ")
+        table = Table(title=title + (" per config" if footer else ""), title_justify="left")
         for i, h in enumerate(sc["header"]):
             table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
         for row in sc["rows"]:
             table.add_row(*row)
         console.print(table)
+        if footer:
+            console.print(footer, highlight=False)
         if name == "steady":
             for line in problems:
                 console.print(f"[yellow]{line}[/]")
