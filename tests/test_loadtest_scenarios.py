@@ -462,3 +462,24 @@ async def test_a_non_reader_waiting_in_the_listen_backlog_is_not_counted_closed(
     no_read = [a for a in crew.attackers if a.kind == "no-read"]
     assert [a.how for a in no_read] == ["open", "open"]
     assert not any(a.held for a in no_read)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--plot", "x.png", "--no-plot"], "--plot FILE and --no-plot contradict each other"),
+        (["--attackers", "-1"], "--attackers must be >= 0"),
+        (["--scenario", "flood", "--tls"], "flood and abuse do not run through the TLS proxy"),
+        (["--scenario", "storm"], "invalid choice: 'storm'"),
+        (["--flood-body", "0"], "must be > 0 bytes"),
+    ],
+)
+def test_bad_scenario_arguments_exit_2_naming_the_fault(
+    tmp_path: Path, args: list[str], words: str
+) -> None:
+    proc = subprocess.run(
+        [PY, "-m", "bufpool", "loadtest", *args], cwd=tmp_path, capture_output=True, text=True,
+        timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing started, nothing written

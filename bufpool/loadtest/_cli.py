@@ -275,7 +275,7 @@ def add_loadtest_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument(
         "--plot",
         type=Path,
-        default=Path(DEFAULT_PLOT),
+        default=None,
         metavar="FILE.png",
         help="the chart: per scenario latency percentiles, server RSS over time, legitimate "
         f"success under abuse (default ./{DEFAULT_PLOT})",
@@ -343,6 +343,8 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         s.method = args.method
     if s.tls and s.client != "raw":
         parser.error("--tls needs the raw client (it dials the proxy with SNI)")
+    if args.plot is not None and args.no_plot:
+        parser.error("--plot FILE and --no-plot contradict each other")
     if args.attackers < 0:
         parser.error(f"--attackers must be >= 0, got {args.attackers}")
     if args.scenario:
@@ -447,6 +449,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_plot:
         from ._plot import write_plot
 
-        write_plot(session, args.plot)
-        out.print(f"chart: {args.plot.resolve()}")
+        chart = args.plot or Path(DEFAULT_PLOT)
+        try:
+            write_plot(session, chart)
+        except OSError as exc:
+            err.print(f"[red]error[/]: cannot write the chart to {chart}: {exc}")
+            return 1
+        out.print(f"chart: {chart.resolve()}")
     return 0
