@@ -436,8 +436,17 @@ def test_steady_verdict_weighs_the_ratio_against_the_rounds_spread(
 
 def test_ratio_spread_is_the_min_and_max_of_the_rounds_own_ratios() -> None:
     sp = ratio_spread(30, 20, [(10, 10), (20, 10), (0, 0)])  # a round without a baseline
-    assert sp == {"ratio": 1.5, "min": 1.0, "max": 2.0}
-    assert ratio_spread(1, 0, []) == {"ratio": None, "min": None, "max": None}
+    assert sp == {"ratio": 1.5, "min": 1.0, "max": 2.0, "rounds": 2}
+    assert ratio_spread(1, 0, []) == {"ratio": None, "min": None, "max": None, "rounds": 0}
+
+
+def test_steady_verdict_with_one_round_claims_nothing() -> None:
+    spread = {"requests/s": ratio_spread(1.3, 1.0, [(1.3, 1.0)])}
+    configs = {"no-pool": _steady_cfg(1.0), "pool": _steady_cfg(1.3)}
+    verdict = steady_verdict(configs, spread, "no-pool", "pool")
+    assert verdict.endswith(
+        "one round only: run --rounds 2 or more to tell a difference from noise"
+    )
 
 
 @pytest.mark.asyncio

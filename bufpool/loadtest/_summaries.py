@@ -50,13 +50,15 @@ def _ratio(a: Any, b: Any) -> float | None:
 
 def ratio_spread(
     candidate: Any, baseline: Any, rounds: Sequence[tuple[Any, Any]]
-) -> dict[str, float | None]:
-    """{"ratio": combined, "min", "max": over the rounds' own ratios} (None where undefined)."""
+) -> dict[str, Any]:
+    """{"ratio": combined, "min", "max": over the rounds' own ratios (None where undefined),
+    "rounds": how many rounds had both sides}."""
     per = [r for r in (_ratio(c, b) for c, b in rounds) if r is not None]
     return {
         "ratio": _ratio(candidate, baseline),
         "min": min(per) if per else None,
         "max": max(per) if per else None,
+        "rounds": len(per),
     }
 
 
@@ -452,8 +454,8 @@ def steady_verdict(
         spread = f" (rounds {lo:.2f}-{hi:.2f})" if lo is not None else ""
         parts.append(f"{sp['ratio']:.2f}x {words}{spread}")
     lo, hi = rps.get("min"), rps.get("max")
-    if lo is None or hi is None:
-        call = "one round: run more --rounds to see the spread"
+    if lo is None or hi is None or rps.get("rounds", 0) < 2:
+        call = "one round only: run --rounds 2 or more to tell a difference from noise"
     elif lo <= 1.0 <= hi or (lo >= 0.95 and hi <= 1.05):
         call = "no throughput difference beyond the run-to-run spread"
     elif lo > 1.0:
