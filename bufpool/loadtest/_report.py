@@ -25,7 +25,8 @@ steady scenario keeps schema 1's top-level ``runs`` and ``summary``)::
 
     TABLE = {"title": str, "header": [str, ...], "rows": [[str, ...], ...], "verdict": str,
              "wall_s": float, ...}
-      steady: + "spread": {ROW-LABEL: {"ratio", "min", "max": float, "better": str}},
+      steady: + "spread": {ROW-LABEL: {"ratio", "min", "max": float, "rounds": int,
+                                       "better": str}},
                 "replies_received": str
       flood:  + "runs": [{"config", "round", "clients", "body_bytes", "idle_s", "flood_s",
                           "served", "outcomes": {"HTTP 200" | "reset" | ...: int},
