@@ -167,8 +167,10 @@ def server_stats(server: Spawned) -> dict[str, Any]:
 
 
 def run_cli(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    """The CLI in a subprocess; without ``--plot`` in ``args`` it writes no chart."""
+    plot = [] if "--plot" in args else ["--no-plot"]
     return subprocess.run(
-        [PY, "-m", "bufpool", "loadtest", "--quiet", *args],
+        [PY, "-m", "bufpool", "loadtest", "--quiet", *plot, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -314,6 +316,8 @@ def test_server_env_reaches_both_embedded_servers(tmp_path: Path) -> None:
     )
     doc = run_json(
         tmp_path,
+        "--scenario",
+        "steady",
         "--app",
         str(wrapper),
         "--server-env",
@@ -502,6 +506,8 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("default")
     files = {"json": tmp / "out.json", "markdown": tmp / "out.md", "plot": tmp / "out.png"}
     proc = run_cli(
+        "--scenario",
+        "steady",
         "--duration",
         "1",
         "--rounds",
@@ -542,7 +548,8 @@ def test_default_run_interleaves_pool_off_and_on(default_run: dict[str, Any]) ->
     # Combined rows add up the rounds.
     assert summary["pool"]["requests"] == sum(r["requests"] for r in pool_runs)
     out = default_run["proc"].stdout
-    assert "ratio pool/no-pool" in out and "requests/s" in out and "p99.9 ms" in out
+    assert "pool/no-pool" in out and "requests/s" in out and "p99.9 ms" in out
+    assert "rounds min-max" in out and "steady: pool " in out
 
 
 def test_json_document_follows_the_schema(default_run: dict[str, Any]) -> None:
@@ -554,9 +561,10 @@ def test_json_document_follows_the_schema(default_run: dict[str, Any]) -> None:
 def test_markdown_table_written(default_run: dict[str, Any]) -> None:
     text = default_run["markdown"].read_text()
     lines = [ln for ln in text.splitlines() if ln.startswith("|")]
-    assert lines[0].startswith("|  | no-pool | pool | ratio pool/no-pool |")
-    assert any(ln.startswith("| requests/s |") for ln in lines)
-    assert all(ln.count("|") == 5 for ln in lines)
+    assert lines[0] == "|  | no-pool | pool | pool/no-pool | rounds min-max | better |"
+    assert any(ln.startswith("| requests/s |") and ln.endswith("| higher |") for ln in lines)
+    assert any(ln.startswith("| p99 ms |") and ln.endswith("| lower |") for ln in lines)
+    assert all(ln.count("|") == 7 for ln in lines)
 
 
 def test_plot_written_as_png(default_run: dict[str, Any]) -> None:
@@ -723,11 +731,15 @@ def test_errors_counted_by_kind_and_status(tmp_path: Path) -> None:
         "--url", server.url + "/flaky", "--duration", "0.3", "--rounds", "1", "--warmup", "0"
     )  # server stopped: every connection is refused
     assert proc.returncode == 1 and "error" in proc.stderr
+    # The message names what could not be reached.
+    said = " ".join(proc.stderr.split())
+    assert f"{server.url}/flaky: cannot connect to 127.0.0.1:" in said, said
+    assert "refused" in said
 
 
 def _start_harness(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [PY, "-m", "bufpool", "loadtest", "--quiet", *args],
+        [PY, "-m", "bufpool", "loadtest", "--quiet", "--no-plot", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -756,7 +768,18 @@ def _cmd_has(p: psutil.Process, text: str) -> bool:
 
 def test_ctrl_c_stops_every_subprocess() -> None:
     harness = _start_harness(
-        "--duration", "30", "--rounds", "1", "--warmup", "0", "--workers", "2", "--connections", "4"
+        "--scenario",
+        "steady",
+        "--duration",
+        "30",
+        "--rounds",
+        "1",
+        "--warmup",
+        "0",
+        "--workers",
+        "2",
+        "--connections",
+        "4",
     )
     try:
         kids = _wait_for_children(harness.pid, want=4)
@@ -774,7 +797,16 @@ def test_ctrl_c_stops_every_subprocess() -> None:
 
 def test_failure_stops_every_subprocess() -> None:
     harness = _start_harness(
-        "--duration", "30", "--rounds", "1", "--warmup", "0", "--connections", "4"
+        "--scenario",
+        "steady",
+        "--duration",
+        "30",
+        "--rounds",
+        "1",
+        "--warmup",
+        "0",
+        "--connections",
+        "4",
     )
     try:
         kids = _wait_for_children(harness.pid, want=2)
@@ -817,6 +849,8 @@ def test_tls_through_the_sni_proxy(tmp_path: Path) -> None:
 def test_server_workers_under_gunicorn(tmp_path: Path) -> None:
     doc = run_json(
         tmp_path,
+        "--scenario",
+        "steady",
         "--server-workers",
         "2",
         "--duration",

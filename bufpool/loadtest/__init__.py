@@ -1,7 +1,10 @@
 """bufpool's load-test harness (floor 4, tools): ``python -m bufpool loadtest``.
 
 Supports: an A/B comparison of the example aiohttp app with the pool off and on (servers
-started as subprocesses, runs interleaved A B A B), or any server given by ``--url``;
+started as subprocesses, runs interleaved A B A B) in three scenarios -- ``steady`` (the
+mix below), ``flood`` (many large uploads at once, then an idle tail, RSS every 50 ms) and
+``abuse`` (legitimate load among stalling, trickling and non-reading attackers) -- with the
+per-round spread of every ratio and a verdict per scenario, or any server given by ``--url``;
 open-loop constant-rate load with latency from each request's scheduled send time
 (coordinated-omission corrected, as wrk2 does) or closed-loop maximum throughput; HDR
 latency percentiles; server RSS over time, page faults and CPU (psutil); pool stats scraped

@@ -105,6 +105,7 @@ class AiohttpLoadGenerator:
                 done = time.monotonic_ns()
                 res.bytes_sent += t.wire_size
                 res.bytes_received += n
+                res.count_reply(n)
                 res.status[status] += 1
                 latencies.append(done - due)
                 if done <= end_ns:

@@ -21,11 +21,15 @@ from ._schedule import Mix
 from ._server import ServerError
 from ._workers import WorkerError, make_loop
 
-__all__ = ["build_parser", "main"]
+__all__ = ["DEFAULT_PLOT", "build_parser", "main"]
+
+#: The chart written when neither --plot nor --no-plot is given (current directory).
+DEFAULT_PLOT = "bufpool-loadtest.png"
 
 _EPILOG = """\
 examples:
-  python -m bufpool loadtest                       # pool off vs on, embedded server, < 1 min
+  python -m bufpool loadtest                       # steady, flood, abuse: pool off vs on
+  python -m bufpool loadtest --scenario flood --flood-idle 15
   python -m bufpool loadtest --rate 2000 --plot out.png
   python -m bufpool loadtest --duration 20 --rounds 3 --json out.json --markdown out.md
   python -m bufpool loadtest --url http://127.0.0.1:8080/upload --mix 4k --connections 32
@@ -70,14 +74,96 @@ def _methods(text: str) -> Mix:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _size(text: str) -> int:
+    from ._schedule import parse_size
+
+    try:
+        n = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 bytes, got {text}")
+    return n
+
+
+def _non_negative_float(text: str) -> float:
+    v = float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
 def add_loadtest_arguments(p: argparse.ArgumentParser) -> None:
+    from ._run import SCENARIOS
+
+    sc = p.add_argument_group("scenarios")
+    sc.add_argument(
+        "--scenario",
+        action="append",
+        choices=SCENARIOS,
+        default=None,
+        metavar="NAME",
+        help="run only this scenario (repeatable): steady (the closed-loop mix), flood (many "
+        "large uploads at once, then idle), abuse (legitimate traffic among stalling, "
+        "trickling and non-reading attackers). Default: all three; with --url: steady",
+    )
+    sc.add_argument(
+        "--flood-clients",
+        type=_positive_int,
+        default=96,
+        metavar="N",
+        help="flood: uploads sent at once (default 96)",
+    )
+    sc.add_argument(
+        "--flood-body",
+        type=_size,
+        default=8 * 1024 * 1024,
+        metavar="BYTES",
+        help="flood: body of each upload, e.g. 8m (default 8 MiB)",
+    )
+    sc.add_argument(
+        "--flood-idle",
+        type=_non_negative_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="flood: idle tail after the last reply, RSS still sampled (default 5)",
+    )
+    sc.add_argument(
+        "--abuse-duration",
+        type=_positive_float,
+        default=3.0,
+        metavar="SECONDS",
+        help="abuse: measured seconds of legitimate load per run (default 3)",
+    )
+    sc.add_argument(
+        "--attackers",
+        type=int,
+        default=16,
+        metavar="N",
+        help="abuse: attacker connections of each kind: stall, trickle, no-read (default 16)",
+    )
+    sc.add_argument(
+        "--abuse-connections",
+        type=_positive_int,
+        default=16,
+        metavar="N",
+        help="abuse: legitimate keep-alive connections, closed loop (default 16)",
+    )
+    sc.add_argument(
+        "--attack-body",
+        type=_size,
+        default=8 * 1024 * 1024,
+        metavar="BYTES",
+        help="abuse: body size the stalling and trickling heads declare (default 8 MiB); "
+        "also the reply size the non-readers ask for",
+    )
     g = p.add_argument_group("load")
     g.add_argument(
         "--duration",
         type=_positive_float,
-        default=5.0,
+        default=4.0,
         metavar="SECONDS",
-        help="measured seconds per run (default 5)",
+        help="steady: measured seconds per run (default 4)",
     )
     g.add_argument(
         "--rounds",
@@ -189,9 +275,12 @@ def add_loadtest_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument(
         "--plot",
         type=Path,
+        default=None,
         metavar="FILE.png",
-        help="latency percentile curves and server RSS over time",
+        help="the chart: per scenario latency percentiles, server RSS over time, legitimate "
+        f"success under abuse (default ./{DEFAULT_PLOT})",
     )
+    o.add_argument("--no-plot", action="store_true", help="write no chart")
     o.add_argument("--quiet", action="store_true", help="no progress bar or status lines")
 
 
@@ -205,8 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
         "loadtest",
         help="load an HTTP server; by default compare the example app with the pool off/on",
         description="Load-test an HTTP server. Without --url: start the example aiohttp app "
-        "with the pool off and on, load both with the same requests in interleaved rounds, "
-        "and print a side-by-side table with ratios.",
+        "with the pool off and on and run three scenarios (steady, flood, abuse) against "
+        "both in interleaved rounds; print a table per scenario with pool/no-pool ratios, "
+        "their min-max over rounds and which direction is better, one verdict line per "
+        "scenario, and write a chart (about 60 s on 2 cores).",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -252,6 +343,23 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         s.method = args.method
     if s.tls and s.client != "raw":
         parser.error("--tls needs the raw client (it dials the proxy with SNI)")
+    if args.plot is not None and args.no_plot:
+        parser.error("--plot FILE and --no-plot contradict each other")
+    if args.attackers < 0:
+        parser.error(f"--attackers must be >= 0, got {args.attackers}")
+    if args.scenario:
+        s.scenarios = tuple(dict.fromkeys(args.scenario))
+    elif args.url is not None or args.tls:
+        s.scenarios = ("steady",)
+    if s.tls and set(s.scenarios) - {"steady"}:
+        parser.error("flood and abuse do not run through the TLS proxy; use --scenario steady")
+    s.flood_clients = args.flood_clients
+    s.flood_body = args.flood_body
+    s.flood_idle = args.flood_idle
+    s.abuse_duration = args.abuse_duration
+    s.attackers = args.attackers
+    s.abuse_connections = args.abuse_connections
+    s.attack_declared = s.attack_reply = args.attack_body
     return s
 
 
@@ -297,7 +405,7 @@ class _LiveProgress:
 
 
 async def _main_async(settings: Any, err: Console) -> Any:
-    from ._run import run_session
+    from ._scenarios import run_session
 
     if settings.quiet:
         return await run_session(settings)
@@ -316,7 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     settings = settings_from(args, parser)
-    out = Console()
+    # Tables are about 100 columns wide: do not wrap them to 80 when stdout is not a terminal.
+    out = Console(width=None if Console().is_terminal else 120)
     err = Console(stderr=True)
     try:
         with asyncio.Runner(loop_factory=make_loop) as runner:
@@ -337,9 +446,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.markdown is not None:
         write_markdown(doc, args.markdown)
         err.print(f"wrote {args.markdown}")
-    if args.plot is not None:
+    if not args.no_plot:
         from ._plot import write_plot
 
-        write_plot(session, args.plot)
-        err.print(f"wrote {args.plot}")
+        chart = args.plot or Path(DEFAULT_PLOT)
+        try:
+            write_plot(session, chart)
+        except OSError as exc:
+            err.print(f"[red]error[/]: cannot write the chart to {chart}: {exc}")
+            return 1
+        out.print(f"chart: {chart.resolve()}")
     return 0

@@ -129,6 +129,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.sent_at = 0
         self.template: RequestTemplate | None = None
         self.received = 0
+        self.body_bytes = 0
         self.fail_kind = ""
         self.timer: asyncio.TimerHandle | None = None
         self.lost: asyncio.Future[None] = gen.loop.create_future()
@@ -178,6 +179,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.due = due
         self.state = _HEAD
         self.received = 0
+        self.body_bytes = 0
         self.sent_at = time.monotonic_ns()
         for v in template.views:
             transport.write(v)
@@ -202,11 +204,13 @@ class _Connection(asyncio.BufferedProtocol):
                 self._head(head)
             elif state == _BODY:
                 take = min(self.left, end - pos)
+                self.body_bytes += take
                 self.left -= take
                 pos += take
                 if not self.left:
                     self._complete()
             elif state == _UNTIL_CLOSE:
+                self.body_bytes += end - pos
                 pos = end
             elif state == _CHUNK_SIZE:
                 m = _LINE_END.search(buf, pos, end)
@@ -221,6 +225,7 @@ class _Connection(asyncio.BufferedProtocol):
                     self.state = _TRAILER
             elif state == _CHUNK_DATA:
                 take = min(self.left, end - pos)
+                self.body_bytes += take
                 self.left -= take
                 pos += take
                 if not self.left:
@@ -308,6 +313,7 @@ class LoadGenerator:
         sequence_offset: int = 0,
     ) -> None:
         parts = urlsplit(url)
+        self.url = url
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         if connect_to is not None:
@@ -337,8 +343,24 @@ class LoadGenerator:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        """Open every connection; connection failures here raise (the target is down)."""
-        self.conns = list(await asyncio.gather(*(self._open() for _ in range(self.nconn))))
+        """Open every connection; a failure here raises ConnectionError naming the target."""
+        opened = await asyncio.gather(
+            *(self._open() for _ in range(self.nconn)), return_exceptions=True
+        )
+        conns = [c for c in opened if isinstance(c, _Connection)]
+        failed = [e for e in opened if not isinstance(e, _Connection)]
+        self.conns = conns
+        if failed:
+            for conn in conns:  # on_lost gives back their receive buffers
+                if conn.transport is not None:
+                    conn.transport.abort()
+            for conn in conns:
+                await conn.lost
+            exc = failed[0]
+            if not isinstance(exc, OSError | ssl.SSLError | TimeoutError):
+                raise exc
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConnectionError(f"cannot connect to {self.host}:{self.port}: {why}") from exc
 
     async def _open(self) -> _Connection:
         conn = _Connection(self)
@@ -466,6 +488,7 @@ class LoadGenerator:
             res.late += 1
         res.status[status] += 1
         res.bytes_received += conn.received
+        res.count_reply(conn.body_bytes)
         self.latencies.append(now - conn.due)
         conn.received = 0
         if self.stopping and not self.in_flight:

@@ -29,6 +29,7 @@ import psutil
 from hdrh.histogram import HdrHistogram
 
 __all__ = [
+    "MAX_REPLY_SIZES",
     "PERCENTILES",
     "LoadResult",
     "ServerSampler",
@@ -42,6 +43,8 @@ PERCENTILES: Final = (50.0, 90.0, 99.0, 99.9)
 _LOWEST_US: Final = 1
 _HIGHEST_US: Final = 3_600_000_000
 _DIGITS: Final = 3
+#: Distinct reply body sizes counted one by one in ``LoadResult.replies``.
+MAX_REPLY_SIZES: Final = 64
 
 
 def new_histogram() -> HdrHistogram:
@@ -58,6 +61,8 @@ class LoadResult:
     failures by kind (``connect``, ``disconnect``, ``timeout``, ``bad_response``) and
     ``status`` counts responses by HTTP status code.  Bytes are on-the-wire HTTP bytes.
     ``send_lag`` is how late the generator itself sent requests (open loop; microseconds).
+    ``replies`` counts responses by body size in bytes (what actually came back), at most
+    ``MAX_REPLY_SIZES`` distinct sizes; responses of further sizes are counted under -1.
     """
 
     duration_s: float = 0.0
@@ -69,6 +74,15 @@ class LoadResult:
     status: Counter[int] = field(default_factory=Counter)
     latency: HdrHistogram = field(default_factory=new_histogram)
     send_lag: HdrHistogram = field(default_factory=new_histogram)
+    replies: Counter[int] = field(default_factory=Counter)
+
+    def count_reply(self, body_bytes: int) -> None:
+        """Count one response body of ``body_bytes`` bytes."""
+        replies = self.replies
+        if body_bytes in replies or len(replies) < MAX_REPLY_SIZES:
+            replies[body_bytes] += 1
+        else:
+            replies[-1] += 1
 
     @staticmethod
     def record_all(hist: HdrHistogram, values_ns: array[int]) -> None:
@@ -87,6 +101,11 @@ class LoadResult:
         self.bytes_received += other.bytes_received
         self.errors.update(other.errors)
         self.status.update(other.status)
+        for size, n in other.replies.items():
+            if size in self.replies or len(self.replies) < MAX_REPLY_SIZES:
+                self.replies[size] += n
+            else:
+                self.replies[-1] += n
         self.latency.add(other.latency)
         self.send_lag.add(other.send_lag)
 
@@ -132,6 +151,7 @@ class LoadResult:
             "bytes_received": self.bytes_received,
             "errors": dict(self.errors),
             "status": dict(self.status),
+            "replies": dict(self.replies),
             "latency": self.latency.encode(),
             "send_lag": self.send_lag.encode(),
         }
@@ -146,6 +166,7 @@ class LoadResult:
             bytes_received=data["bytes_received"],
             errors=Counter(data["errors"]),
             status=Counter(data["status"]),
+            replies=Counter(data.get("replies", {})),
         )
         for name in ("latency", "send_lag"):
             if data[name]:

@@ -1,30 +1,59 @@
-"""Reporting a session: terminal table (rich), JSON document, markdown table.
+"""Reporting a session: terminal tables (rich), JSON document, markdown tables.
 
-The JSON document (``--json FILE``) has this shape (schema id ``bufpool-loadtest/1``)::
+The JSON document (``--json FILE``) has this shape (schema id ``bufpool-loadtest/2``; the
+steady scenario keeps schema 1's top-level ``runs`` and ``summary``)::
 
-    {"schema": "bufpool-loadtest/1", "created": ISO-8601, "host": {...}, "settings": {...},
-     "runs": [RUN, ...],                       # one per measured run, in run order
+    {"schema": "bufpool-loadtest/2", "created": ISO-8601, "host": {...},
+     "settings": {..., "scenarios": [NAME, ...], "flood": {...}, "abuse": {...}},
+     "runs": [RUN, ...],                       # steady: one per measured run, in run order
      "summary": {"configs": {NAME: RUN-without-round, ...},
-                 "ratios": {"baseline": "no-pool", "candidate": "pool", METRIC: float, ...}}}
+                 "ratios": {"baseline": "no-pool", "candidate": "pool", METRIC: float, ...}},
+     "scenarios": {NAME: TABLE, ...},          # in the order they ran
+     "wall_s": float}                          # seconds for all scenarios, servers included
 
     RUN = {"config": str, "round": int, "mode": "closed"|"open", "duration_s": float,
            "requests": int, "late": int, "rps": float, "bytes_sent": int, "bytes_received": int,
            "latency_ms": {"p50","p90","p99","p99_9","max","mean": float},
            "send_lag_ms": {"p99","max": float},
            "errors": {KIND: int}, "status": {"200": int, ...},
+           "reply_bytes": {"BODY-BYTES": int, ...},   # replies by body size actually received
            "server": {"rss_peak_bytes", "minor_faults", "major_faults": int,
                       "cpu_seconds": float, "cpu_us_per_request": float,
                       "rss_samples": [[seconds, bytes], ...]} | null,
            "pool": {"hit_rate", "in_use", "quarantined", "waste_ratio", "reserved_bytes",
                     ...} | null}
 
+    TABLE = {"title": str, "header": [str, ...], "rows": [[str, ...], ...], "verdict": str,
+             "wall_s": float, ...}
+      steady: + "spread": {ROW-LABEL: {"ratio", "min", "max": float, "rounds": int,
+                                       "better": str}},
+                "replies_received": str
+      flood:  + "runs": [{"config", "round", "clients", "body_bytes", "idle_s", "flood_s",
+                          "served", "outcomes": {"HTTP 200" | "reset" | ...: int},
+                          "uploads_per_s", "served_mib_per_s", "latency_ms",
+                          "rss_before_bytes", "rss_peak_bytes", "rss_after_idle_bytes",
+                          "rss_samples": [[seconds since the flood began, bytes], ...],
+                          "pool_after_idle": {...} | null}, ...],
+                "configs": {NAME: the runs combined}, "ratios": {ROW-LABEL: {...}}
+      abuse:  + "runs": [{"config", "round", "duration_s", "legit": RUN-without-round,
+                          "legit_ok", "legit_total": int, "legit_success_rate": float,
+                          "attackers": {"total", "cut_off": int, "by_outcome", "by_kind",
+                                        "cut_s": {"min","median","max"},
+                                        "list": [{"kind","cut_s","how","sent"}, ...]},
+                          "pool_samples": [[seconds, pinned bytes, reserved bytes], ...],
+                          "pool_pinned_peak_bytes": int | null, "rss_peak_bytes": int,
+                          "rss_samples": [[seconds, bytes], ...]}, ...],
+                "configs": {NAME: the runs combined}, "ratios": {ROW-LABEL: {...}}
+
 Ratios are candidate / baseline (``pool`` over ``no-pool``): above 1 means more of it with
-the pool -- good for ``rps``, bad for latency, RSS, faults and CPU.
+the pool; each table row says which direction is better and the min-max of the rounds' own
+ratios.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -38,6 +67,7 @@ from rich.table import Table
 
 from ._metrics import LoadResult, ServerUsage
 from ._run import BASELINE, CANDIDATE, Session
+from ._summaries import Row, abuse_doc, flood_doc, human_bytes, steady_verdict, table_rows
 
 __all__ = [
     "SCHEMA",
@@ -48,7 +78,7 @@ __all__ = [
     "write_markdown",
 ]
 
-SCHEMA: Final = "bufpool-loadtest/1"
+SCHEMA: Final = "bufpool-loadtest/2"
 _MIB: Final = 1024 * 1024
 
 # (key in the run dict, label, formatter); keys with dots reach into nested dicts.
@@ -108,6 +138,7 @@ def run_dict(
         },
         "errors": dict(sorted(load.errors.items())),
         "status": {str(k): v for k, v in sorted(load.status.items())},
+        "reply_bytes": {str(k): v for k, v in sorted(load.replies.items())},
         "server": None,
         "pool": pool or None,
     }
@@ -146,13 +177,18 @@ def _get(d: dict[str, Any], key: str) -> Any:
     return cur
 
 
-def session_json(session: Session) -> dict[str, Any]:
-    """The whole session as the documented JSON object."""
+def _steady_rows() -> list[Row]:
+    ratio_keys = set(RATIO_KEYS)
+    lower = {k for k in RATIO_KEYS if k != "rps"}
+    out = []
+    for key, label, fmt in _ROWS:
+        better = "" if key not in ratio_keys else ("lower" if key in lower else "higher")
+        out.append(Row(label, functools.partial(_get, key=key), fmt, better))
+    return out
+
+
+def _steady(session: Session, runs: list[dict[str, Any]]) -> dict[str, Any]:
     mode = session.settings.mode
-    runs = []
-    for r in session.runs:
-        d = {"config": r.config, "round": r.round, **run_dict(r.load, r.server, r.pool, mode)}
-        runs.append(d)
     configs = {
         name: run_dict(load, usage, pool, mode)
         for name, (load, usage, pool) in session.by_config().items()
@@ -164,6 +200,73 @@ def session_json(session: Session) -> dict[str, Any]:
             ratios[key.split(".")[-1].replace("_mib", "")] = _ratio(
                 _get(configs[CANDIDATE], key), _get(configs[BASELINE], key)
             )
+    header, rows, spread = table_rows(_steady_rows(), configs, runs, BASELINE, CANDIDATE)
+    replies = _replies_received(configs)
+    return {
+        "configs": configs,
+        "ratios": ratios,
+        "title": _title(session.settings.as_dict(), replies),
+        "header": header,
+        "rows": rows,
+        "spread": spread,
+        "replies_received": replies,
+        "verdict": steady_verdict(configs, spread, BASELINE, CANDIDATE) if configs else "",
+    }
+
+
+def _replies_received(configs: dict[str, Any]) -> str:
+    """Reply body sizes that came back, over every configuration: ``16k:1`` or a range."""
+    sizes: dict[int, int] = {}
+    for cfg in configs.values():
+        for k, n in cfg.get("reply_bytes", {}).items():
+            sizes[int(k)] = sizes.get(int(k), 0) + n
+    known = {k: n for k, n in sizes.items() if k >= 0}
+    if not known:
+        return "none"
+    if len(known) <= 4 and -1 not in sizes:
+        return ",".join(f"{_size_text(k)}:{n}" for k, n in sorted(known.items()))
+    total = sum(known.values())
+    mean = sum(k * n for k, n in known.items()) / total
+    return f"{_size_text(min(known))}..{_size_text(max(known))} (mean {human_bytes(mean)})"
+
+
+def _size_text(n: int) -> str:
+    for unit, size in (("m", 1 << 20), ("k", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def session_json(session: Session) -> dict[str, Any]:
+    """The whole session as the documented JSON object."""
+    mode = session.settings.mode
+    runs = []
+    for r in session.runs:
+        d = {"config": r.config, "round": r.round, **run_dict(r.load, r.server, r.pool, mode)}
+        runs.append(d)
+    scenarios: dict[str, Any] = {}
+    summary: dict[str, Any] = {"configs": {}, "ratios": {}}
+    st = session.settings
+    for name in st.scenarios:
+        if name == "steady":
+            steady = _steady(session, runs)
+            summary = {"configs": steady.pop("configs"), "ratios": steady.pop("ratios")}
+            scenarios["steady"] = steady
+        elif name == "flood":
+            scenarios["flood"] = flood_doc(
+                [(f.config, f.round, f.result) for f in session.flood], BASELINE, CANDIDATE
+            )
+        elif name == "abuse":
+            scenarios["abuse"] = abuse_doc(
+                [(a.config, a.round, a.result) for a in session.abuse],
+                BASELINE,
+                CANDIDATE,
+                lambda load: run_dict(load, None, None, mode),
+                st.attackers,
+                st.abuse_connections,
+            )
+        if name in scenarios:
+            scenarios[name]["wall_s"] = session.wall_s.get(name)
     return {
         "schema": SCHEMA,
         "created": datetime.datetime.fromtimestamp(session.started, datetime.UTC).isoformat(),
@@ -174,9 +277,11 @@ def session_json(session: Session) -> dict[str, Any]:
             "cpu_count": os.cpu_count(),
             "argv": sys.argv[1:],
         },
-        "settings": session.settings.as_dict(),
+        "settings": st.as_dict(),
         "runs": runs,
-        "summary": {"configs": configs, "ratios": ratios},
+        "summary": summary,
+        "scenarios": scenarios,
+        "wall_s": round(sum(session.wall_s.values()), 1),
     }
 
 
@@ -186,57 +291,21 @@ def _ratio(a: Any, b: Any) -> float | None:
     return round(a / b, 3)
 
 
-def _fmt(fmt: str, v: Any) -> str:
-    if v is None:
-        return "-"
-    return fmt.format(v)
-
-
-def _rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    configs = doc["summary"]["configs"]
-    names = list(configs)
-    paired = BASELINE in configs and CANDIDATE in configs
-    header = ["", *names] + (["ratio pool/no-pool"] if paired else [])
-    rows = []
-    for key, label, fmt in _ROWS:
-        values = [_get(configs[n], key) for n in names]
-        if all(v is None for v in values):
-            continue
-        row = [label, *(_fmt(fmt, v) for v in values)]
-        if paired:
-            ratio = _ratio(_get(configs[CANDIDATE], key), _get(configs[BASELINE], key))
-            row.append("-" if ratio is None or key.startswith("pool.") else f"{ratio:.2f}x")
-        rows.append(row)
-    return header, rows
-
-
-def _title(doc: dict[str, Any]) -> str:
-    s = doc["settings"]
+def _title(s: dict[str, Any], replies: str) -> str:
     load = f"open loop {s['rate']:,.0f} req/s" if s["mode"] == "open" else "closed loop"
+    asked = s["url"] is None or s.get("reply_given")
+    reply_words = f"replies received {replies}" + (f" (asked {s['reply']})" if asked else "")
     return (
-        f"{load}, {s['connections']} connections, {s['rounds']} x {s['duration_s']:g} s "
-        f"per config, bodies {s['mix']}, replies {s['reply']}, {s['method']}"
+        f"steady: {load}, {s['connections']} connections, {s['rounds']} x {s['duration_s']:g} s "
+        f"per config, bodies {s['mix']}, {reply_words}, {s['method']}"
         + (", TLS via SNI proxy" if s["tls"] else "")
         + (f", {s['workers']} load processes" if s["workers"] > 1 else "")
         + (f", gunicorn x{s['server_workers']}" if s["server_workers"] else "")
     )
 
 
-def render_table(doc: dict[str, Any], console: Console) -> None:
-    """Side-by-side table of the combined rounds, with ratios, plus error detail."""
-    header, rows = _rows(doc)
-    title, _, detail = _title(doc).partition(" per config, ")
-    table = Table(
-        title=title + " per config",
-        caption=detail,
-        title_justify="left",
-        caption_justify="left",
-    )
-    for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+def _problems(doc: dict[str, Any]) -> list[str]:
+    out = []
     for name, cfg in doc["summary"]["configs"].items():
         bad = {
             **cfg["errors"],
@@ -244,19 +313,49 @@ def render_table(doc: dict[str, Any], console: Console) -> None:
         }
         if bad:
             detail = ", ".join(f"{k}: {v:,}" for k, v in bad.items())
-            console.print(f"[yellow]{name} errors[/]: {detail}")
+            out.append(f"steady {name} errors: {detail}")
         if cfg["send_lag_ms"]["p99"] > 5.0 and doc["settings"]["mode"] == "open":
-            console.print(
-                f"[yellow]{name}: the load generator itself ran late (send lag p99 "
-                f"{cfg['send_lag_ms']['p99']:.1f} ms); use --workers or a lower --rate[/]"
+            out.append(
+                f"{name}: the load generator itself ran late (send lag p99 "
+                f"{cfg['send_lag_ms']['p99']:.1f} ms); use --workers or a lower --rate"
             )
+    return out
+
+
+def render_table(doc: dict[str, Any], console: Console) -> None:
+    """One table per scenario (with ratio, spread over rounds and better direction), the
+    problems seen, then one verdict line per scenario."""
+    problems = _problems(doc)
+    for name, sc in doc["scenarios"].items():
+        # steady: the load shape on top, what was sent and received in the footer.
+        title, _, footer = sc["title"].partition(" per config, ")
+        table = Table(title=title + (" per config" if footer else ""), title_justify="left")
+        for i, h in enumerate(sc["header"]):
+            table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
+        for row in sc["rows"]:
+            table.add_row(*row)
+        console.print(table)
+        if footer:
+            console.print(footer, highlight=False)
+        if name == "steady":
+            for line in problems:
+                console.print(f"[yellow]{line}[/]")
+    for sc in doc["scenarios"].values():
+        console.print(f"[bold]{sc['verdict']}[/]", highlight=False)
+    if doc.get("wall_s"):
+        console.print(f"[dim]ran {doc['wall_s']:.0f} s[/]")
 
 
 def session_markdown(doc: dict[str, Any]) -> str:
-    header, rows = _rows(doc)
-    lines = [f"**{_title(doc)}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines.extend("| " + " | ".join(r) + " |" for r in rows)
-    return "\n".join(lines) + "\n"
+    """Every scenario's table as markdown, each under its title and above its verdict."""
+    lines: list[str] = []
+    for sc in doc["scenarios"].values():
+        header = sc["header"]
+        lines += [f"**{sc['title']}**", "", "| " + " | ".join(header) + " |"]
+        lines.append("|" + "---|" * len(header))
+        lines.extend("| " + " | ".join(r) + " |" for r in sc["rows"])
+        lines += ["", sc["verdict"], ""]
+    return "\n".join(lines)
 
 
 def write_json(doc: dict[str, Any], path: Path) -> None:

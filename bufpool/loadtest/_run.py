@@ -1,4 +1,4 @@
-"""A load-test session: targets, warm-up, interleaved rounds, server sampling.
+"""A load-test session's pieces: settings, targets, one measured steady run, the records.
 
 Supports: the embedded A/B comparison (the example app with the pool off and on, each in its
 own subprocess, optionally under gunicorn or behind the TLS SNI proxy) and any ``--url``.
@@ -23,15 +23,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from ._abuse import AbuseResult
+from ._flood import FloodResult
 from ._metrics import LoadResult, ServerSampler, ServerUsage, pool_delta, scrape_pool_stats
 from ._schedule import Mix, request_sequence
 from ._server import ServerError, ServerProcess, find_example
 from ._workers import LoadSpec, Running, WorkerPool
 
-__all__ = ["RunRecord", "Session", "Settings", "Target", "run_session"]
+__all__ = [
+    "SCENARIOS",
+    "AbuseRecord",
+    "FloodRecord",
+    "RunRecord",
+    "Session",
+    "Settings",
+    "Target",
+]
+
+#: Scenario names, in the order a default run takes them.
+SCENARIOS: Final = ("steady", "flood", "abuse")
 
 #: Embedded configurations, baseline first.
 BASELINE = "no-pool"
@@ -43,7 +56,7 @@ _SNI = {BASELINE: "no-pool.bufpool.test", CANDIDATE: "pool.bufpool.test"}
 class Settings:
     """What the command line asked for.  Sizes in bytes, times in seconds."""
 
-    duration: float = 5.0
+    duration: float = 4.0
     rounds: int = 2
     warmup: float = 1.0
     rate: float | None = None
@@ -67,6 +80,19 @@ class Settings:
     #: comparison stays fair because pool off and pool on get the same.
     server_env: dict[str, str] = field(default_factory=dict)
     quiet: bool = False
+    #: Scenarios to run, in this order (see SCENARIOS).
+    scenarios: tuple[str, ...] = ("steady", "flood", "abuse")
+    #: flood: simultaneous uploads, bytes per upload, seconds of idle tail after the last reply.
+    flood_clients: int = 96
+    flood_body: int = 8 * 1024 * 1024
+    flood_idle: float = 5.0
+    #: abuse: measured seconds per run, attackers of each kind, legitimate connections, body
+    #: bytes the stalling/trickling heads declare, reply bytes the non-readers ask for.
+    abuse_duration: float = 3.0
+    attackers: int = 16
+    abuse_connections: int = 16
+    attack_declared: int = 8 * 1024 * 1024
+    attack_reply: int = 8 * 1024 * 1024
 
     @property
     def mode(self) -> str:
@@ -82,6 +108,7 @@ class Settings:
             "connections": self.connections,
             "mix": self.mix.describe(),
             "reply": self.reply.describe(),
+            "reply_given": self.reply_given,
             "method": self.method.describe(),
             "url": self.url,
             "workers": self.workers,
@@ -92,6 +119,19 @@ class Settings:
             "timeout_s": self.timeout,
             "seed": self.seed,
             "server_env": dict(self.server_env),
+            "scenarios": list(self.scenarios),
+            "flood": {
+                "clients": self.flood_clients,
+                "body_bytes": self.flood_body,
+                "idle_s": self.flood_idle,
+            },
+            "abuse": {
+                "duration_s": self.abuse_duration,
+                "attackers_per_kind": self.attackers,
+                "legit_connections": self.abuse_connections,
+                "declared_body_bytes": self.attack_declared,
+                "no_read_reply_bytes": self.attack_reply,
+            },
         }
 
 
@@ -122,13 +162,35 @@ class RunRecord:
 
 
 @dataclass
+class FloodRecord:
+    """One flood run (one configuration, one round)."""
+
+    config: str
+    round: int
+    result: FloodResult
+
+
+@dataclass
+class AbuseRecord:
+    """One abuse run (one configuration, one round)."""
+
+    config: str
+    round: int
+    result: AbuseResult
+
+
+@dataclass
 class Session:
-    """Everything measured, in run order."""
+    """Everything measured, in run order.  ``configs``/``runs`` are the steady scenario's."""
 
     settings: Settings
     configs: list[str]
     runs: list[RunRecord] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    flood: list[FloodRecord] = field(default_factory=list)
+    abuse: list[AbuseRecord] = field(default_factory=list)
+    #: Wall-clock seconds of each scenario, servers' start and stop included.
+    wall_s: dict[str, float] = field(default_factory=dict)
 
     def by_config(self) -> dict[str, tuple[LoadResult, ServerUsage | None, dict[str, Any] | None]]:
         """Rounds of each configuration combined: histograms merged, durations added."""
@@ -422,34 +484,3 @@ async def _one_run(
         else None
     )
     return result, usage, (pool_delta(before, after) if after is not None else None)
-
-
-async def run_session(
-    settings: Settings,
-    progress: ProgressHook | None = None,
-    on_status: Callable[[str], None] | None = None,
-) -> Session:
-    """Start what is needed, warm up, run the interleaved rounds, stop everything."""
-    say = on_status or (lambda _msg: None)
-    async with contextlib.AsyncExitStack() as stack:
-        if settings.url is not None:
-            targets = [_url_target(settings)]
-        else:
-            say("starting the example server twice (pool off, pool on)")
-            targets = await _start_embedded(settings, stack)
-        workers: WorkerPool | None = None
-        if settings.workers > 1:
-            workers = WorkerPool(settings.workers)
-            stack.callback(workers.close)
-        session = Session(settings, [t.name for t in targets])
-        if settings.warmup > 0:
-            for t in targets:
-                await _one_run(settings, t, workers, f"warm-up {t.name}", settings.warmup, progress)
-        for rnd in range(1, settings.rounds + 1):
-            for t in targets:
-                label = f"round {rnd}/{settings.rounds} {t.name}"
-                load, usage, pool = await _one_run(
-                    settings, t, workers, label, settings.duration, progress
-                )
-                session.runs.append(RunRecord(t.name, rnd, load, usage, pool))
-        return session
