@@ -12,7 +12,8 @@ Lifetime: a record is valid during ``record_received``; its views are released w
 that delivered it has been dispatched.  Keep one longer with ``record.detach()`` (a pooled
 lease you release).  All ring memory goes back to the pool in ``connection_lost``.
 
-Bounds: per connection the ring (``capacity`` bytes, default 64 KiB) plus joined records
+Bounds: per connection the ring (``initial_capacity`` bytes at first, doubled whenever a read
+finds it full, up to ``capacity`` bytes, default 64 KiB from the start) plus joined records
 (a pooled lease per record that wrapped the ring, released after dispatch).  Work per read is
 O(1) plus O(1) per record.  After ``pause_reading()`` the records of the read already
 received are still delivered (at most ``capacity`` bytes).
@@ -43,7 +44,9 @@ class TLSRecordProtocol(PooledProtocol):
 
     ``pool`` (default :func:`bufpool.tls.default_pool`), ``tls13_only`` and ``mid_stream``
     configure the splitter (see :class:`TLSRecordSplitter`); ``capacity`` is the ring size in
-    bytes (at least 36,874).
+    bytes (at least 36,874); ``initial_capacity`` (bytes, default ``capacity``) starts the
+    ring smaller, so an idle connection holds only that much: it doubles when a read finds it
+    full (each growth copies the pending bytes once), up to ``capacity``.
     """
 
     def __init__(
@@ -53,14 +56,22 @@ class TLSRecordProtocol(PooledProtocol):
         tls13_only: bool = False,
         mid_stream: bool = False,
         capacity: int = 65536,
+        initial_capacity: int | None = None,
     ) -> None:
         if capacity < MIN_RING_CAPACITY:
             raise ValueError(
                 f"capacity must be at least {MIN_RING_CAPACITY} bytes (two maximal records), "
                 f"got {capacity}"
             )
+        if initial_capacity is None:
+            initial_capacity = capacity
+        elif not 0 < initial_capacity <= capacity:
+            raise ValueError(
+                f"initial_capacity must be within 1..capacity ({capacity} bytes), "
+                f"got {initial_capacity}"
+            )
         pool = pool if pool is not None else default_pool()
-        super().__init__(pool, capacity=capacity, max_capacity=capacity,
+        super().__init__(pool, capacity=initial_capacity, max_capacity=capacity,
                          resume_below=capacity - 1)
         self._tls13_only = tls13_only
         self._mid_stream = mid_stream
@@ -111,6 +122,17 @@ class TLSRecordProtocol(PooledProtocol):
             except TLSRecordError as exc:
                 self._fail(exc)
         return None
+
+    def release_buffers(self) -> None:
+        """Give the ring (and the splitter's joined records) back to the pool now, e.g. after
+        ``eof_received`` when nothing more will arrive but the write side stays open.  No
+        record is parsed afterwards; ``connection_lost`` later finds nothing to release."""
+        splitter, self.splitter = self.splitter, None
+        if splitter is not None:
+            splitter.close()
+        ring = self._ring
+        if ring is not None:
+            ring.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         splitter, self.splitter = self.splitter, None
