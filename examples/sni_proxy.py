@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sni_proxy.py", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--listen", type=_hostport, default="%s:%d" % DEFAULT_LISTEN,
+    p.add_argument("--listen", type=_hostport, default="{}:{}".format(*DEFAULT_LISTEN),
                    metavar="HOST:PORT",
                    help="address to accept clients on (default %(default)s; port 0 picks one)")
     p.add_argument("--route", type=_route, action="append", default=[],

@@ -128,8 +128,7 @@ class RawUpstream(asyncio.Protocol):
         self.got_enough = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         self.made.set()
 
     def data_received(self, data: bytes) -> None:

@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, cast
 
 from bufpool import BufferPool, RingBuffer
 from bufpool.aio import write_lease
@@ -630,8 +630,7 @@ class _Refused(asyncio.Protocol):
         self.client = "-"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport = cast(asyncio.Transport, transport)
         loop = asyncio.get_running_loop()
         self.started = loop.time()
         self.client = _address(transport)
