@@ -202,11 +202,8 @@ async def test_client_closes_and_upstream_stays_silent_everything_is_released() 
         await wait_for(lambda: ups and len(ups[0].received) == len(hello) + len(data),
                        "the upstream to get the hello and a record")
         up = ups[0]
-        before = proxy.pool.stats().in_use
         writer.close()  # the client is gone; the upstream never says a word
         await asyncio.wait_for(up.got_eof.wait(), 10)  # the half-close was passed on
-        await wait_for(lambda: proxy.pool.stats().in_use < before,
-                       "the client side's ring to go back at its EOF")
         summary = await log.next()
         assert summary.reason == "half_close_timeout"
         assert (summary.bytes_up, summary.bytes_down) == (len(hello) + len(data), 0)
@@ -220,6 +217,32 @@ async def test_client_closes_and_upstream_stays_silent_everything_is_released() 
         assert up.lost.is_set()
         await assert_pool_drained(proxy.pool)
         assert proxy.stats.open == 0 and proxy.stats.tunnels_open == 0
+
+
+@pytest.mark.asyncio
+async def test_the_side_that_sent_eof_gives_its_ring_back_while_the_tunnel_stays_half_open(
+) -> None:
+    hello = client_hello(NAME)
+    async with raw_upstream() as (ups, up_port), \
+            running_proxy({NAME: ("127.0.0.1", up_port)}) as (proxy, port, log):
+        _, writer = await connect_raw(port)
+        writer.write(hello)
+        await wait_for(lambda: ups and len(ups[0].received) == len(hello), "the tunnel")
+        up = ups[0]
+        (tunnel,) = proxy._tunnels
+        client_side = tunnel.client
+        assert client_side is not None and client_side._ring is not None
+        assert not client_side._ring.closed
+        rings = proxy.pool.stats().in_use  # the client's ring and the upstream's
+        writer.close()
+        await asyncio.wait_for(up.got_eof.wait(), 10)
+        # the default half-close deadline (30 s) is far away: the tunnel is still open ...
+        assert proxy.stats.open == 1 and tunnel.phase == "open"
+        # ... but the client side's ring went back when its EOF arrived
+        assert client_side._ring.closed and proxy.pool.stats().in_use == rings - 1
+        assert up.transport is not None
+        up.transport.close()  # the upstream finishes: both directions are done
+        assert (await log.next()).reason in ("eof", "client_closed")
 
 
 @pytest.mark.asyncio
