@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "internal_error; 0 = no cap (default %(default)s)")
     p.add_argument("--max-client-hello", type=int, default=DEFAULTS.max_client_hello,
                    metavar="BYTES", help="largest ClientHello accepted (default %(default)s)")
+    p.add_argument("--initial-buffer", type=int, default=DEFAULTS.initial_buffer,
+                   metavar="BYTES", help="first receive ring per connection side, doubled as "
+                   "data arrives up to 64 KiB (default %(default)s)")
     p.add_argument("--metrics", type=_hostport, default=None, metavar="HOST:PORT",
                    help="serve Prometheus text at http://HOST:PORT/metrics (default: off)")
     p.add_argument("--log-level", default="INFO",
@@ -116,6 +119,7 @@ def limits_from(args: argparse.Namespace) -> ProxyLimits:
         half_close_timeout=args.half_close_timeout,
         max_connections=args.max_connections or None,
         max_client_hello=args.max_client_hello,
+        initial_buffer=args.initial_buffer,
     )
 
 
