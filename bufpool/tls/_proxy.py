@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -424,12 +423,12 @@ class _Side(TLSRecordProtocol):
 
     def pause_writing(self) -> None:  # our transport is full: stop reading from the peer
         peer = self.peer
-        if peer is not None:
+        if peer is not None and not peer.eof_in:  # after EOF it reads nothing anyway
             peer.pause_reading()
 
     def resume_writing(self) -> None:
         peer = self.peer
-        if peer is not None:
+        if peer is not None and not peer.eof_in:  # its ring is gone: never read again
             peer.resume_reading()
 
     def eof_received(self) -> bool | None:
@@ -624,6 +623,7 @@ class _Refused(asyncio.Protocol):
 
     def __init__(self, proxy: SNIProxy) -> None:
         self.proxy = proxy
+        proxy._refused.add(self)
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.started = 0.0
@@ -649,6 +649,7 @@ class _Refused(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         self.transport = None
+        self.proxy._refused.discard(self)
         loop = asyncio.get_running_loop()
         self.proxy._log(ConnectionSummary(
             client=self.client, server_name=None, upstream=None, bytes_up=0, bytes_down=0,
@@ -683,7 +684,7 @@ class SNIProxy:
         self.server: asyncio.Server | None = None
         self.metrics_server: asyncio.Server | None = None
         self._tunnels: set[_Tunnel] = set()
-        self._started = time.time()
+        self._refused: set[_Refused] = set()
 
     # ------------------------------------------------------------------ serving
     async def start(self, host: str = "127.0.0.1", port: int = 0, *,
@@ -733,6 +734,9 @@ class SNIProxy:
             if tunnel.connecting is not None:
                 tunnel.connecting.cancel()
             tunnel.abort_all()
+        for refused in list(self._refused):
+            if refused.transport is not None:
+                refused.transport.abort()
         for server in (self.server, self.metrics_server):
             if server is not None:
                 await server.wait_closed()
