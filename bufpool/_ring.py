@@ -250,6 +250,15 @@ class RingBuffer:
             )
         raise ValueError(f"buffer_updated({nbytes}): the view handed out had {self._wlen} bytes")
 
+    def reserve(self, nbytes: int) -> None:
+        """Grow now (doubling, keeping the data) until at least ``nbytes`` bytes are free.
+
+        Raises BufferFull (nothing changed) when that would exceed ``max_capacity``.  Like any
+        growth it ends the validity of outstanding ``peek``/``get_buffer`` views.
+        """
+        if nbytes > self._cap - self._len:
+            self._grow(self._len + nbytes)
+
     def writable_views(self) -> tuple[memoryview, ...]:
         """Up to two writable views of all free space, in order (for ``recvmsg_into``).
 

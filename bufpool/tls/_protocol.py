@@ -45,8 +45,9 @@ class TLSRecordProtocol(PooledProtocol):
     ``pool`` (default :func:`bufpool.tls.default_pool`), ``tls13_only`` and ``mid_stream``
     configure the splitter (see :class:`TLSRecordSplitter`); ``capacity`` is the ring size in
     bytes (at least 36,874); ``initial_capacity`` (bytes, default ``capacity``) starts the
-    ring smaller, so an idle connection holds only that much: it doubles when a read finds it
-    full (each growth copies the pending bytes once), up to ``capacity``.
+    ring smaller, so an idle connection holds only that much: it doubles (copying the pending
+    bytes once) when a record no longer fits, or when a read filled all the space offered
+    (at least a quarter of the ring: the socket had more), up to ``capacity``.
     """
 
     def __init__(
@@ -73,6 +74,11 @@ class TLSRecordProtocol(PooledProtocol):
         pool = pool if pool is not None else default_pool()
         super().__init__(pool, capacity=initial_capacity, max_capacity=capacity,
                          resume_below=capacity - 1)
+        self._offered = 0  # bytes of the last get_buffer view
+        self._grow_next = False
+        if initial_capacity < capacity:  # only rings that may grow pay for the checks
+            self.get_buffer = self._get_buffer_growing  # type: ignore[method-assign]
+            self.buffer_updated = self._buffer_updated_growing  # type: ignore[method-assign]
         self._tls13_only = tls13_only
         self._mid_stream = mid_stream
         self.splitter: TLSRecordSplitter | None = None
@@ -91,6 +97,27 @@ class TLSRecordProtocol(PooledProtocol):
             self.transport.close()
 
     # ------------------------------------------------------------------ asyncio callbacks
+    def _get_buffer_growing(self, sizehint: int) -> memoryview:
+        """``get_buffer`` of a ring that started small: first double it if the last read
+        filled everything offered and that was at least a quarter of the ring (a bulk sender
+        would otherwise be read in initial_capacity-sized pieces)."""
+        ring: RingBuffer = self._ring  # type: ignore[assignment]
+        if self._grow_next:
+            self._grow_next = False
+            cap = ring.capacity
+            if cap < ring.max_capacity:
+                ring.reserve(cap + 1 - len(ring))
+        view = ring.get_buffer(sizehint)
+        self._offered = len(view)
+        return view
+
+    def _buffer_updated_growing(self, nbytes: int) -> None:
+        ring = self._ring
+        self._grow_next = (
+            nbytes == self._offered and ring is not None and nbytes * 4 >= ring.capacity
+        )
+        PooledProtocol.buffer_updated(self, nbytes)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.splitter = TLSRecordSplitter(
