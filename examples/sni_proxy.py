@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECONDS", help="close a tunnel this long after one side sent EOF if "
                    "nothing moves the other way; also the time a closing connection may take "
                    "to flush (default %(default)s)")
+    p.add_argument("--shrink-after", type=_seconds, default=DEFAULTS.shrink_after,
+                   metavar="SECONDS", help="shrink a quiet tunnel's receive rings back to "
+                   "--initial-buffer after this long without a read; 0 = never "
+                   "(default %(default)s)")
     p.add_argument("--max-connections", type=int, default=DEFAULTS.max_connections, metavar="N",
                    help="client connections open at once; more are refused with "
                    "internal_error; 0 = no cap (default %(default)s)")
@@ -117,6 +121,7 @@ def limits_from(args: argparse.Namespace) -> ProxyLimits:
         connect_timeout=args.connect_timeout,
         idle_timeout=args.idle_timeout or None,
         half_close_timeout=args.half_close_timeout,
+        shrink_after=args.shrink_after or None,
         max_connections=args.max_connections or None,
         max_client_hello=args.max_client_hello,
         initial_buffer=args.initial_buffer,

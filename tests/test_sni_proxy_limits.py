@@ -189,6 +189,41 @@ async def test_rings_grow_with_the_traffic_and_a_tunnel_still_moves_16_kib_recor
         assert summary.bytes_up > len(payload) and summary.bytes_down > len(payload)
 
 
+@pytest.mark.asyncio
+async def test_a_tunnel_gone_quiet_after_a_burst_shrinks_its_rings_back_to_a_kilobyte() -> None:
+    limits = ProxyLimits(shrink_after=0.3)
+    hello = client_hello(NAME)
+    async with raw_upstream() as (ups, up_port), \
+            running_proxy({NAME: ("127.0.0.1", up_port)}, limits=limits) as (proxy, port, log):
+        reader, writer = await connect_raw(port)
+        burst = b"".join(rec(23, os.urandom(16_000)) for _ in range(20))
+        writer.write(hello + burst)
+        await wait_for(lambda: ups and len(ups[0].received) == len(hello) + len(burst),
+                       "the burst upstream")
+        up = ups[0]
+        assert up.transport is not None
+        reply = rec(22, b"\x02\x00\x00\x00") + burst
+        up.transport.write(reply)
+        assert await asyncio.wait_for(reader.readexactly(len(reply)), 10) == reply
+        (tunnel,) = proxy._tunnels
+        sides = (tunnel.client, tunnel.upstream)
+        assert all(s is not None for s in sides)
+        # quiet now: both rings go back to 1 KiB (two 1 KiB slots: nothing else is held)
+        await wait_for(lambda: in_use_bytes(proxy.pool) == 2 * 1024, "the rings to shrink")
+        for side in sides:
+            assert side is not None and side.ring.capacity == 1024 and side.ring.grows >= 4
+        # and the next burst grows them again, bytes intact
+        up.received.clear()
+        writer.write(burst)
+        await wait_for(lambda: len(up.received) == len(burst), "the second burst")
+        assert bytes(up.received) == burst
+        up.transport.write(burst)
+        assert await asyncio.wait_for(reader.readexactly(len(burst)), 10) == burst
+        writer.close()
+        up.transport.close()
+        assert (await log.next()).bytes_down == len(reply) + len(burst)
+
+
 # ---------------------------------------------------------------------- half-close
 @pytest.mark.asyncio
 async def test_client_closes_and_upstream_stays_silent_everything_is_released() -> None:

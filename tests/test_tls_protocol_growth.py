@@ -112,3 +112,25 @@ async def test_release_buffers_after_eof_gives_the_ring_back_with_the_connection
     server.close()
     await server.wait_closed()
     await drained(pool)
+
+
+def test_shrink_moves_the_data_into_smaller_storage_and_gives_the_old_back() -> None:
+    pool = bufpool.BufferPool()
+    with RingBuffer(1024, max_capacity=65536, pool=pool) as ring:
+        ring.write(b"a" * 5000)  # grows to 8192
+        ring.consume(4900)
+        ring.write(b"b" * 50)
+        data = b"".join(bytes(v) for v in ring.readable_views())
+        assert ring.capacity == 8192
+        assert not ring.shrink(100)  # 150 bytes buffered: does not fit
+        assert not ring.shrink(8192) and not ring.shrink(0)
+        assert ring.shrink(1024)
+        assert (ring.capacity, len(ring), ring.max_capacity) == (1024, 150, 65536)
+        assert b"".join(bytes(v) for v in ring.readable_views()) == data
+        assert [t.in_use for t in pool.stats().tiers if t.size in (1024, 16384)] == [1, 0]
+        ring.write(b"c" * 3000)  # grows again
+        assert ring.capacity == 4096 and ring.read() == data + b"c" * 3000
+    assert pool.stats().in_use == 0
+    closed = RingBuffer(2048)
+    closed.close()
+    assert not closed.shrink(1024)

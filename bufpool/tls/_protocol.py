@@ -74,6 +74,7 @@ class TLSRecordProtocol(PooledProtocol):
         pool = pool if pool is not None else default_pool()
         super().__init__(pool, capacity=initial_capacity, max_capacity=capacity,
                          resume_below=capacity - 1)
+        self._initial = initial_capacity
         self._offered = 0  # bytes of the last get_buffer view
         self._grow_next = False
         if initial_capacity < capacity:  # only rings that may grow pay for the checks
@@ -149,6 +150,14 @@ class TLSRecordProtocol(PooledProtocol):
             except TLSRecordError as exc:
                 self._fail(exc)
         return None
+
+    def shrink_ring(self) -> bool:
+        """Give a ring that grew back down to ``initial_capacity`` bytes if what it buffers
+        fits; True if it shrank.  For a connection gone quiet after a burst: the next burst
+        grows it again.  Call it outside ``record_received`` (e.g. from a timer)."""
+        ring = self._ring
+        self._grow_next = False
+        return ring is not None and ring.shrink(self._initial)
 
     def release_buffers(self) -> None:
         """Give the ring (and the splitter's joined records) back to the pool now, e.g. after

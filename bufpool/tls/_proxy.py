@@ -67,6 +67,9 @@ DEFAULT_IDLE_TIMEOUT: Final = 3600.0
 #: Seconds a half-closed tunnel (one side sent EOF) may carry nothing in the direction still
 #: open, and seconds a closing connection may take to flush (HAProxy ``timeout client-fin``).
 DEFAULT_HALF_CLOSE_TIMEOUT: Final = 30.0
+#: Seconds without a read after which an established tunnel's rings (grown by a burst) shrink
+#: back to ``initial_buffer``.  None: never.
+DEFAULT_SHRINK_AFTER: Final = 5.0
 #: Client connections open at once (each also holds an upstream connection: two sockets).
 DEFAULT_MAX_CONNECTIONS: Final = 1024
 #: Largest ClientHello accepted, bytes (nginx ``preread_buffer_size`` is 16k).
@@ -157,15 +160,17 @@ class ProxyLimits:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT
     half_close_timeout: float = DEFAULT_HALF_CLOSE_TIMEOUT
+    shrink_after: float | None = DEFAULT_SHRINK_AFTER
     max_connections: int | None = DEFAULT_MAX_CONNECTIONS
     max_client_hello: int = DEFAULT_MAX_CLIENT_HELLO
     initial_buffer: int = DEFAULT_INITIAL_BUFFER
     max_buffer: int = DEFAULT_MAX_BUFFER
 
     def __post_init__(self) -> None:
-        for name in ("hello_timeout", "connect_timeout", "half_close_timeout", "idle_timeout"):
+        for name in ("hello_timeout", "connect_timeout", "half_close_timeout", "idle_timeout",
+                     "shrink_after"):
             value = getattr(self, name)
-            if value is None and name == "idle_timeout":
+            if value is None and name in ("idle_timeout", "shrink_after"):
                 continue
             if not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
@@ -254,8 +259,8 @@ class _Tunnel:
 
     __slots__ = (
         "alert", "bytes_down", "bytes_up", "client", "client_addr", "connecting", "finished",
-        "last", "loop", "phase", "proxy", "reason", "route", "server_name", "started",
-        "timer", "upstream",
+        "last", "loop", "phase", "proxy", "reason", "route", "server_name", "shrunk",
+        "started", "timer", "upstream",
     )
 
     def __init__(self, proxy: SNIProxy, loop: asyncio.AbstractEventLoop) -> None:
@@ -278,6 +283,7 @@ class _Tunnel:
         #: The upstream connect in progress (kept so it is not garbage-collected mid-way).
         self.connecting: asyncio.Task[None] | None = None
         self.finished = False
+        self.shrunk = False  # rings shrunk since the last read
 
     # ------------------------------------------------------------------ bookkeeping
     def end(self, reason: Reason, alert: str | None = None) -> None:
@@ -319,38 +325,52 @@ class _Tunnel:
         client.drop()
 
     def activity_deadline(self) -> None:
-        """Idle or half-closed too long?  Checked lazily: re-armed while bytes still move."""
+        """Idle, half-closed too long, or quiet enough to shrink the rings?  Checked lazily:
+        the timer re-arms for the next due time while bytes still move."""
         self.timer = None
         if self.phase != "open":
             return
+        now = self.loop.time()
         limit = self.activity_limit()
-        if limit is None:
+        if limit is not None and now >= self.last + limit:
+            self.end("half_close_timeout" if self.half_closed() else "idle_timeout")
+            self.abort_all()
             return
-        due = self.last + limit
-        if self.loop.time() < due:
-            self.arm(due, self.activity_deadline)
-            return
-        half = (self.client is not None and self.client.eof_in) or (
+        shrink = self.proxy.limits.shrink_after
+        if shrink is not None and not self.shrunk and now >= self.last + shrink:
+            self.shrunk = True
+            for side in (self.client, self.upstream):
+                if side is not None:
+                    side.shrink_ring()
+        self.watch_activity()
+
+    def half_closed(self) -> bool:
+        return (self.client is not None and self.client.eof_in) or (
             self.upstream is not None and self.upstream.eof_in)
-        self.end("half_close_timeout" if half else "idle_timeout")
-        self.abort_all()
 
     def activity_limit(self) -> float | None:
         limits = self.proxy.limits
-        half = (self.client is not None and self.client.eof_in) or (
-            self.upstream is not None and self.upstream.eof_in)
-        if half:
+        if self.half_closed():
             idle = limits.idle_timeout
             return limits.half_close_timeout if idle is None else min(
                 idle, limits.half_close_timeout)
         return limits.idle_timeout
 
     def watch_activity(self) -> None:
+        """Arm the timer for the next of: the idle/half-close deadline, the ring shrink."""
+        if self.phase != "open":
+            return  # closing has its own timer (the flush deadline)
+        due = None
         limit = self.activity_limit()
-        if limit is None:
+        if limit is not None:
+            due = self.last + limit
+        shrink = self.proxy.limits.shrink_after
+        if shrink is not None and not self.shrunk:
+            due = self.last + shrink if due is None else min(due, self.last + shrink)
+        if due is None:
             self.disarm()
         else:
-            self.arm(self.last + limit, self.activity_deadline)
+            self.arm(due, self.activity_deadline)
 
     # ------------------------------------------------------------------ closing
     def close_all(self) -> None:
@@ -411,7 +431,11 @@ class _Side(TLSRecordProtocol):
         raise NotImplementedError
 
     def data_available(self, ring: RingBuffer) -> None:
-        self.tunnel.last = self.tunnel.loop.time()
+        tunnel = self.tunnel
+        tunnel.last = tunnel.loop.time()
+        if tunnel.shrunk:  # quiet no more: watch for the next quiet spell
+            tunnel.shrunk = False
+            tunnel.watch_activity()
         super().data_available(ring)
 
     def forward(self, record: TLSRecord) -> None:
