@@ -267,6 +267,7 @@ async def test_unknown_name_is_logged_as_a_refusal() -> None:
         summary = await log.next()
         assert (summary.reason, summary.alert, summary.server_name, summary.upstream) == (
             "unknown_name", "unrecognized_name", "nobody.invalid", None)
+        assert summary.detail == "no route for 'nobody.invalid'"
         assert proxy.stats.refusals == {"unrecognized_name": 1}
 
 

@@ -62,6 +62,7 @@ async def test_stalled_partial_client_hello_is_closed_at_its_deadline_with_memor
                        "the connection to hold its ring")
         summary = await log.next()
         assert (summary.reason, summary.alert) == ("hello_timeout", None)
+        assert summary.detail == "no complete ClientHello within hello_timeout=0.5s"
         assert summary.duration >= 0.5
         assert in_use_bytes(proxy.pool) == 0  # given back when the deadline fired
         assert await asyncio.wait_for(reader.read(), 10) == b""  # a close, no alert
@@ -154,6 +155,7 @@ async def test_oversized_client_hello_is_refused_as_soon_as_its_length_is_known(
         assert await asyncio.wait_for(reader.read(), 10) == b"\x15\x03\x03\x00\x02\x02\x32"
         summary = await log.next()
         assert (summary.reason, summary.alert) == ("bad_hello", "decode_error")
+        assert summary.detail is not None and "exceeds the limit of 16384 bytes" in summary.detail
         writer.close()
 
 
@@ -406,8 +408,10 @@ async def test_connection_cap_refuses_cleanly_and_serves_again_below_it(
         writer.write(client_hello(NAME))
         assert await asyncio.wait_for(reader.read(), 10) == ALERT_INTERNAL_ERROR  # then EOF
         writer.close()
-        summary = await log.next()
+        summary, line = await log.next_line()
         assert (summary.reason, summary.alert) == ("over_capacity", "internal_error")
+        assert line.endswith("close=over_capacity alert=internal_error "
+                             "detail='max_connections=3 were open'")
         # a real TLS client over the cap sees the alert by name
         ctx = certs.client_context()
         with pytest.raises(ssl.SSLError, match="INTERNAL_ERROR"):
@@ -506,7 +510,7 @@ async def test_log_line_names_client_sni_upstream_bytes_duration_and_close_reaso
         assert (summary.client, summary.server_name, summary.upstream) == (client, NAME, upstream)
         assert summary.bytes_up > len(payload) and summary.bytes_down > len(payload)
         assert summary.reason in ("eof", "client_closed", "upstream_closed")
-        assert summary.alert is None and 0 < summary.duration < 60
+        assert summary.alert is None and summary.detail is None and 0 < summary.duration < 60
         assert line == (
             f"client={client} sni={NAME} upstream={upstream} up={summary.bytes_up} "
             f"down={summary.bytes_down} duration={summary.duration:.3f}s "

@@ -197,13 +197,16 @@ class ConnectionSummary:
     duration: float
     reason: str
     alert: str | None  #: the fatal alert sent to the client, "http_400", or None
+    #: What went wrong, naming the limit or the fault (None for ordinary closes).
+    detail: str | None = None
 
     def line(self) -> str:
-        return (
+        text = (
             f"client={self.client} sni={self.server_name or '-'} "
             f"upstream={self.upstream or '-'} up={self.bytes_up} down={self.bytes_down} "
             f"duration={self.duration:.3f}s close={self.reason} alert={self.alert or '-'}"
         )
+        return text if self.detail is None else f"{text} detail={self.detail!r}"
 
 
 class ProxyStats:
@@ -258,7 +261,8 @@ class _Tunnel:
     """One client connection and its upstream: state, deadlines, counters, the log line."""
 
     __slots__ = (
-        "alert", "bytes_down", "bytes_up", "client", "client_addr", "connecting", "finished",
+        "alert", "bytes_down", "bytes_up", "client", "client_addr", "connecting", "detail",
+        "finished",
         "last", "loop", "phase", "proxy", "reason", "route", "server_name", "shrunk",
         "started", "timer", "upstream",
     )
@@ -277,6 +281,7 @@ class _Tunnel:
         self.bytes_down = 0
         self.reason: Reason | None = None
         self.alert: str | None = None
+        self.detail: str | None = None
         #: hello -> connecting -> open -> closing
         self.phase: Literal["hello", "connecting", "open", "closing"] = "hello"
         self.timer: asyncio.TimerHandle | None = None
@@ -286,11 +291,12 @@ class _Tunnel:
         self.shrunk = False  # rings shrunk since the last read
 
     # ------------------------------------------------------------------ bookkeeping
-    def end(self, reason: Reason, alert: str | None = None) -> None:
+    def end(self, reason: Reason, alert: str | None = None, detail: str | None = None) -> None:
         """Record why the connection ends (the first reason wins)."""
         if self.reason is None:
             self.reason = reason
             self.alert = alert
+            self.detail = detail
 
     def arm(self, when: float, callback: Callable[[], None]) -> None:
         timer = self.timer
@@ -321,7 +327,8 @@ class _Tunnel:
         client = self.client
         if self.phase != "hello" or client is None or client.transport is None:
             return
-        self.end("hello_timeout")
+        self.end("hello_timeout", detail=f"no complete ClientHello within hello_timeout="
+                 f"{self.proxy.limits.hello_timeout}s")
         client.drop()
 
     def activity_deadline(self) -> None:
@@ -333,7 +340,12 @@ class _Tunnel:
         now = self.loop.time()
         limit = self.activity_limit()
         if limit is not None and now >= self.last + limit:
-            self.end("half_close_timeout" if self.half_closed() else "idle_timeout")
+            if self.half_closed():
+                self.end("half_close_timeout", detail=f"half-closed and nothing received for "
+                         f"{limit}s")
+            else:
+                self.end("idle_timeout", detail=f"nothing received either way for "
+                         f"idle_timeout={limit}s")
             self.abort_all()
             return
         shrink = self.proxy.limits.shrink_after
@@ -408,6 +420,7 @@ class _Tunnel:
             duration=self.loop.time() - self.started,
             reason=self.reason or "client_closed",
             alert=self.alert,
+            detail=self.detail,
         )
 
 
@@ -474,7 +487,8 @@ class _Side(TLSRecordProtocol):
         return True  # half-close: keep our write side open for the peer's remaining bytes
 
     def record_error(self, exc: TLSRecordError) -> None:
-        self.tunnel.end("bad_record")
+        side = "client" if isinstance(self, ClientSide) else "upstream"
+        self.tunnel.end("bad_record", detail=f"{side}: {exc}")
         self.tunnel.close_all()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -547,7 +561,7 @@ class ClientSide(_Side):
         try:
             hello = collector.add(record)
         except TLSRecordError as exc:
-            self.refuse("bad_hello", exc.alert)
+            self.refuse("bad_hello", exc.alert, str(exc))
             return
         if hello is None:
             return
@@ -555,7 +569,9 @@ class ClientSide(_Side):
         tunnel.server_name = hello.server_name
         route = tunnel.proxy.routes.lookup(hello.server_name)
         if route is None:
-            self.refuse("unknown_name", AlertDescription.unrecognized_name)
+            self.refuse("unknown_name", AlertDescription.unrecognized_name,
+                        "no SNI in the ClientHello" if not hello.server_name
+                        else f"no route for {hello.server_name!r}")
             return
         tunnel.route = route
         tunnel.phase = "connecting"
@@ -571,11 +587,14 @@ class ClientSide(_Side):
                 _, up = await loop.create_connection(lambda: UpstreamSide(tunnel), *route)
         except TimeoutError:
             tunnel.connecting = None
-            self.refuse("connect_timeout", AlertDescription.internal_error)
+            self.refuse("connect_timeout", AlertDescription.internal_error,
+                        f"upstream {route[0]}:{route[1]} did not accept within "
+                        f"connect_timeout={tunnel.proxy.limits.connect_timeout}s")
             return
-        except OSError:  # refused, unreachable
+        except OSError as exc:  # refused, unreachable
             tunnel.connecting = None
-            self.refuse("connect_failed", AlertDescription.internal_error)
+            self.refuse("connect_failed", AlertDescription.internal_error,
+                        f"upstream {route[0]}:{route[1]}: {exc}")
             return
         except asyncio.CancelledError:
             tunnel.connecting = None
@@ -602,10 +621,11 @@ class ClientSide(_Side):
             self.count(len(rec.lease))
             write_lease(up.transport, rec.lease)
 
-    def refuse(self, reason: Reason, alert: AlertDescription | None) -> None:
+    def refuse(self, reason: Reason, alert: AlertDescription | None,
+               detail: str | None = None) -> None:
         """Answer before any tunnel exists (a fatal alert, or the HTTP 400) and close."""
         tunnel = self.tunnel
-        tunnel.end(reason, alert.name if alert is not None else "http_400")
+        tunnel.end(reason, alert.name if alert is not None else "http_400", detail)
         self.drop_held()
         if self.transport is not None and tunnel.phase != "closing":
             self.transport.write(alert_record(alert) if alert is not None else HTTP_REFUSAL)
@@ -614,9 +634,9 @@ class ClientSide(_Side):
     def record_error(self, exc: TLSRecordError) -> None:
         if self.tunnel.phase in ("hello", "connecting"):
             if isinstance(exc, NotTLSError) and "HTTP request" in exc.looks_like:
-                self.refuse("plaintext_http", None)
+                self.refuse("plaintext_http", None, str(exc))
             else:
-                self.refuse("bad_hello", exc.alert)
+                self.refuse("bad_hello", exc.alert, str(exc))
             return
         super().record_error(exc)
 
@@ -679,6 +699,7 @@ class _Refused(asyncio.Protocol):
             client=self.client, server_name=None, upstream=None, bytes_up=0, bytes_down=0,
             duration=loop.time() - self.started, reason="over_capacity",
             alert=AlertDescription.internal_error.name,
+            detail=f"max_connections={self.proxy.limits.max_connections} were open",
         ), refused=True)
 
 
