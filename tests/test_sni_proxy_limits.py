@@ -428,6 +428,55 @@ async def test_connection_cap_refuses_cleanly_and_serves_again_below_it(
             w.close()
 
 
+@pytest.mark.asyncio
+async def test_default_cap_holds_against_a_flood_of_idle_sockets_and_serves_after_it(
+    certs: CertBundle, echo_routes: dict[str, tuple[str, int]],
+) -> None:
+    # The cheapest attacker against the cap: open sockets that send nothing, then more.
+    cap = ProxyLimits().max_connections
+    assert cap == 1024
+    async with running_proxy(echo_routes) as (proxy, port, log):
+        flood = [await connect_raw(port) for _ in range(cap)]
+        await wait_for(lambda: proxy.stats.open == cap, "the cap filled", timeout=60)
+        assert in_use_bytes(proxy.pool) <= cap * 1024  # a kilobyte each
+        extra = [await connect_raw(port) for _ in range(20)]
+        for reader, _ in extra:  # each gets the alert then EOF (or a reset once refusals pile)
+            try:
+                got = await asyncio.wait_for(reader.read(), 10)
+            except ConnectionError:
+                got = b""
+            assert got in (ALERT_INTERNAL_ERROR, b"")
+        assert proxy.stats.open == cap
+        for _ in range(20):
+            assert (await log.next()).reason == "over_capacity"
+        for _, w in flood + extra:
+            w.close()
+        for _ in range(cap):
+            await log.next()
+        payload = os.urandom(5000)
+        who, got, _ = await asyncio.wait_for(tls_roundtrip(port, certs, NAME, payload), 30)
+        assert (who, got) == (NAME, payload)
+
+
+@pytest.mark.asyncio
+async def test_refused_clients_that_never_close_are_bounded_in_number_and_time() -> None:
+    limits = ProxyLimits(max_connections=1)
+    async with running_proxy({NAME: ("127.0.0.1", 9)}, limits=limits) as (proxy, port, log):
+        _, holder = await connect_raw(port)
+        await wait_for(lambda: proxy.stats.open == 1, "the cap filled")
+        (r1, w1), (_, w2) = await connect_raw(port), await connect_raw(port)
+        # neither closes; the second arrives while the first still lingers: aborted at once
+        summary = await log.next()
+        assert summary.reason == "over_capacity" and summary.duration < 1.0
+        assert len(proxy._refused) <= 1
+        # the first is dropped after its linger (1 s) although it never closes
+        summary = await log.next()
+        assert summary.reason == "over_capacity" and summary.duration >= 1.0
+        assert await asyncio.wait_for(r1.read(), 10) == ALERT_INTERNAL_ERROR
+        for w in (w1, w2, holder):
+            w.close()
+
+
 # ---------------------------------------------------------------------- operations
 async def http_get(port: int, path: str) -> tuple[str, str]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

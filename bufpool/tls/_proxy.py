@@ -72,6 +72,8 @@ DEFAULT_HALF_CLOSE_TIMEOUT: Final = 30.0
 DEFAULT_SHRINK_AFTER: Final = 5.0
 #: Client connections open at once (each also holds an upstream connection: two sockets).
 DEFAULT_MAX_CONNECTIONS: Final = 1024
+#: Seconds a refused (over-capacity) client may take to close after our alert.
+REFUSAL_LINGER: Final = 1.0
 #: Largest ClientHello accepted, bytes (nginx ``preread_buffer_size`` is 16k).
 DEFAULT_MAX_CLIENT_HELLO: Final = 16384
 #: First ring size per connection side, bytes (a TLS 1.3 OpenSSL ClientHello is 517 bytes).
@@ -663,7 +665,9 @@ class ClientSide(_Side):
 class _Refused(asyncio.Protocol):
     """A client over ``max_connections``: a fatal internal_error alert, our write side shut,
     its ClientHello read and dropped (so the close is a FIN, not a reset that could discard
-    the alert), then closed when the client closes or after ``linger`` seconds."""
+    the alert), then closed when the client closes or after :data:`REFUSAL_LINGER` seconds.
+    While ``max_connections`` refusals already linger, a new one is aborted right after the
+    alert is written (a flood cannot hold more than twice the cap in sockets)."""
 
     def __init__(self, proxy: SNIProxy) -> None:
         self.proxy = proxy
@@ -679,9 +683,13 @@ class _Refused(asyncio.Protocol):
         self.started = loop.time()
         self.client = _address(transport)
         transport.write(alert_record(AlertDescription.internal_error))
+        cap = self.proxy.limits.max_connections or 0
+        if len(self.proxy._refused) > cap:
+            transport.abort()
+            return
         if transport.can_write_eof():
             transport.write_eof()
-        self.timer = loop.call_later(self.proxy.limits.half_close_timeout, transport.abort)
+        self.timer = loop.call_later(REFUSAL_LINGER, transport.abort)
 
     def data_received(self, data: bytes) -> None:
         pass
