@@ -3,7 +3,8 @@ pool memory in use (from its --metrics endpoint), rings starting at 64 KiB (the 
 ``--initial-buffer 65536``) against rings starting at 1 KiB (the default), interleaved in one
 run.
 
-    python bench/bench_proxy_memory.py [--idle 300] [--stalled 500] [--large 100] [--repeat 2]
+    python bench/bench_proxy_memory.py [--idle 300] [--stalled 500] [--large 100] [--quiet 100]
+        [--repeat 2] [--loop asyncio|uvloop]
 
 Scenarios, each from a fresh proxy process:
   idle     N connections that send nothing;
@@ -60,13 +61,16 @@ class SinkServer(socketserver.ThreadingTCPServer):
 
 
 class Proxy:
+    loop = "asyncio"
+
     def __init__(self, initial_buffer: int, hello_timeout: float, upstream: int = 9,
                  shrink_after: float = 5.0) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, PROXY, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
              "--route", f"example.com=127.0.0.1:{upstream}", "--max-connections", "0",
              "--hello-timeout", str(hello_timeout), "--initial-buffer", str(initial_buffer),
-             "--shrink-after", str(shrink_after), "--log-level", "WARNING"],
+             "--shrink-after", str(shrink_after), "--log-level", "WARNING",
+             "--loop", self.loop],
             stdout=subprocess.PIPE, text=True,
         )
         assert self.proc.stdout is not None
@@ -178,7 +182,10 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=100)
     ap.add_argument("--quiet", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = ap.parse_args()
+    Proxy.loop = args.loop
+    print(f"proxy loop: {args.loop}")
     kib = 1024
     print(f"{'scenario':<16}{'ring start':>11}{'RSS +KiB':>10}{'pool +KiB':>11}"
           f"{'per conn':>10}{'RSS after':>11}{'pool after':>11}")
