@@ -271,6 +271,20 @@ async def test_unknown_name_is_logged_as_a_refusal() -> None:
         assert proxy.stats.refusals == {"unrecognized_name": 1}
 
 
+def test_limits_are_validated_with_messages_naming_the_limit() -> None:
+    for kwargs, match in (
+        ({"hello_timeout": 0}, "hello_timeout must be a positive number of seconds"),
+        ({"idle_timeout": -1}, "idle_timeout"),
+        ({"max_connections": 0}, "max_connections must be >= 1"),
+        ({"max_client_hello": 10}, "max_client_hello must be >= 64 bytes"),
+        ({"max_buffer": 16384}, "max_buffer must be at least 36874 bytes"),
+        ({"initial_buffer": 0}, "initial_buffer"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            ProxyLimits(**kwargs)  # type: ignore[arg-type]
+    assert ProxyLimits(idle_timeout=None, shrink_after=None, max_connections=None)
+
+
 def test_help_states_listen_address_matching_and_refusals() -> None:
     import subprocess
 

@@ -38,7 +38,7 @@ from ._client_hello import ClientHelloCollector
 from ._errors import AlertDescription, NotTLSError, TLSRecordError, alert_record
 from ._protocol import TLSRecordProtocol
 from ._records import DetachedRecord, TLSRecord
-from ._splitter import RECORD_POOL_CLASSES
+from ._splitter import MIN_RING_CAPACITY, RECORD_POOL_CLASSES
 
 __all__ = [
     "CLOSE_REASONS",
@@ -180,6 +180,11 @@ class ProxyLimits:
             raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
         if self.max_client_hello < 64:
             raise ValueError(f"max_client_hello must be >= 64 bytes, got {self.max_client_hello}")
+        if self.max_buffer < MIN_RING_CAPACITY:
+            raise ValueError(
+                f"max_buffer must be at least {MIN_RING_CAPACITY} bytes (two maximal records), "
+                f"got {self.max_buffer}"
+            )
         if not 0 < self.initial_buffer <= self.max_buffer:
             raise ValueError(
                 f"initial_buffer ({self.initial_buffer} bytes) must be within "
