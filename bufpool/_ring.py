@@ -139,7 +139,12 @@ class RingBuffer:
         new = cap
         while new < need:
             new *= 2
-        new = min(new, self._max)
+        self._move_to(min(new, self._max))
+        self._grows += 1
+
+    def _move_to(self, new: int) -> None:
+        """Copy the data to fresh storage of ``new`` >= len bytes at offset 0; release the old."""
+        cap = self._cap
         mv, lease = self._allocate(new)  # may raise (pool policy): nothing changed yet
         ln = self._len
         h = self._head
@@ -158,7 +163,6 @@ class RingBuffer:
         self._cap = new
         self._head = 0
         self._wlen = -1
-        self._grows += 1
 
     def _drop_peeked(self) -> None:
         old = self._peeked
@@ -249,6 +253,28 @@ class RingBuffer:
                 "the ring changed since that view was handed out, or it was already committed"
             )
         raise ValueError(f"buffer_updated({nbytes}): the view handed out had {self._wlen} bytes")
+
+    def reserve(self, nbytes: int) -> None:
+        """Grow now (doubling, keeping the data) until at least ``nbytes`` bytes are free.
+
+        Raises BufferFull (nothing changed) when that would exceed ``max_capacity``.  Like any
+        growth it ends the validity of outstanding ``peek``/``get_buffer`` views.
+        """
+        if nbytes > self._cap - self._len:
+            self._grow(self._len + nbytes)
+
+    def shrink(self, capacity: int) -> bool:
+        """Move the buffered bytes into smaller storage of ``capacity`` bytes and give the
+        old storage back (e.g. when a connection goes quiet after a burst).  Does nothing and
+        returns False unless ``len(self) <= capacity < self.capacity``.  Like growth, it ends
+        the validity of outstanding ``peek``/``get_buffer`` views; a later write grows the
+        ring again up to ``max_capacity``."""
+        if self._closed or capacity.__class__ is not int or not (
+            0 < capacity < self._cap and self._len <= capacity
+        ):
+            return False
+        self._move_to(capacity)
+        return True
 
     def writable_views(self) -> tuple[memoryview, ...]:
         """Up to two writable views of all free space, in order (for ``recvmsg_into``).

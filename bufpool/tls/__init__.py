@@ -4,7 +4,9 @@ Floor 2 (sans-IO, no sockets, no asyncio): :class:`TLSRecordSplitter` (bytes in,
 records out), :func:`parse_client_hello` / :class:`ClientHelloCollector` (SNI, ALPN, versions),
 :class:`RecordFramer` (plaintext into records in pooled buffers), and the error hierarchy under
 :class:`TLSRecordError`.  Floor 3: :class:`TLSRecordProtocol`, an asyncio protocol that hands
-out one record at a time, imported on first use so sans-IO users never load asyncio code.
+out one record at a time, and :class:`SNIProxy` (with :class:`ProxyLimits`,
+:class:`RouteTable`, :class:`ConnectionSummary`), a passthrough proxy routing by SNI, imported
+on first use so sans-IO users never load asyncio code.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from ._splitter import (
 
 if TYPE_CHECKING:
     from ._protocol import TLSRecordProtocol
+    from ._proxy import ConnectionSummary, ProxyLimits, RouteTable, SNIProxy
 
 __all__ = [
     "DEFAULT_MAX_CLIENT_HELLO",
@@ -80,10 +83,17 @@ __all__ = [
     "UnsupportedVersionError",
     "alert_record",
     "default_pool",
+    "ConnectionSummary",
+    "ProxyLimits",
+    "RouteTable",
+    "SNIProxy",
     "RECORD_POOL_CLASSES",
     "is_grease",
     "parse_client_hello",
 ]
+
+
+_PROXY_NAMES = frozenset({"ConnectionSummary", "ProxyLimits", "RouteTable", "SNIProxy"})
 
 
 def __getattr__(name: str) -> Any:
@@ -91,4 +101,8 @@ def __getattr__(name: str) -> Any:
         from ._protocol import TLSRecordProtocol
 
         return TLSRecordProtocol
+    if name in _PROXY_NAMES:
+        from . import _proxy
+
+        return getattr(_proxy, name)
     raise AttributeError(f"module 'bufpool.tls' has no attribute {name!r}")

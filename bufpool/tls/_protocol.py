@@ -12,7 +12,8 @@ Lifetime: a record is valid during ``record_received``; its views are released w
 that delivered it has been dispatched.  Keep one longer with ``record.detach()`` (a pooled
 lease you release).  All ring memory goes back to the pool in ``connection_lost``.
 
-Bounds: per connection the ring (``capacity`` bytes, default 64 KiB) plus joined records
+Bounds: per connection the ring (``initial_capacity`` bytes at first, doubled whenever a read
+finds it full, up to ``capacity`` bytes, default 64 KiB from the start) plus joined records
 (a pooled lease per record that wrapped the ring, released after dispatch).  Work per read is
 O(1) plus O(1) per record.  After ``pause_reading()`` the records of the read already
 received are still delivered (at most ``capacity`` bytes).
@@ -43,7 +44,10 @@ class TLSRecordProtocol(PooledProtocol):
 
     ``pool`` (default :func:`bufpool.tls.default_pool`), ``tls13_only`` and ``mid_stream``
     configure the splitter (see :class:`TLSRecordSplitter`); ``capacity`` is the ring size in
-    bytes (at least 36,874).
+    bytes (at least 36,874); ``initial_capacity`` (bytes, default ``capacity``) starts the
+    ring smaller, so an idle connection holds only that much: it doubles (copying the pending
+    bytes once) when a record no longer fits, or when a read filled all the space offered
+    (at least a quarter of the ring: the socket had more), up to ``capacity``.
     """
 
     def __init__(
@@ -53,15 +57,29 @@ class TLSRecordProtocol(PooledProtocol):
         tls13_only: bool = False,
         mid_stream: bool = False,
         capacity: int = 65536,
+        initial_capacity: int | None = None,
     ) -> None:
         if capacity < MIN_RING_CAPACITY:
             raise ValueError(
                 f"capacity must be at least {MIN_RING_CAPACITY} bytes (two maximal records), "
                 f"got {capacity}"
             )
+        if initial_capacity is None:
+            initial_capacity = capacity
+        elif not 0 < initial_capacity <= capacity:
+            raise ValueError(
+                f"initial_capacity must be within 1..capacity ({capacity} bytes), "
+                f"got {initial_capacity}"
+            )
         pool = pool if pool is not None else default_pool()
-        super().__init__(pool, capacity=capacity, max_capacity=capacity,
+        super().__init__(pool, capacity=initial_capacity, max_capacity=capacity,
                          resume_below=capacity - 1)
+        self._initial = initial_capacity
+        self._offered = 0  # bytes of the last get_buffer view
+        self._grow_next = False
+        if initial_capacity < capacity:  # only rings that may grow pay for the checks
+            self.get_buffer = self._get_buffer_growing  # type: ignore[method-assign]
+            self.buffer_updated = self._buffer_updated_growing  # type: ignore[method-assign]
         self._tls13_only = tls13_only
         self._mid_stream = mid_stream
         self.splitter: TLSRecordSplitter | None = None
@@ -80,6 +98,27 @@ class TLSRecordProtocol(PooledProtocol):
             self.transport.close()
 
     # ------------------------------------------------------------------ asyncio callbacks
+    def _get_buffer_growing(self, sizehint: int) -> memoryview:
+        """``get_buffer`` of a ring that started small: first double it if the last read
+        filled everything offered and that was at least a quarter of the ring (a bulk sender
+        would otherwise be read in initial_capacity-sized pieces)."""
+        ring: RingBuffer = self._ring  # type: ignore[assignment]
+        if self._grow_next:
+            self._grow_next = False
+            cap = ring.capacity
+            if cap < ring.max_capacity:
+                ring.reserve(cap + 1 - len(ring))
+        view = ring.get_buffer(sizehint)
+        self._offered = len(view)
+        return view
+
+    def _buffer_updated_growing(self, nbytes: int) -> None:
+        ring = self._ring
+        self._grow_next = (
+            nbytes == self._offered and ring is not None and nbytes * 4 >= ring.capacity
+        )
+        PooledProtocol.buffer_updated(self, nbytes)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.splitter = TLSRecordSplitter(
@@ -111,6 +150,25 @@ class TLSRecordProtocol(PooledProtocol):
             except TLSRecordError as exc:
                 self._fail(exc)
         return None
+
+    def shrink_ring(self) -> bool:
+        """Give a ring that grew back down to ``initial_capacity`` bytes if what it buffers
+        fits; True if it shrank.  For a connection gone quiet after a burst: the next burst
+        grows it again.  Call it outside ``record_received`` (e.g. from a timer)."""
+        ring = self._ring
+        self._grow_next = False
+        return ring is not None and ring.shrink(self._initial)
+
+    def release_buffers(self) -> None:
+        """Give the ring (and the splitter's joined records) back to the pool now, e.g. after
+        ``eof_received`` when nothing more will arrive but the write side stays open.  No
+        record is parsed afterwards; ``connection_lost`` later finds nothing to release."""
+        splitter, self.splitter = self.splitter, None
+        if splitter is not None:
+            splitter.close()
+        ring = self._ring
+        if ring is not None:
+            ring.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         splitter, self.splitter = self.splitter, None
