@@ -50,22 +50,43 @@ def test_setup_conventions() -> None:
     assert app[bpa.POOL_KEY] is pool and isinstance(pool, bufpool.BufferPool)
     settings = app[bpa.SETTINGS_KEY]
     assert settings.max_body_size == 1234 and settings.owns_pool
-    assert len(app.middlewares) == 1 and len(app.cleanup_ctx) == 1
+    # no middleware: lifetimes follow each request's handler task
+    assert len(app.middlewares) == 0 and len(app.cleanup_ctx) == 1
+    assert settings.acquire_timeout == bpa.DEFAULT_ACQUIRE_TIMEOUT == 60.0
+    assert settings.body_timeout == bpa.DEFAULT_BODY_TIMEOUT == 60.0
+    assert settings.send_timeout == bpa.DEFAULT_SEND_TIMEOUT == 60.0
     with pytest.raises(RuntimeError, match="already called"):
         bpa.setup(app)
     with pytest.raises(ValueError, match="max_body_size"):
         bpa.setup(web.Application(), max_body_size=-1)
-    with pytest.raises(ValueError, match="acquire_timeout"):
-        bpa.setup(web.Application(), acquire_timeout=-1.0)
+    for name in ("acquire_timeout", "body_timeout", "send_timeout", "preempt_after",
+                 "body_min_rate", "idle_trim_after", "body_grace", "preempt_idle"):
+        with pytest.raises(ValueError, match=name):
+            bpa.setup(web.Application(), **{name: -1.0})
 
 
-def test_middleware_goes_outermost() -> None:
+def test_setup_refuses_a_max_body_size_the_budget_cannot_hold() -> None:
+    """Every such request would wait for memory that can never be free: refuse at setup."""
+    pool = bufpool.BufferPool(max_bytes=4 << 20, initial_slots=0, on_exhausted="raise")
+    with pytest.raises(ValueError) as info:
+        bpa.setup(web.Application(), pool=pool, max_body_size=(4 << 20) + 1)
+    text = str(info.value)
+    assert f"max_body_size={(4 << 20) + 1}" in text and "body budget of 4194304 bytes" in text
+    bpa.setup(web.Application(), pool=pool, max_body_size=4 << 20)  # exactly fits
+    # The default pool's smaller classes keep their preallocation: 64 MiB does not fit.
+    with pytest.raises(ValueError, match="body budget"):
+        bpa.setup(web.Application(), max_body_size=64 << 20)
+    with pytest.raises(ValueError, match="body_budget"):
+        bpa.setup(web.Application(), pool=pool, body_budget=(4 << 20) + 1)
+
+
+def test_middleware_goes_outermost_when_asked() -> None:
     @web.middleware
     async def other(request: web.Request, handler: object) -> web.StreamResponse:
         raise AssertionError("not called")
 
     app = web.Application(middlewares=[other])
-    bpa.setup(app)
+    bpa.setup(app, middleware=True)
     assert app.middlewares[1] is other
     assert app.middlewares[0].__name__ == "bufpool_middleware"
 
