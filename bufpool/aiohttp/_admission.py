@@ -19,10 +19,11 @@ Deadlines (checked every ``tick`` seconds while anything is tracked, O(tracked) 
 no body byte for ``body_timeout`` s, or slower than ``body_min_rate`` after ``body_grace`` s,
 cuts the body (its stream raises :class:`BodyCut`, answered 408); no write progress on a
 pooled reply for ``send_timeout`` s aborts the connection.  Under pressure (a body waited
-``preempt_after`` s for memory) the grace shrinks to ``preempt_idle`` s and the stalled
-bodies holding the most unfilled reservation are cut first, until the waiters fit; stalled
-pooled replies are aborted.  A body that keeps sending at ``body_min_rate`` or more is never
-cut.  See ``docs/aiohttp.md`` for the anchors (nginx, Apache, Envoy, Go).
+``preempt_after`` s for memory) these deadlines shrink to ``preempt_idle`` s: every body with
+no byte for that long, or below ``body_min_rate`` with that grace, is cut (those holding the
+most unfilled reservation first), and stalled pooled replies are aborted.  A body that keeps
+sending at ``body_min_rate`` or more is never cut.  See ``docs/aiohttp.md`` for the anchors
+(nginx, Apache, Envoy, Go).
 
 Quiet for ``idle_trim_after`` s: ``pool.trim()`` and glibc ``malloc_trim(0)`` give memory back.
 """
@@ -545,10 +546,6 @@ class Admission:
                 self._abort(w, "preempted",
                             f"no write progress for {now - w.last:.1f} s under memory pressure "
                             f"(preempt_idle={idle} s; {w.pinned()} pooled bytes unsent)")
-        need = sum(t.want for t in pressed) - (self.budget - self.reserved)
-        need -= sum(t.size for t in self.bodies if t.state == CUT)  # already on their way
-        if need <= 0 and not slot_pressed:
-            return
         rate = self.body_min_rate
         stalled = [
             t for t in self.bodies if t.state == READING and (
@@ -556,17 +553,14 @@ class Admission:
                 or (rate and now > t.admitted_at + idle + t.received / rate)
             )
         ]
-        # Envoy's reset_high_memory_stream: those holding the most (unfilled) first.
+        # Under pressure every body deadline shrinks to preempt_idle (Envoy's reduce_timeouts);
+        # those holding the most unfilled reservation go first (reset_high_memory_stream).
         stalled.sort(key=lambda t: t.size - t.received, reverse=True)
         for t in stalled:
-            if need <= 0 and not slot_pressed:
-                break
             self._cut(t, "preempted",
                       f"request body stalled under memory pressure: {t.received} bytes in "
                       f"{now - t.admitted_at:.1f} s, none for {now - t.last:.1f} s "
                       f"(preempt_idle={idle} s, body_min_rate={rate} bytes/s)")
-            need -= t.size
-            slot_pressed = False  # one cut per check for slot waiters
 
     def _idle_trim(self) -> None:
         self._trim_handle = None
