@@ -398,3 +398,106 @@ def _aiohttp_buffered(client: Any) -> int:
         if req is not None:
             total += getattr(req.content, "_size", 0)
     return total
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+@pytest.mark.asyncio
+async def test_bodies_of_unknown_length_never_deadlock_on_growth() -> None:
+    """Two chunked bodies of three 64 KiB slots each, a body budget of four: driven in
+    lockstep, each grows to two slots (budget spent), A waits to grow, and B's growth could
+    only come from A, which waits itself: B gets 503 naming it at once instead of both
+    waiting forever; A then finishes with 200."""
+    slot = 65536
+    pool = bufpool.BufferPool(max_bytes=4 * slot, initial_slots=0, on_exhausted="raise")
+    app = make_app(pool, max_body_size=4 * slot)
+    async with served(app) as client:
+        a = await raw_connect(client.port)  # type: ignore[arg-type]
+        b = await raw_connect(client.port)  # type: ignore[arg-type]
+        for _r, w in (a, b):
+            w.write(_head("/upload", None, chunked=True))
+        assert await wait_for(lambda: bpa.admission_stats(app).reserved_bytes == 2 * slot)
+        piece = b"p" * slot
+        for _r, w in (a, b):
+            w.write(_chunk(piece))
+        for expected in (3, 4):
+            w = (a, b)[expected - 3][1]
+            w.write(_chunk(piece))
+            assert await wait_for(
+                lambda e=expected: bpa.admission_stats(app).reserved_bytes == e * slot  # type: ignore[misc]
+            )
+        a[1].write(_chunk(piece))
+        assert await wait_for(lambda: bpa.admission_stats(app).waiting == 1)
+        b[1].write(_chunk(piece))
+        status, _h, text = await asyncio.wait_for(read_response(b[0]), 10)
+        assert status == 503 and b"unknown length" in text, text
+        a[1].write(b"0\r\n\r\n")
+        status, _h, body = await asyncio.wait_for(read_response(a[0]), 10)
+        assert status == 200, body
+        assert bpa.admission_stats(app).growth_refused == 1
+        for _r, w in (a, b):
+            w.close()
+    await assert_drained(pool)
+
+
+@pytest.mark.asyncio
+async def test_lifetimes_follow_the_handler_task_without_a_middleware() -> None:
+    """Default setup: no middleware; memory is released when the handler task ends (after
+    the response was written); a helper first called from a spawned task says how to fix
+    it; routes that never touch the pool carry nothing."""
+    pool = bufpool.BufferPool(max_bytes=8 * MiB, on_exhausted="raise")
+    app = make_app(pool, max_body_size=MiB)
+    assert not app.middlewares
+    in_use_after: list[int] = []
+
+    async def spawned(request: web.Request) -> web.Response:
+        try:
+            await asyncio.ensure_future(bpa.read_body(request))
+        except bpa.NotSetUp as exc:
+            return web.Response(status=500, text=str(exc))
+        return web.Response(text="no error")
+
+    async def plain(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(text=str(OWNED in request))
+
+    async def check(request: web.Request) -> web.Response:
+        in_use_after.append(pool.stats().in_use)
+        return web.Response(text="ok")
+
+    from bufpool.aiohttp._lifetime import OWNED_KEY as OWNED
+
+    app.router.add_post("/spawned", spawned)
+    app.router.add_post("/plain", plain)
+    app.router.add_get("/check", check)
+    async with served(app) as client:
+        resp = await client.post("/echo", data=b"e" * 300_000)
+        assert resp.status == 200 and await resp.read() == b"e" * 300_000
+        assert (await client.get("/check")).status == 200
+        assert in_use_after == [0]  # the echo's five slots came back when its task ended
+        resp = await client.post("/spawned", data=b"s" * 1000)
+        assert resp.status == 500 and "middleware" in await resp.text()
+        resp = await client.post("/plain", data=b"x")
+        assert await resp.text() == "False"
+    await assert_drained(pool)
+
+
+@pytest.mark.asyncio
+async def test_the_middleware_form_composes_by_hand() -> None:
+    """``bpa.middleware()`` placed by hand: helpers work from tasks the handler spawns."""
+    pool = bufpool.BufferPool(max_bytes=8 * MiB, on_exhausted="raise")
+    app = web.Application(middlewares=[bpa.middleware()])
+    bpa.setup(app, pool=pool, max_body_size=MiB)
+    assert len(app.middlewares) == 1
+
+    async def spawned(request: web.Request) -> web.StreamResponse:
+        body = await asyncio.ensure_future(bpa.read_body(request))
+        return bpa.pooled_response(request, body)
+
+    app.router.add_post("/spawned", spawned)
+    async with served(app) as client:
+        resp = await client.post("/spawned", data=b"m" * 200_000)
+        assert resp.status == 200 and await resp.read() == b"m" * 200_000
+    await assert_drained(pool)
