@@ -107,6 +107,7 @@ class BodyTicket:
         "queued_at",
         "reader",
         "received",
+        "seen",
         "size",
         "state",
         "stream",
@@ -118,7 +119,8 @@ class BodyTicket:
         self.stream = stream
         self.reader = reader
         self.size = 0  #: bytes reserved
-        self.received = 0  #: body bytes that arrived
+        self.received = 0  #: body bytes that arrived (the reader adds to it)
+        self.seen = 0  #: ``received`` at the last check: progress is measured there
         self.want = 0  #: bytes asked for while waiting
         self.state = WAITING
         self.admitted_at = 0.0
@@ -127,9 +129,9 @@ class BodyTicket:
         self.fut: asyncio.Future[None] | None = None
 
     def progress(self, n: int) -> None:
-        """``n`` body bytes arrived."""
+        """``n`` body bytes arrived (the same as ``ticket.received += n``: the periodic
+        check notices the progress, so a chunk costs no clock read)."""
         self.received += n
-        self.last = self.adm.loop.time()
 
     def done(self) -> None:
         """The whole body arrived: no more body deadlines (the reservation stays)."""
@@ -293,10 +295,13 @@ class Admission:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._handle: asyncio.TimerHandle | None = None
         self._trim_handle: asyncio.TimerHandle | None = None
-        self._last_activity = 0.0
         self._dirty = False
+        self.admitted = 0
+        #: Bumped by every admission and pooled reply: the idle trim waits for it to rest.
+        self.activity = 0
+        self._trim_seen = -1
         self.counts = dict.fromkeys(
-            ("admitted", "admission_timeouts", "growth_refused", "cut_body_timeout",
+            ("admission_timeouts", "growth_refused", "cut_body_timeout",
              "cut_min_rate", "cut_preempted", "send_aborted_timeout",
              "send_aborted_preempted", "idle_trims", "idle_trimmed_bytes"),
             0,
@@ -314,11 +319,23 @@ class Admission:
         self, stream: BodyStream, reader: FlowControl | None, nbytes: int
     ) -> BodyTicket | None:
         """Admit a body of ``nbytes`` reserved bytes now, or None (then ``reserve``)."""
-        loop = self._bind()
+        loop = self.loop
+        if loop is not asyncio.get_running_loop():
+            loop = self._bind()
         if self._waiters or self._growers or self.reserved + nbytes > self.budget:
             return None
+        # The hot path of every pooled request: _admit written out.
         ticket = BodyTicket(self, stream, reader)
-        self._admit(ticket, nbytes, loop.time())
+        self.reserved += nbytes
+        ticket.size = nbytes
+        ticket.state = READING
+        ticket.admitted_at = ticket.last = loop.time()
+        self.bodies.add(ticket)
+        self.admitted += 1
+        self.activity += 1
+        self._dirty = True
+        if self._handle is None:
+            self._handle = loop.call_later(self.tick, self._check)
         return ticket
 
     def _admit(self, ticket: BodyTicket, nbytes: int, now: float) -> None:
@@ -328,8 +345,8 @@ class Admission:
         ticket.state = READING
         ticket.admitted_at = ticket.last = now
         self.bodies.add(ticket)
-        self.counts["admitted"] += 1
-        self._last_activity = now
+        self.admitted += 1
+        self.activity += 1
         self._dirty = True
         self._arm()
 
@@ -416,7 +433,8 @@ class Admission:
         if ticket.state == RELEASED:
             return
         ticket.state = RELEASED
-        self._slot_waiters.discard(ticket)
+        if self._slot_waiters:
+            self._slot_waiters.discard(ticket)
         if ticket in self.bodies:
             self.bodies.discard(ticket)
             self.reserved -= ticket.size
@@ -462,13 +480,15 @@ class Admission:
         The writer adds to ``watch.written`` as it hands bytes over and sets
         ``watch.finished`` at the end; the watch drops itself once the transport drained.
         """
-        loop = self._bind()
-        now = loop.time()
-        watch = SendWatch(transport, nbytes, now)
+        loop = self.loop
+        if loop is not asyncio.get_running_loop():
+            loop = self._bind()
+        watch = SendWatch(transport, nbytes, -1.0)  # the next check starts its clock
         self.sends.add(watch)
-        self._last_activity = now
+        self.activity += 1
         self._dirty = True
-        self._arm()
+        if self._handle is None:
+            self._handle = loop.call_later(self.tick, self._check)
         return watch
 
     # ------------------------------------------------------------------ deadlines
@@ -497,7 +517,10 @@ class Admission:
         for t in list(self.bodies):
             if t.state != READING:
                 continue
-            if timeout is not None and now - t.last > timeout:
+            if t.received != t.seen:
+                t.seen = t.received
+                t.last = now
+            elif timeout is not None and now - t.last > timeout:
                 self._cut(t, "body_timeout",
                           f"no request body bytes for body_timeout={timeout} s "
                           f"({t.received} bytes received)")
@@ -513,6 +536,8 @@ class Admission:
                 self.sends.discard(w)
                 continue
             size = tr.get_write_buffer_size()
+            if w.last < 0:
+                w.last = now
             if w.finished and size == 0:
                 self.sends.discard(w)
             elif size != w.last_size or w.written != w.seen:
@@ -527,8 +552,8 @@ class Admission:
             self._preempt(now)
         if self.bodies or self._waiters or self._growers or self.sends:
             self._arm()
-            self._last_activity = now
         elif self._dirty and self.idle_trim_after is not None and self._trim_handle is None:
+            self._trim_seen = self.activity
             self._trim_handle = self.loop.call_later(self.idle_trim_after, self._idle_trim)
 
     def _preempt(self, now: float) -> None:
@@ -563,14 +588,15 @@ class Admission:
                       f"(preempt_idle={idle} s, body_min_rate={rate} bytes/s)")
 
     def _idle_trim(self) -> None:
+        """Runs ``idle_trim_after`` s after a check found nothing tracked: trims if nothing
+        was admitted or sent since (else waits another period)."""
         self._trim_handle = None
-        now = self.loop.time()
         if self.bodies or self._waiters or self._growers or self.sends:
             return  # busy again: the next quiet check re-arms this
         assert self.idle_trim_after is not None
-        wait = self._last_activity + self.idle_trim_after - now
-        if wait > 0.001:
-            self._trim_handle = self.loop.call_later(wait, self._idle_trim)
+        if self.activity != self._trim_seen:
+            self._trim_seen = self.activity
+            self._trim_handle = self.loop.call_later(self.idle_trim_after, self._idle_trim)
             return
         self._dirty = False
         freed = self.pool.trim()
@@ -581,8 +607,8 @@ class Admission:
 
     def touch(self) -> None:
         """Note activity (keeps the idle trim away) and arm the checks."""
-        loop = self._bind()
-        self._last_activity = loop.time()
+        self._bind()
+        self.activity += 1
         self._dirty = True
         self._arm()
 
@@ -602,7 +628,7 @@ class Admission:
             bodies=len(self.bodies),
             waiting=len(waiting) + len(self._slot_waiters),
             waiting_bytes=sum(t.want for t in waiting),
-            admitted=c["admitted"],
+            admitted=self.admitted,
             admission_timeouts=c["admission_timeouts"],
             growth_refused=c["growth_refused"],
             cut_body_timeout=c["cut_body_timeout"],

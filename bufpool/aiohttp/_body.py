@@ -25,6 +25,7 @@ releases them) or until ``PooledBody.release()``.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
 from hashlib import sha256
 
@@ -35,7 +36,15 @@ from aiohttp.web import RequestPayloadError
 from .._errors import PoolExhausted
 from .._lease import Lease, LeaseChain
 from .._pool import BufferPool
-from ._admission import AdmissionTimeout, BodyCut, BodyTicket, GrowthRefused, slot_bytes
+from ._admission import (
+    DONE,
+    READING,
+    AdmissionTimeout,
+    BodyCut,
+    BodyTicket,
+    GrowthRefused,
+    slot_bytes,
+)
 from ._errors import BodyAlreadyRead, BodyNotContiguous
 from ._lifetime import RequestLeases, owner_of
 from ._settings import Settings
@@ -170,8 +179,10 @@ async def read_body(request: web.Request) -> PooledBody:
             "before bufpool.aiohttp.read_body(); read it with read_body() only"
         )
     settings = owner.settings
-    length = request.content_length
-    if length is not None and hdrs.CONTENT_ENCODING not in request.headers:
+    headers = request.headers
+    raw = headers.get(hdrs.CONTENT_LENGTH)  # validated by aiohttp's parser
+    length = int(raw) if raw is not None else None
+    if length is not None and hdrs.CONTENT_ENCODING not in headers:
         if length > settings.max_body_size:
             raise _too_large(settings.max_body_size, length, declared=True)
         owned = None if length == 0 else await _read_sized(request, settings, owner, length)
@@ -239,12 +250,10 @@ async def _admit(
     """Admit the body (``nbytes`` reserved) into the budget; 503 after ``acquire_timeout``."""
     adm = settings.admission
     assert adm is not None
-    ticket = adm.reserve_now(request.content, request.protocol, nbytes)
-    if ticket is None:
-        try:
-            ticket = await adm.reserve(request.content, request.protocol, nbytes)
-        except AdmissionTimeout as exc:
-            raise _exhausted(settings, length, exc) from None
+    try:
+        ticket = await adm.reserve(request.content, request.protocol, nbytes)
+    except AdmissionTimeout as exc:
+        raise _exhausted(settings, length, exc) from None
     owner.ticket = ticket
     return ticket
 
@@ -286,7 +295,18 @@ async def _read_sized(
     request: web.Request, settings: Settings, owner: RequestLeases, length: int
 ) -> Lease | LeaseChain:
     """Content-Length known and not encoded: admit ``length`` bytes, lease as they arrive."""
-    ticket = await _admit(request, settings, owner, slot_bytes(settings.pool, length), length)
+    if length <= settings.largest:
+        sizes = settings.slot_sizes
+        need = sizes[bisect_left(sizes, length)]
+    else:
+        need = slot_bytes(settings.pool, length)
+    adm = settings.admission
+    assert adm is not None
+    ticket = adm.reserve_now(request._payload, request._protocol, need)  # hot path, no await
+    if ticket is None:
+        ticket = await _admit(request, settings, owner, need, length)
+    else:
+        owner.ticket = ticket
     leases: list[Lease] = []
     try:
         await _fill(request, settings, ticket, leases, length)
@@ -295,7 +315,8 @@ async def _read_sized(
             lease.release()
         owner.release_ticket()
         raise
-    ticket.done()
+    if ticket.state == READING:  # ticket.done(), written out
+        ticket.state = DONE
     if length <= settings.largest:
         return leases[0]
     return LeaseChain(leases)
@@ -312,6 +333,8 @@ async def _fill(
     """
     readchunk = request.content.readchunk
     largest = settings.largest
+    pool = settings.pool
+    sync = pool.on_exhausted == "raise"  # else leases wait rather than spill or use the heap
     unleased = length
     view = _EMPTY
     off = 0
@@ -328,7 +351,7 @@ async def _fill(
                 )
             if n > length - got:  # the parser caps at Content-Length; stay safe anyway
                 n = length - got
-            ticket.progress(n)
+            ticket.received += n  # ticket.progress(n), written out
             if n <= len(view) - off and n == len(data):
                 view[off : off + n] = data
                 off += n
@@ -338,9 +361,12 @@ async def _fill(
                 while p < n:
                     if off == len(view):
                         size = min(largest, unleased)
-                        lease = _lease_now(settings.pool, size) or await _lease(
-                            settings, ticket, size, length
-                        )
+                        try:
+                            if not sync:
+                                raise PoolExhausted
+                            lease = pool.acquire(size)
+                        except PoolExhausted:
+                            lease = await _lease(settings, ticket, size, length)
                         leases.append(lease)
                         unleased -= size
                         view = lease.view

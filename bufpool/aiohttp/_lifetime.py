@@ -116,7 +116,10 @@ class RequestLeases:
             for headers in self.headers:
                 maps.give(headers)
         self.headers = []
-        self.release_ticket()
+        ticket = self.ticket
+        if ticket is not None:
+            self.ticket = None
+            ticket.adm.release(ticket)
         if first is not None:
             raise first
 
@@ -152,7 +155,8 @@ def owner_of(request: web.BaseRequest) -> RequestLeases:
 
 def _own(request: web.BaseRequest) -> RequestLeases:
     try:
-        settings = request.config_dict[SETTINGS_KEY]  # type: ignore[attr-defined]
+        # The matched app first (one lookup); a sub-application finds its parent's.
+        settings = request.app.get(SETTINGS_KEY) or request.config_dict[SETTINGS_KEY]  # type: ignore[attr-defined]
     except (KeyError, AttributeError):
         raise NotSetUp(
             "bufpool.aiohttp.setup(app, ...) was never called for this request's application "

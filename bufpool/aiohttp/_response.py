@@ -51,6 +51,7 @@ class PooledResponse(web.StreamResponse):
     """
 
     _send_headers_immediately = False  # coalesce the headers with the first body piece
+    _nbytes: int
 
     def __init__(
         self,
@@ -69,7 +70,7 @@ class PooledResponse(web.StreamResponse):
         #: The application's admission (write deadline); set by ``pooled_response``.
         self.admission: Admission | None = None
         self._transport: Any = None
-        self.content_length = sum(map(len, views))
+        self.content_length = self._nbytes = sum(map(len, views))
 
     @property
     def body_views(self) -> Sequence[memoryview]:
@@ -82,7 +83,7 @@ class PooledResponse(web.StreamResponse):
         # RFC 9110 sections 9.3.2, 15.2, 15.3.5, 15.4.5: no content in these answers.
         status = self.status
         self._bodiless = request.method == hdrs.METH_HEAD or status < 200 or status in (204, 304)
-        self._transport = request.transport
+        self._transport = request._protocol.transport
         return await super().prepare(request)
 
     async def write_eof(self, data: bytes = b"") -> None:
@@ -94,7 +95,7 @@ class PooledResponse(web.StreamResponse):
         if not views or self._bodiless or adm is None or transport is None:
             await super().write_eof(data)
             return
-        watch = adm.watch_send(transport, self.content_length or 0)
+        watch = adm.watch_send(transport, self._nbytes)
         try:
             if len(views) == 1 and not data:
                 # A one-slot body goes out with the end of the message: headers and body in
@@ -110,7 +111,7 @@ class PooledResponse(web.StreamResponse):
         finally:
             # Watched until the transport drained what it still queues (or the deadline).
             watch.finished = True
-            if transport.is_closing() or not transport.get_write_buffer_size():
+            if not transport.get_write_buffer_size():  # all sent (or the transport closed)
                 adm.sends.discard(watch)
 
 

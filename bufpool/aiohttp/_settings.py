@@ -90,6 +90,9 @@ class Settings:
     #: Bytes of pool slots request bodies may hold or have promised at once.
     body_budget: int = 0
     admission: Admission | None = field(default=None, repr=False)
+    #: The pool's slot sizes (bytes, ascending) and its largest slot: reservations.
+    slot_sizes: tuple[int, ...] = ()
+    largest_slot: int = 65536
 
 
 #: The application's pool (a ``web.AppKey``): ``app[POOL_KEY]``.

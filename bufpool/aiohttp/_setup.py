@@ -181,6 +181,8 @@ def setup(
         idle_trim_after=idle_trim_after,
         body_budget=body_budget,
         admission=admission,
+        slot_sizes=pool.slot_sizes,
+        largest_slot=slot_bytes(pool, pool.classes[-1]),
     )
     if middleware or HANDLER_CODE is None:
         app.middlewares.insert(0, make_middleware(settings))
