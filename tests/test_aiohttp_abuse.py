@@ -65,10 +65,17 @@ class Attackers:
         self.tasks.append(asyncio.ensure_future(drip()))
 
     async def statuses(self, timeout: float = 10.0) -> list[tuple[int, str]]:
-        """Each attacker's answer (status, text); the server closes the connection after."""
+        """Each attacker's answer (status, text); the server closes the connection after.
+
+        A trickler whose next byte meets the closed socket gets a reset, which can discard
+        the 408 before it is read: that answer is (0, "reset")."""
         out = []
         for reader, _writer in self.conns:
-            status, _headers, body = await asyncio.wait_for(read_response(reader), timeout)
+            try:
+                status, _headers, body = await asyncio.wait_for(read_response(reader), timeout)
+            except ConnectionResetError:
+                out.append((0, "reset"))
+                continue
             out.append((status, body.decode(errors="replace")))
         return out
 
@@ -135,8 +142,10 @@ async def test_holders_and_tricklers_cannot_starve_uploads_with_the_defaults() -
             assert len(served_ok) >= 0.95 * len(results), results
             assert max(r[1] for r in results) <= 10.0, results
             answers = await attackers.statuses()
-            assert [s for s, _ in answers] == [408] * len(sizes), answers
-            assert all("memory pressure" in text for _, text in answers), answers
+            holders = answers[1::2]  # they send nothing more, so their 408 always arrives
+            assert [s for s, _ in holders] == [408] * len(holders), answers
+            assert all("memory pressure" in text for _, text in holders), answers
+            assert all(s in (408, 0) for s, _ in answers), answers
         finally:
             await attackers.close()
         after = bpa.admission_stats(app)
@@ -163,12 +172,18 @@ async def test_body_timeout_and_min_rate_answer_408_without_pressure() -> None:
         await attackers.trickle(MiB)
         try:
             (s1, t1), (s2, t2) = await attackers.statuses()
+            for reader, _ in attackers.conns:  # the server closes after the 408: EOF, or
+                try:  # a reset when the trickler's next byte met the closed socket
+                    assert await asyncio.wait_for(reader.read(), 10) == b""
+                except ConnectionResetError:
+                    pass
         finally:
             await attackers.close()
         assert s1 == 408 and "body_timeout=0.3 s" in t1, t1
-        assert s2 == 408 and "body_min_rate=2000 bytes/s" in t2 and "body_grace=0.4" in t2, t2
-        for reader, _ in attackers.conns:
-            assert await asyncio.wait_for(reader.read(), 10) == b""  # closed after the 408
+        # the trickler's 408 can be lost to a reset (see statuses); the counters say why
+        assert s2 == 0 or (
+            s2 == 408 and "body_min_rate=2000 bytes/s" in t2 and "body_grace=0.4" in t2
+        ), t2
         stats = bpa.admission_stats(app)
         assert (stats.cut_body_timeout, stats.cut_min_rate, stats.cut_preempted) == (1, 1, 0)
         ok = await client.post("/upload", data=b"y" * 1000)
