@@ -294,6 +294,7 @@ class Admission:
         self.sends: set[SendWatch] = set()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._handle: asyncio.TimerHandle | None = None
+        self._next_check = 0.0
         self._trim_handle: asyncio.TimerHandle | None = None
         self._dirty = False
         self.admitted = 0
@@ -335,6 +336,7 @@ class Admission:
         self.activity += 1
         self._dirty = True
         if self._handle is None:
+            self._next_check = ticket.last + self.tick
             self._handle = loop.call_later(self.tick, self._check)
         return ticket
 
@@ -488,12 +490,13 @@ class Admission:
         self.activity += 1
         self._dirty = True
         if self._handle is None:
-            self._handle = loop.call_later(self.tick, self._check)
+            self._arm()
         return watch
 
     # ------------------------------------------------------------------ deadlines
     def _arm(self) -> None:
         if self._handle is None and self.loop is not None:
+            self._next_check = self.loop.time() + self.tick
             self._handle = self.loop.call_later(self.tick, self._check)
 
     def _cut(self, ticket: BodyTicket, reason: str, message: str) -> None:
@@ -511,6 +514,15 @@ class Admission:
     def _check(self) -> None:
         self._handle = None
         now = self.loop.time()
+        # A check that comes late means this process did not run (CPU contention, a long
+        # callback, GC): that stall is the server's, so no client is charged with it.
+        lag = now - self._next_check
+        if lag > self.tick:
+            for t in self.bodies:
+                t.last += lag
+                t.admitted_at += lag
+            for w in self.sends:
+                w.last += lag
         timeout = self.body_timeout
         rate = self.body_min_rate
         grace = self.body_grace
