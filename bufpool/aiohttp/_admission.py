@@ -413,6 +413,7 @@ class Admission:
                 except ValueError:
                     pass
                 ticket.state = was if queue is self._growers else RELEASED
+                self._serve()  # those behind it may fit now
                 if isinstance(exc, TimeoutError):
                     self.counts["admission_timeouts"] += 1
                     raise AdmissionTimeout(
