@@ -24,11 +24,17 @@ async def test_stats_json_and_prometheus_by_accept_and_by_path() -> None:
         assert stats["in_use"] == 0 and stats["leaked"] == 0
         assert stats["hits"] + stats["misses"] >= 3  # 1 lease + a 2-slot chain
         assert [t["size"] for t in stats["tiers"]] == list(pool.classes)
+        adm = stats["aiohttp"]  # the admission snapshot rides along
+        assert adm["admitted"] == 2 and adm["reserved_bytes"] == 0
+        assert adm["budget"] == bpa.admission_stats(app).budget > 0
+        assert adm["reply_bytes_pinned"] == 0
         r = await client.get("/bufpool/stats", headers={"Accept": "text/plain"})
         text = await r.text()
         assert r.headers["Content-Type"] == bpa.PROMETHEUS_CONTENT_TYPE
         assert "# TYPE bufpool_in_use gauge" in text and "\nbufpool_in_use 0\n" in text
         assert 'bufpool_tier_slots{size="65536"' in text
+        assert "\nbufpool_aiohttp_reply_bytes_pinned 0\n" in text
+        assert "\nbufpool_aiohttp_admitted_total 2\n" in text
         r = await client.get("/metrics")  # always text
         assert r.headers["Content-Type"] == bpa.PROMETHEUS_CONTENT_TYPE
         assert "bufpool_hits_total" in await r.text()
