@@ -352,14 +352,26 @@ async def _fill(
             if n > length - got:  # the parser caps at Content-Length; stay safe anyway
                 n = length - got
             ticket.received += n  # ticket.progress(n), written out
-            if n <= len(view) - off and n == len(data):
+            if off == len(view):  # the slot is full (or there is none yet): lease the next
+                size = min(largest, unleased)
+                try:
+                    if not sync:
+                        raise PoolExhausted
+                    lease = pool.acquire(size)
+                except PoolExhausted:
+                    lease = await _lease(settings, ticket, size, length)
+                leases.append(lease)
+                unleased -= size
+                view = lease.view
+                off = 0
+            if n <= len(view) - off and n == len(data):  # the chunk fits: one copy
                 view[off : off + n] = data
                 off += n
             else:
                 src = memoryview(data)
                 p = 0
                 while p < n:
-                    if off == len(view):
+                    if off == len(view):  # the same as above, for a chunk across slots
                         size = min(largest, unleased)
                         try:
                             if not sync:
