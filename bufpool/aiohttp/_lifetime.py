@@ -99,8 +99,11 @@ class RequestLeases:
                 del items[i]
                 return
 
-    def close(self) -> None:
-        """Release everything still held; keeps going past errors and re-raises the first."""
+    def close(self, task: asyncio.Task[Any] | None = None) -> None:
+        """Release everything still held; keeps going past errors and re-raises the first.
+
+        Also the done-callback of the request's handler task (``task``): an error then goes
+        to the loop's exception handler, like any callback's."""
         items, self.items = self.items, []
         self.body = None  # it refers back to the request: break the cycle
         first: BaseException | None = None
@@ -122,13 +125,6 @@ class RequestLeases:
             ticket.adm.release(ticket)
         if first is not None:
             raise first
-
-    def task_done(self, task: asyncio.Task[Any]) -> None:
-        """Done-callback of the request's handler task: release everything."""
-        try:
-            self.close()
-        except Exception:
-            log.exception("bufpool: releasing a request's pooled memory failed")
 
 
 #: Request-dict key of the request's RequestLeases: a typed ``web.RequestKey`` where aiohttp
@@ -174,7 +170,7 @@ def _own(request: web.BaseRequest) -> RequestLeases:
     owned = RequestLeases(settings)
     request[OWNED_KEY] = owned
     assert task is not None
-    task.add_done_callback(owned.task_done)
+    task.add_done_callback(owned.close)
     return owned
 
 
