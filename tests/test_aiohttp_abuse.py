@@ -516,3 +516,43 @@ async def test_the_middleware_form_composes_by_hand() -> None:
         resp = await client.post("/spawned", data=b"m" * 200_000)
         assert resp.status == 200 and await resp.read() == b"m" * 200_000
     await assert_drained(pool)
+
+
+@pytest.mark.asyncio
+async def test_admission_is_fifo_and_a_leaving_waiter_lets_the_next_in() -> None:
+    """Budget four 64 KiB slots, a holder keeps two.  A (three slots) waits; B (one slot)
+    would fit but queues behind A: first come, first served, so A is never starved by
+    smaller bodies.  A's wait runs out (503): B is admitted at once, before its own timeout
+    and while the holder still holds."""
+    slot = 65536
+    pool = bufpool.BufferPool(max_bytes=4 * slot, initial_slots=0, on_exhausted="raise")
+    app = make_app(pool, max_body_size=4 * slot, acquire_timeout=0.5)
+    gate = asyncio.Event()
+
+    async def hold(request: web.Request) -> web.Response:
+        body = await bpa.read_body(request)
+        await gate.wait()
+        return web.Response(text=str(len(body)))
+
+    app.router.add_post("/hold", hold)
+    async with served(app) as client:
+        first = asyncio.ensure_future(client.post("/hold", data=b"h" * 2 * slot))
+        assert await wait_for(lambda: bpa.admission_stats(app).reserved_bytes == 2 * slot)
+        a = await raw_connect(client.port)  # type: ignore[arg-type]
+        a[1].write(_head("/upload", 3 * slot))
+        assert await wait_for(lambda: bpa.admission_stats(app).waiting == 1)
+        b = await raw_connect(client.port)  # type: ignore[arg-type]
+        b[1].write(_head("/upload", 1000) + b"b" * 1000)
+        assert await wait_for(lambda: bpa.admission_stats(app).waiting == 2)
+        status, _h, text = await asyncio.wait_for(read_response(a[0]), 10)
+        assert status == 503 and b"acquire_timeout=0.5" in text, text
+        status, _h, body = await asyncio.wait_for(read_response(b[0]), 10)
+        assert status == 200 and b'"size": 1000' in body, body
+        assert not first.done()  # the holder still holds its two slots
+        stats = bpa.admission_stats(app)
+        assert stats.admission_timeouts == 1 and stats.admitted == 2
+        gate.set()
+        assert (await first).status == 200
+        for _r, w in (a, b):
+            w.close()
+    await assert_drained(pool)
