@@ -193,32 +193,31 @@ async def test_body_timeout_and_min_rate_answer_408_without_pressure() -> None:
 
 @pytest.mark.asyncio
 async def test_a_steady_slow_upload_is_never_cut_under_pressure() -> None:
-    """Preemption cuts only bodies that stall or trickle below body_min_rate: an upload that
-    keeps sending 8 KiB every 50 ms (160 KB/s) through a second of pressure is served."""
-    pool = bufpool.BufferPool(max_bytes=2 * MiB, initial_slots=0, on_exhausted="raise")
-    app = make_app(pool, max_body_size=MiB)
+    """Preemption cuts only bodies that stall or trickle below body_min_rate.  A 256 KiB
+    upload sent 8 KiB every 50 ms (about 160 KB/s, 1.6 s in all) holds the whole budget while
+    another upload waits for it, well past preempt_after: it is never cut, and the waiting
+    upload is served after it."""
+    budget = 256 * 1024
+    pool = bufpool.BufferPool(max_bytes=budget, initial_slots=0, on_exhausted="raise")
+    app = make_app(pool, max_body_size=budget)
     async with served(app) as client:
-        data = os.urandom(MiB)
+        data = os.urandom(budget)
         reader, writer = await raw_connect(client.port)  # type: ignore[arg-type]
-        writer.write(_head("/upload", MiB))
+        writer.write(_head("/upload", budget))
         await writer.drain()
         assert await wait_for(lambda: bpa.admission_stats(app).bodies == 1)
-        # A second megabyte body can be admitted next to it; a third must wait: pressure.
-        other = asyncio.ensure_future(_legit_upload(client, MiB, 1))
-        third = asyncio.ensure_future(_legit_upload(client, MiB, 2))
-        sent = 0
-        while sent < MiB:
-            writer.write(data[sent : sent + 8192])
+        waiting = asyncio.ensure_future(_legit_upload(client, budget, 1))
+        assert await wait_for(lambda: bpa.admission_stats(app).waiting == 1)
+        for i in range(0, budget, 8192):
+            writer.write(data[i : i + 8192])
             await writer.drain()
-            sent += 8192
             await asyncio.sleep(0.05)  # the client's pace
-            if sent >= 256 * 1024 and other.done() and third.done():
-                break
-        writer.write(data[sent:])
         status, _h, body = await asyncio.wait_for(read_response(reader), 10)
         writer.close()
-        assert status == 200, body
-        assert (await other)[0] == 200 and (await third)[0] == 200
+        assert status == 200 and hashlib.sha256(data).hexdigest().encode() in body, body
+        w_status, w_seconds, w_ok = await waiting
+        assert w_status == 200 and w_ok
+        assert w_seconds > bpa.DEFAULT_PREEMPT_AFTER  # it did wait under pressure
         assert bpa.admission_stats(app).cut_preempted == 0
     await assert_drained(pool)
 
