@@ -26,6 +26,14 @@ sending at ``body_min_rate`` or more is never cut.  See ``docs/aiohttp.md`` for 
 (nginx, Apache, Envoy, Go).
 
 Quiet for ``idle_trim_after`` s: ``pool.trim()`` and glibc ``malloc_trim(0)`` give memory back.
+
+Another receive path (e.g. a BufferedProtocol below aiohttp's parser) uses it the same way as
+``read_body``: ``adm = app[SETTINGS_KEY].admission``; ``t = adm.reserve_now(stream, reader,
+slot_bytes(pool, length)) or await adm.reserve(...)`` (``stream.set_exception`` receives a
+:class:`BodyCut`; ``reader.pause_reading``/``resume_reading`` hold the socket while it
+waits); ``t.received += n`` as bytes land; ``t.begin_wait()``/``t.end_wait()`` around a wait
+for a pool slot; ``t.done()`` when the body is complete; ``adm.release(t)`` once its memory
+is released.
 """
 
 from __future__ import annotations
@@ -617,13 +625,6 @@ class Admission:
             _malloc_trim(0)
         self.counts["idle_trims"] += 1
         self.counts["idle_trimmed_bytes"] += freed
-
-    def touch(self) -> None:
-        """Note activity (keeps the idle trim away) and arm the checks."""
-        self._bind()
-        self.activity += 1
-        self._dirty = True
-        self._arm()
 
     def close(self) -> None:
         """Stop the timers (application shutdown)."""
