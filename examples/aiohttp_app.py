@@ -23,8 +23,9 @@ an aiohttp user writes without bufpool):
 ``GET /bufpool/stats``      pool stats JSON (Prometheus text on ``Accept: text/plain``); 404
                             without the pool
 
-Body over ``--max-body-size`` -> 413; pool budget exhausted after the acquire timeout -> 503
-with Retry-After; malformed or truncated upload -> 400.
+Body over ``--max-body-size`` -> 413; body stalled, too slow, or preempted under memory
+pressure -> 408; no memory within the acquire timeout (60 s by default) -> 503 with
+Retry-After; malformed or truncated upload -> 400.
 """
 
 from __future__ import annotations

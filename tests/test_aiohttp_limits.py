@@ -125,7 +125,7 @@ async def test_503_with_retry_after_when_the_budget_stays_spent(policy: str) -> 
     # synchronous fast path first, "heap" pools always wait in acquire_async.
     pool = bufpool.BufferPool(max_bytes=65536, initial_slots=0, on_exhausted=policy)  # type: ignore[arg-type]
     seen: list[Any] = []
-    app = _recording_app(pool, seen, acquire_timeout=0.2, retry_after=7)
+    app = _recording_app(pool, seen, acquire_timeout=0.2, retry_after=7, max_body_size=65536)
     holding, let_go = _add_holder(app)
     async with served(app) as client:
         first = asyncio.ensure_future(client.post("/hold", data=b"a" * 60_000))
@@ -136,7 +136,7 @@ async def test_503_with_retry_after_when_the_budget_stays_spent(policy: str) -> 
         text = await resp.text()
         assert "acquire_timeout=0.2" in text and "60000 bytes of request body" in text
         assert seen == [(503, 1)]  # only the holder's lease is in use
-        assert pool.stats().timeouts == 1
+        assert bpa.admission_stats(app).admission_timeouts == 1
         let_go.set()
         r1 = await first
         assert r1.status == 200 and await r1.text() == "60000"
@@ -147,22 +147,25 @@ async def test_503_with_retry_after_when_the_budget_stays_spent(policy: str) -> 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("policy", ["heap", "raise"])
-async def test_503_for_a_chain_gives_back_the_slots_it_got(policy: str) -> None:
-    """A 200 KB body needs four 64 KiB slots; the budget has three and a holder keeps one.
-    The chain gets two, waits for the rest, answers 503, and the two are back at once."""
+async def test_503_for_a_chain_that_does_not_fit_leases_nothing(policy: str) -> None:
+    """A 132,072-byte body needs two 64 KiB slots and a 1 KiB one; the body budget is three
+    64 KiB slots and a holder's body keeps one.  The body is never admitted (it would not fit
+    next to the holder), answers 503 and leased nothing meanwhile."""
     pool = bufpool.BufferPool(max_bytes=3 * 65536, initial_slots=0, on_exhausted=policy)  # type: ignore[arg-type]
     seen: list[Any] = []
-    app = _recording_app(pool, seen, acquire_timeout=0.2)
+    app = _recording_app(pool, seen, acquire_timeout=0.2, max_body_size=3 * 65536)
     holding, let_go = _add_holder(app)
     async with served(app) as client:
         first = asyncio.ensure_future(client.post("/hold", data=b"a" * 60_000))
         await asyncio.wait_for(holding.wait(), 10)
-        resp = await client.post("/read", data=b"b" * 200_000)
+        resp = await client.post("/read", data=b"b" * 132_072)
         assert resp.status == 503
-        assert "200000 bytes of request body" in await resp.text()
-        assert seen == [(503, 1)]  # the two slots the chain got are back
+        assert "132072 bytes of request body" in await resp.text()
+        assert seen == [(503, 1)]  # only the holder's slot
         let_go.set()
         assert (await first).status == 200
+        again = await client.post("/read", data=b"b" * 132_072)
+        assert again.status == 200 and await again.text() == "132072"
     await assert_drained(pool)
 
 
@@ -171,13 +174,14 @@ async def test_503_for_a_chain_gives_back_the_slots_it_got(policy: str) -> None:
 async def test_waiting_for_memory_succeeds_when_it_frees_in_time(policy: str) -> None:
     pool = bufpool.BufferPool(max_bytes=65536, initial_slots=0, on_exhausted=policy)  # type: ignore[arg-type]
     seen: list[Any] = []
-    app = _recording_app(pool, seen, acquire_timeout=10.0)
+    app = _recording_app(pool, seen, acquire_timeout=10.0, max_body_size=65536)
     holding, let_go = _add_holder(app)
     async with served(app) as client:
         first = asyncio.ensure_future(client.post("/hold", data=b"a" * 60_000))
         await asyncio.wait_for(holding.wait(), 10)
         second = asyncio.ensure_future(client.post("/read", data=b"b" * 60_000))
-        assert await wait_for(lambda: pool.stats().waiting == 1)  # /read waits for memory
+        # /read waits for memory
+        assert await wait_for(lambda: bpa.admission_stats(app).waiting == 1)
         let_go.set()  # the waiting /read gets the holder's slot
         resp = await second
         assert resp.status == 200 and await resp.text() == "60000"
@@ -193,13 +197,14 @@ async def test_two_bodies_waiting_for_chains_do_not_deadlock(policy: str) -> Non
     wait for a third forever (503 at the timeout).  Chains wait their turn: both get 200."""
     pool = bufpool.BufferPool(max_bytes=4 * 65536, initial_slots=0, on_exhausted=policy)  # type: ignore[arg-type]
     seen: list[Any] = []
-    app = _recording_app(pool, seen, acquire_timeout=5.0)
+    app = _recording_app(pool, seen, acquire_timeout=5.0, max_body_size=3 * 65536)
     held = [pool.acquire(65536) for _ in range(4)]
     async with served(app) as client:
         readers = [
             asyncio.ensure_future(client.post("/read", data=bytes([c]) * 3 * 65536)) for c in b"bc"
         ]
-        assert await wait_for(lambda: pool.stats().waiting == 2)
+        # one admitted body waits for slots, the other for admission
+        assert await wait_for(lambda: bpa.admission_stats(app).waiting == 2)
         for lease in held:
             lease.release()
             await asyncio.sleep(0.05)

@@ -24,11 +24,17 @@ async def test_stats_json_and_prometheus_by_accept_and_by_path() -> None:
         assert stats["in_use"] == 0 and stats["leaked"] == 0
         assert stats["hits"] + stats["misses"] >= 3  # 1 lease + a 2-slot chain
         assert [t["size"] for t in stats["tiers"]] == list(pool.classes)
+        adm = stats["aiohttp"]  # the admission snapshot rides along
+        assert adm["admitted"] == 2 and adm["reserved_bytes"] == 0
+        assert adm["budget"] == bpa.admission_stats(app).budget > 0
+        assert adm["reply_bytes_pinned"] == 0
         r = await client.get("/bufpool/stats", headers={"Accept": "text/plain"})
         text = await r.text()
         assert r.headers["Content-Type"] == bpa.PROMETHEUS_CONTENT_TYPE
         assert "# TYPE bufpool_in_use gauge" in text and "\nbufpool_in_use 0\n" in text
         assert 'bufpool_tier_slots{size="65536"' in text
+        assert "\nbufpool_aiohttp_reply_bytes_pinned 0\n" in text
+        assert "\nbufpool_aiohttp_admitted_total 2\n" in text
         r = await client.get("/metrics")  # always text
         assert r.headers["Content-Type"] == bpa.PROMETHEUS_CONTENT_TYPE
         assert "bufpool_hits_total" in await r.text()
@@ -50,22 +56,43 @@ def test_setup_conventions() -> None:
     assert app[bpa.POOL_KEY] is pool and isinstance(pool, bufpool.BufferPool)
     settings = app[bpa.SETTINGS_KEY]
     assert settings.max_body_size == 1234 and settings.owns_pool
-    assert len(app.middlewares) == 1 and len(app.cleanup_ctx) == 1
+    # no middleware: lifetimes follow each request's handler task
+    assert len(app.middlewares) == 0 and len(app.cleanup_ctx) == 1
+    assert settings.acquire_timeout == bpa.DEFAULT_ACQUIRE_TIMEOUT == 60.0
+    assert settings.body_timeout == bpa.DEFAULT_BODY_TIMEOUT == 60.0
+    assert settings.send_timeout == bpa.DEFAULT_SEND_TIMEOUT == 60.0
     with pytest.raises(RuntimeError, match="already called"):
         bpa.setup(app)
     with pytest.raises(ValueError, match="max_body_size"):
         bpa.setup(web.Application(), max_body_size=-1)
-    with pytest.raises(ValueError, match="acquire_timeout"):
-        bpa.setup(web.Application(), acquire_timeout=-1.0)
+    for name in ("acquire_timeout", "body_timeout", "send_timeout", "preempt_after",
+                 "body_min_rate", "idle_trim_after", "body_grace", "preempt_idle"):
+        with pytest.raises(ValueError, match=name):
+            bpa.setup(web.Application(), **{name: -1.0})
 
 
-def test_middleware_goes_outermost() -> None:
+def test_setup_refuses_a_max_body_size_the_budget_cannot_hold() -> None:
+    """Every such request would wait for memory that can never be free: refuse at setup."""
+    pool = bufpool.BufferPool(max_bytes=4 << 20, initial_slots=0, on_exhausted="raise")
+    with pytest.raises(ValueError) as info:
+        bpa.setup(web.Application(), pool=pool, max_body_size=(4 << 20) + 1)
+    text = str(info.value)
+    assert f"max_body_size={(4 << 20) + 1}" in text and "body budget of 4194304 bytes" in text
+    bpa.setup(web.Application(), pool=pool, max_body_size=4 << 20)  # exactly fits
+    # The default pool's smaller classes keep their preallocation: 64 MiB does not fit.
+    with pytest.raises(ValueError, match="body budget"):
+        bpa.setup(web.Application(), max_body_size=64 << 20)
+    with pytest.raises(ValueError, match="body_budget"):
+        bpa.setup(web.Application(), pool=pool, body_budget=(4 << 20) + 1)
+
+
+def test_middleware_goes_outermost_when_asked() -> None:
     @web.middleware
     async def other(request: web.Request, handler: object) -> web.StreamResponse:
         raise AssertionError("not called")
 
     app = web.Application(middlewares=[other])
-    bpa.setup(app)
+    bpa.setup(app, middleware=True)
     assert app.middlewares[1] is other
     assert app.middlewares[0].__name__ == "bufpool_middleware"
 

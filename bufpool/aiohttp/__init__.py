@@ -9,37 +9,59 @@ Floor 3 (adapter).  Usage::
         body = await bufpool.aiohttp.read_body(request)   # PooledBody, valid until request end
         return bufpool.aiohttp.pooled_response(request, body)  # sent from pool memory
 
-Statuses: 413 body over ``max_body_size``; 503 + Retry-After when the pool had no room within
-``acquire_timeout``; 400 malformed or truncated body.  Every lease a request took is released
-when it ends, after its response was written; see ``docs/aiohttp.md``.
+Memory: bodies are admitted FIFO into a budget and leased slot by slot as bytes arrive;
+stalled or trickling bodies are cut (408) by deadlines, and under memory pressure the stalled
+bodies and unsent replies holding the most go first; idle memory is given back.
+
+Statuses: 413 body over ``max_body_size``; 408 body stalled, too slow or preempted; 503 +
+Retry-After when no memory came free within ``acquire_timeout``; 400 malformed or truncated
+body.  Every lease a request took is released when it ends, after its response was written;
+see ``docs/aiohttp.md``.
 """
 
+from ._admission import AdmissionStats, BodyCut
 from ._body import PooledBody, read_body
 from ._endpoint import PROMETHEUS_CONTENT_TYPE
 from ._errors import BodyAlreadyRead, BodyNotContiguous, NotSetUp
 from ._headers import SUPPORTED as HEADER_REUSE_SUPPORTED
 from ._headers import HeaderMaps
-from ._lifetime import RequestLeases, owner_of
+from ._lifetime import RequestLeases, middleware, owner_of
 from ._response import PooledResponse, pooled_response
 from ._settings import (
     DEFAULT_ACQUIRE_TIMEOUT,
+    DEFAULT_BODY_GRACE,
+    DEFAULT_BODY_MIN_RATE,
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_IDLE_TRIM_AFTER,
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_POOL_MAX_BYTES,
+    DEFAULT_PREEMPT_AFTER,
+    DEFAULT_PREEMPT_IDLE,
+    DEFAULT_SEND_TIMEOUT,
     POOL_KEY,
     SETTINGS_KEY,
     Settings,
 )
-from ._setup import setup
+from ._setup import admission_stats, setup
 
 __all__ = [
     "DEFAULT_ACQUIRE_TIMEOUT",
+    "DEFAULT_BODY_GRACE",
+    "DEFAULT_BODY_MIN_RATE",
+    "DEFAULT_BODY_TIMEOUT",
+    "DEFAULT_IDLE_TRIM_AFTER",
     "DEFAULT_MAX_BODY_SIZE",
     "DEFAULT_POOL_MAX_BYTES",
+    "DEFAULT_PREEMPT_AFTER",
+    "DEFAULT_PREEMPT_IDLE",
+    "DEFAULT_SEND_TIMEOUT",
     "HEADER_REUSE_SUPPORTED",
     "POOL_KEY",
     "PROMETHEUS_CONTENT_TYPE",
     "SETTINGS_KEY",
+    "AdmissionStats",
     "BodyAlreadyRead",
+    "BodyCut",
     "BodyNotContiguous",
     "HeaderMaps",
     "NotSetUp",
@@ -47,6 +69,8 @@ __all__ = [
     "PooledResponse",
     "RequestLeases",
     "Settings",
+    "admission_stats",
+    "middleware",
     "owner_of",
     "pooled_response",
     "read_body",

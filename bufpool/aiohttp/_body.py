@@ -6,13 +6,18 @@ memory about 1x the body plus what aiohttp buffers (at most about two 64 KiB chu
 about 2x for ``await request.read()`` (bytearray growth, then a copy to ``bytes``).
 
 Layout: a body up to the pool's largest class (64 KiB by default) is one lease; a larger one is
-a LeaseChain of largest-class slots, never one giant allocation.  With a Content-Length the
-memory is leased once up front; without one the first lease grows through the classes (its
-bytes copied, at most 64 KiB in all) and further slots are appended.
+a LeaseChain of largest-class slots, never one giant allocation.
+
+Memory: a body is first admitted into the application's body budget (``_admission``: FIFO, its
+whole Content-Length reserved, or 64 KiB steps for a body of unknown length), then leased slot
+by slot as its bytes arrive, so the process holds what clients actually sent.  Without a
+Content-Length the first lease grows through the classes (its bytes copied, at most 64 KiB in
+all) and further slots are appended.
 
 Bounds: O(body bytes) work, one copy of each byte; a body over ``max_body_size`` is refused
 with 413 before any byte is read when Content-Length says so, otherwise as soon as the limit is
-crossed, and every slot taken so far is released at once.
+crossed, and every slot taken so far is released at once.  A body that stalls or trickles is
+cut with 408 (``body_timeout``, ``body_min_rate``, preemption under memory pressure).
 
 Lifetime: the PooledBody and its views are valid until the request ends (the middleware
 releases them) or until ``PooledBody.release()``.
@@ -20,6 +25,7 @@ releases them) or until ``PooledBody.release()``.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
 from hashlib import sha256
 
@@ -29,8 +35,18 @@ from aiohttp.web import RequestPayloadError
 
 from .._errors import PoolExhausted
 from .._lease import Lease, LeaseChain
+from .._pool import BufferPool
+from ._admission import (
+    DONE,
+    READING,
+    AdmissionTimeout,
+    BodyCut,
+    BodyTicket,
+    GrowthRefused,
+    slot_bytes,
+)
 from ._errors import BodyAlreadyRead, BodyNotContiguous
-from ._lifetime import owner_of
+from ._lifetime import RequestLeases, owner_of
 from ._settings import Settings
 
 __all__ = ["PooledBody", "read_body"]
@@ -125,8 +141,12 @@ class PooledBody:
         if owned is None or owned.released:
             return
         if self._request is not None:
-            owner_of(self._request).forget(owned)
-        owned.release()
+            owner = owner_of(self._request)
+            owner.forget(owned)
+            owned.release()
+            owner.release_ticket()
+        else:
+            owned.release()
 
     def __repr__(self) -> str:
         kind = type(self._owned).__name__ if self._owned is not None else "empty"
@@ -137,10 +157,12 @@ async def read_body(request: web.Request) -> PooledBody:
     """Read the whole request body into pool memory.
 
     Statuses raised (as aiohttp HTTP exceptions, nothing left leased): 413 when the body is
-    over ``max_body_size`` (the message names the limit), 503 with Retry-After when the pool
-    had no room within ``acquire_timeout`` seconds, 400 when the body is malformed or
-    truncated (bad chunked framing, bad compressed data, fewer bytes than Content-Length).
-    ConnectionResetError propagates when the client went away.
+    over ``max_body_size`` (the message names the limit); 408 when the body stalls, trickles
+    below ``body_min_rate`` or is preempted under memory pressure (the message names the
+    deadline; the connection is closed); 503 with Retry-After when no memory was free within
+    ``acquire_timeout`` seconds; 400 when the body is malformed or truncated (bad chunked
+    framing, bad compressed data, fewer bytes than Content-Length).  ConnectionResetError
+    propagates when the client went away.
 
     The body is owned by the request: released when it ends.  Calling ``read_body`` again
     returns the same PooledBody; calling it after other code consumed the body stream
@@ -157,11 +179,15 @@ async def read_body(request: web.Request) -> PooledBody:
             "before bufpool.aiohttp.read_body(); read it with read_body() only"
         )
     settings = owner.settings
-    length = request.content_length
-    if length is not None and hdrs.CONTENT_ENCODING not in request.headers:
-        owned = await _read_sized(request, settings, length)
+    headers = request.headers
+    raw = headers.get(hdrs.CONTENT_LENGTH)  # validated by aiohttp's parser
+    length = int(raw) if raw is not None else None
+    if length is not None and hdrs.CONTENT_ENCODING not in headers:
+        if length > settings.max_body_size:
+            raise _too_large(settings.max_body_size, length, declared=True)
+        owned = None if length == 0 else await _read_sized(request, settings, owner, length)
     else:
-        owned = await _read_streamed(request, settings)
+        owned = await _read_streamed(request, settings, owner)
     if owned is not None:
         owner.items.append(owned)
     owner.body = body = PooledBody(owned, request)
@@ -178,15 +204,24 @@ def _too_large(limit: int, size: int, *, declared: bool) -> web.HTTPRequestEntit
     return web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size, text=text)
 
 
-def _exhausted(settings: Settings, size: int, exc: PoolExhausted) -> web.HTTPServiceUnavailable:
-    """503 + Retry-After: no pool room for ``size`` more bytes within the timeout."""
+def _exhausted(settings: Settings, size: int | None, exc: Exception) -> web.HTTPServiceUnavailable:
+    """503 + Retry-After: no memory for the body within the timeout (or never)."""
+    what = "a request body of unknown length" if size is None else f"{size} bytes of request body"
     return web.HTTPServiceUnavailable(
         headers={hdrs.RETRY_AFTER: str(settings.retry_after)},
         text=(
-            f"no buffer memory for {size} bytes of request body within acquire_timeout="
+            f"no buffer memory for {what} within acquire_timeout="
             f"{settings.acquire_timeout} s; retry later ({exc})"
         ),
     )
+
+
+def _timed_out(exc: BodyCut) -> web.HTTPRequestTimeout:
+    """408 naming the deadline; the connection closes after it (the rest of the body is
+    never read)."""
+    resp = web.HTTPRequestTimeout(text=str(exc))
+    resp.force_close()
+    return resp
 
 
 #: What aiohttp raises from ``request.content`` for a body it cannot parse or decode.
@@ -199,66 +234,109 @@ def _malformed(exc: BaseException) -> web.HTTPBadRequest:
     return web.HTTPBadRequest(text=f"malformed request body: {detail.strip()}")
 
 
-def _acquire_now(settings: Settings, size: int) -> Lease | LeaseChain | None:
-    """``size`` bytes at once from a "raise" pool (no coroutine per slot), or None: then
-    ``_acquire`` waits.  Other policies never fail a plain acquire, so they go the async way
-    (which waits instead of spilling or falling back to the heap when the budget is spent)."""
-    pool = settings.pool
+def _translate(exc: BaseException) -> BaseException | None:
+    """The HTTP status for an error met while reading a body, or None to let it pass."""
+    if isinstance(exc, BodyCut):
+        return _timed_out(exc)
+    if isinstance(exc, _MALFORMED):
+        return _malformed(exc)
+    return None
+
+
+async def _admit(
+    request: web.Request, settings: Settings, owner: RequestLeases, nbytes: int,
+    length: int | None,
+) -> BodyTicket:
+    """Admit the body (``nbytes`` reserved) into the budget; 503 after ``acquire_timeout``."""
+    adm = settings.admission
+    assert adm is not None
+    try:
+        ticket = await adm.reserve(request.content, request.protocol, nbytes)
+    except AdmissionTimeout as exc:
+        raise _exhausted(settings, length, exc) from None
+    owner.ticket = ticket
+    return ticket
+
+
+def _lease_now(pool: BufferPool, size: int) -> Lease | None:
+    """A slot for ``size`` bytes at once from a "raise" pool, or None (then ``_lease``).
+
+    Free slots of other classes count against the pool's budget: when the budget is spent,
+    trim them once and try again.  Other policies never fail a plain acquire, so they go the
+    async way (which waits instead of spilling or falling back to the heap)."""
     if pool.on_exhausted != "raise":
         return None
     try:
-        return pool.acquire(size) if size <= settings.largest else pool.acquire_chain(size)
+        return pool.acquire(size)
     except PoolExhausted:
-        return None
+        pool.trim()
+        try:
+            return pool.acquire(size)
+        except PoolExhausted:
+            return None
 
 
-async def _acquire(settings: Settings, size: int) -> Lease | LeaseChain:
-    """``size`` bytes of the app's pool as one lease (up to the largest class) or a chain,
-    waiting at most ``acquire_timeout`` seconds in all; 503 after that."""
-    pool = settings.pool
-    timeout = settings.acquire_timeout
-    owned = _acquire_now(settings, size)
-    if owned is not None:
-        return owned
+async def _lease(settings: Settings, ticket: BodyTicket, size: int, length: int | None) -> Lease:
+    """One slot for ``size`` bytes inside the body's reservation; waits (at most
+    ``acquire_timeout`` s) when pool memory is held outside the budget (e.g. pooled replies)."""
+    lease = _lease_now(settings.pool, size)
+    if lease is not None:
+        return lease
+    ticket.begin_wait()
     try:
-        if size <= settings.largest:
-            return await pool.acquire_async(size, timeout=timeout)
-        # One chain at a time and one deadline across its pieces (see acquire_chain_async):
-        # two bodies each holding part of what the other needs would wait forever.
-        return await pool.acquire_chain_async(size, timeout=timeout)
+        return await settings.pool.acquire_async(size, timeout=settings.acquire_timeout)
     except PoolExhausted as exc:
-        raise _exhausted(settings, size, exc) from None
+        raise _exhausted(settings, length, exc) from None
+    finally:
+        ticket.end_wait()
 
 
 async def _read_sized(
-    request: web.Request, settings: Settings, length: int
-) -> Lease | LeaseChain | None:
-    """Content-Length known and not encoded: lease ``length`` bytes once, then fill."""
-    if length > settings.max_body_size:
-        raise _too_large(settings.max_body_size, length, declared=True)
-    if length == 0:
-        return None
-    owned = _acquire_now(settings, length)  # the common case, without a coroutine
-    if owned is None:
-        owned = await _acquire(settings, length)
+    request: web.Request, settings: Settings, owner: RequestLeases, length: int
+) -> Lease | LeaseChain:
+    """Content-Length known and not encoded: admit ``length`` bytes, lease as they arrive."""
+    if length <= settings.largest:
+        sizes = settings.slot_sizes
+        need = sizes[bisect_left(sizes, length)]
+    else:
+        need = slot_bytes(settings.pool, length)
+    adm = settings.admission
+    assert adm is not None
+    ticket = adm.reserve_now(request._payload, request._protocol, need)  # hot path, no await
+    if ticket is None:
+        ticket = await _admit(request, settings, owner, need, length)
+    else:
+        owner.ticket = ticket
+    leases: list[Lease] = []
     try:
-        await _fill(request, owned, length)
+        await _fill(request, settings, ticket, leases, length)
     except BaseException:
-        owned.release()
+        for lease in leases:
+            lease.release()
+        owner.release_ticket()
         raise
-    return owned
+    if ticket.state == READING:  # ticket.done(), written out
+        ticket.state = DONE
+    if length <= settings.largest:
+        return leases[0]
+    return LeaseChain(leases)
 
 
-async def _fill(request: web.Request, owned: Lease | LeaseChain, length: int) -> None:
-    """Copy ``length`` body bytes into ``owned``'s views, in order.
+async def _fill(
+    request: web.Request, settings: Settings, ticket: BodyTicket, leases: list[Lease],
+    length: int,
+) -> None:
+    """Copy ``length`` body bytes into slots leased as the bytes arrive, in order.
 
     On failure the frame drops its views before the exception leaves: a traceback kept by a
     logger must not pin the slots (they would stay quarantined as long as it lives).
     """
-    views = [owned.view] if isinstance(owned, Lease) else owned.views()
     readchunk = request.content.readchunk
-    vi = 0
-    view = views[0]
+    largest = settings.largest
+    pool = settings.pool
+    sync = pool.on_exhausted == "raise"  # else leases wait rather than spill or use the heap
+    unleased = length
+    view = _EMPTY
     off = 0
     got = 0
     try:
@@ -273,17 +351,37 @@ async def _fill(request: web.Request, owned: Lease | LeaseChain, length: int) ->
                 )
             if n > length - got:  # the parser caps at Content-Length; stay safe anyway
                 n = length - got
-            room = len(view) - off
-            if n <= room and n == len(data):
+            ticket.received += n  # ticket.progress(n), written out
+            if off == len(view):  # the slot is full (or there is none yet): lease the next
+                size = min(largest, unleased)
+                try:
+                    if not sync:
+                        raise PoolExhausted
+                    lease = pool.acquire(size)
+                except PoolExhausted:
+                    lease = await _lease(settings, ticket, size, length)
+                leases.append(lease)
+                unleased -= size
+                view = lease.view
+                off = 0
+            if n <= len(view) - off and n == len(data):  # the chunk fits: one copy
                 view[off : off + n] = data
                 off += n
             else:
                 src = memoryview(data)
                 p = 0
                 while p < n:
-                    if off == len(view):
-                        vi += 1
-                        view = views[vi]
+                    if off == len(view):  # the same as above, for a chunk across slots
+                        size = min(largest, unleased)
+                        try:
+                            if not sync:
+                                raise PoolExhausted
+                            lease = pool.acquire(size)
+                        except PoolExhausted:
+                            lease = await _lease(settings, ticket, size, length)
+                        leases.append(lease)
+                        unleased -= size
+                        view = lease.view
                         off = 0
                     k = min(len(view) - off, n - p)
                     view[off : off + k] = src[p : p + k]
@@ -292,30 +390,42 @@ async def _fill(request: web.Request, owned: Lease | LeaseChain, length: int) ->
                 src.release()
             got += n
     except BaseException as exc:
-        del view, views
-        if isinstance(exc, _MALFORMED):
-            raise _malformed(exc) from None
+        del view
+        status = _translate(exc)
+        if status is not None:
+            raise status from None
         raise
 
 
-async def _read_streamed(request: web.Request, settings: Settings) -> Lease | LeaseChain | None:
-    """Unknown length (chunked, or decoded from Content-Encoding): grow as bytes arrive."""
+async def _read_streamed(
+    request: web.Request, settings: Settings, owner: RequestLeases
+) -> Lease | LeaseChain | None:
+    """Unknown length (chunked, or decoded from Content-Encoding): admitted one largest slot
+    at a time, grown as bytes arrive."""
     pool = settings.pool
+    adm = settings.admission
+    assert adm is not None
     limit = settings.max_body_size
     largest = settings.largest
+    unit = slot_bytes(pool, largest)
     # Sizes a growing first lease steps through: whole slots of each class up to the largest.
     steps = [s for s in pool.slot_sizes if s <= largest] or [largest]
+    ticket = await _admit(request, settings, owner, unit, None)
     readchunk = request.content.readchunk
     leases: list[Lease] = []
     cur: Lease | None = None
     filled = 0
     total = 0
+    slots = 1  # reserved, in largest slots
     try:
         while True:
             try:
                 data, end_of_chunk = await readchunk()
-            except _MALFORMED as exc:
-                raise _malformed(exc) from None
+            except BaseException as exc:
+                status = _translate(exc)
+                if status is not None:
+                    raise status from None
+                raise
             n = len(data)
             if not n:
                 if end_of_chunk:
@@ -323,6 +433,7 @@ async def _read_streamed(request: web.Request, settings: Settings) -> Lease | Le
                 break
             if total + n > limit:
                 raise _too_large(limit, total + n, declared=False)
+            ticket.progress(n)
             src = memoryview(data)
             p = 0
             while p < n:
@@ -331,8 +442,7 @@ async def _read_streamed(request: web.Request, settings: Settings) -> Lease | Le
                     if cur is not None and len(leases) == 1 and len(cur) < largest:
                         # Grow the only lease to the next class that fits (copying <= 64 KiB).
                         size = next((s for s in steps if s >= need), largest)
-                        bigger = await _acquire(settings, size)
-                        assert isinstance(bigger, Lease)
+                        bigger = await _lease(settings, ticket, size, None)
                         bigger.view[:filled] = cur.view[:filled]
                         cur.release()
                         leases[0] = cur = bigger
@@ -340,8 +450,10 @@ async def _read_streamed(request: web.Request, settings: Settings) -> Lease | Le
                         size = next((s for s in steps if s >= n - p), largest)
                         if cur is not None:
                             size = largest
-                        fresh = await _acquire(settings, size)
-                        assert isinstance(fresh, Lease)
+                        if len(leases) == slots:
+                            await _grow(settings, ticket, unit)
+                            slots += 1
+                        fresh = await _lease(settings, ticket, size, None)
                         leases.append(fresh)
                         cur = fresh
                         filled = 0
@@ -351,7 +463,9 @@ async def _read_streamed(request: web.Request, settings: Settings) -> Lease | Le
                 p += k
             src.release()
             total += n
+        ticket.done()
         if cur is None:
+            owner.release_ticket()
             return None
         cur.truncate(filled)
         if len(leases) == 1:
@@ -360,4 +474,16 @@ async def _read_streamed(request: web.Request, settings: Settings) -> Lease | Le
     except BaseException:
         for lease in leases:
             lease.release()
+        owner.release_ticket()
         raise
+
+
+async def _grow(settings: Settings, ticket: BodyTicket, nbytes: int) -> None:
+    adm = settings.admission
+    assert adm is not None
+    if adm.grow_now(ticket, nbytes):
+        return
+    try:
+        await adm.grow(ticket, nbytes)
+    except (AdmissionTimeout, GrowthRefused) as exc:
+        raise _exhausted(settings, None, exc) from None

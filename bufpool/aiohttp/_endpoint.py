@@ -1,6 +1,8 @@
 """The pool stats endpoint: JSON by default, Prometheus text on ``Accept: text/plain``.
 
-Each call takes one ``pool.stats()`` snapshot: O(size classes) work.
+Each call takes one ``pool.stats()`` snapshot (O(size classes)) and one admission snapshot
+(O(bodies and replies tracked)); the JSON has the latter under ``"aiohttp"``, the Prometheus
+text as ``bufpool_aiohttp_*`` metrics.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
-from ._settings import POOL_KEY
+from ._settings import POOL_KEY, SETTINGS_KEY
 
 __all__ = ["PROMETHEUS_CONTENT_TYPE", "stats_handler"]
 
@@ -30,13 +32,21 @@ def stats_handler(
 
     async def bufpool_stats(request: web.Request) -> web.Response:
         stats = request.config_dict[POOL_KEY].stats()
+        adm = request.config_dict[SETTINGS_KEY].admission
+        admitted = adm.stats() if adm is not None else None
         text_wanted = _wants_text(request) if prometheus is None else prometheus
         if text_wanted:
-            resp = web.Response(body=stats.prometheus().encode())
+            text = stats.prometheus()
+            if admitted is not None:
+                text += admitted.prometheus()
+            resp = web.Response(body=text.encode())
             resp.headers[hdrs.CONTENT_TYPE] = PROMETHEUS_CONTENT_TYPE
             return resp
+        data = stats.as_dict()
+        if admitted is not None:
+            data["aiohttp"] = admitted.as_dict()
         return web.Response(
-            text=json.dumps(stats.as_dict(), separators=(",", ":")),
+            text=json.dumps(data, separators=(",", ":")),
             content_type="application/json",
         )
 

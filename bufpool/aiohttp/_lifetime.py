@@ -1,41 +1,63 @@
-"""Per-request ownership of pooled memory and the middleware that ends it.
+"""Per-request ownership of pooled memory, and when it ends.
 
 Every lease ``read_body`` takes and every lease handed to ``pooled_response`` is recorded on
-the request.  The middleware (installed outermost by ``setup()``) releases them all in a
-``finally`` when the request ends: normal return, exception, client disconnect, cancellation.
+the request, with the body's admission ticket.  All of it is released when the request ends,
+after its response was written, in one of two ways:
 
-Why the middleware also finishes the response: when the handler returns, aiohttp has not
-written the response yet (``resp.prepared`` is False; FINDINGS section 4), so the body's memory
-would be released before the bytes left.  When the request holds pooled memory the middleware
-therefore calls ``prepare()`` and ``write_eof()`` itself (aiohttp's own later calls are no-ops)
-and releases afterwards.  The same holds for recycled header maps (``reuse_headers``): a map
-goes back to the free list only once its headers are on the wire, else a concurrent request
-could clear and refill it before aiohttp serializes it (one client's headers sent to another).
-Whatever the transport still queues after that keeps the slot alive through its memoryview,
-and the pool quarantines the slot until the view dies (the core promise), so even a release
-right after the handler returned would never corrupt a response.
+* **Task lifetime** (the default, no middleware): the first ``read_body``/``pooled_response``
+  call of a request adds a done-callback to the request's handler task.  aiohttp runs each
+  request in its own task (``RequestHandler._handle_request``, web_protocol.py), which calls
+  the handler and then ``finish_response`` (``prepare`` + ``write_eof`` + access log), so the
+  task ends only once the response was written or the client went away.  Routes that never
+  use the pool pay nothing, and aiohttp adds no ``_fix_request_current_app`` layer.  The call
+  must come from that task itself (not a task the handler spawned); ``NotSetUp`` says so.
+* **Middleware** (``setup(app, middleware=True)`` or ``middleware()`` placed by hand): the
+  owner exists from the start of the request (helpers work from any task) and is released in
+  a ``finally``.  When the handler returns, aiohttp has not written the response yet
+  (``resp.prepared`` is False; FINDINGS section 4), so when the request holds pooled memory the
+  middleware calls ``prepare()`` and ``write_eof()`` itself (aiohttp's later calls are no-ops)
+  and only then releases.
 
-Cost per request: one small object and one request-dict store; releases are O(leases held).
+Recycled header maps (``reuse_headers``) follow the same rule: a map goes back to the free list
+only once its headers are on the wire.  Whatever the transport still queues after that keeps the
+slot alive through its memoryview, and the pool quarantines the slot until the view dies (the
+core promise), so even a release right after the handler returned would never corrupt a
+response.
+
+Cost per request that uses the pool: one small object, one request-dict store and one
+done-callback; releases are O(leases held).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
 from .._lease import Lease, LeaseChain
 from ._errors import NotSetUp
 from ._headers import HeaderMaps
-from ._settings import Settings
+from ._settings import SETTINGS_KEY, Settings
 
 if TYPE_CHECKING:
+    from ._admission import BodyTicket
     from ._body import PooledBody
 
-__all__ = ["OWNED_KEY", "RequestLeases", "make_middleware", "owner_of"]
+__all__ = ["OWNED_KEY", "RequestLeases", "make_middleware", "middleware", "owner_of"]
+
+log = logging.getLogger("bufpool.aiohttp")
+
+#: Code of the coroutine aiohttp runs each request in (one task per request); None if this
+#: aiohttp has no such method (then ``setup()`` installs the middleware instead).
+HANDLER_CODE: Final[Any] = getattr(
+    getattr(RequestHandler, "_handle_request", None), "__code__", None
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -43,7 +65,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class RequestLeases:
     """The pooled memory one request owns; valid until the request ends."""
 
-    __slots__ = ("body", "header_maps", "headers", "items", "settings")
+    __slots__ = ("body", "header_maps", "headers", "items", "settings", "ticket")
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -53,6 +75,14 @@ class RequestLeases:
         self.headers: list[CIMultiDict[str]] = []
         #: What ``read_body`` returned, so that a second call returns the same body.
         self.body: PooledBody | None = None
+        #: The body's admission into the budget, released with the body's memory.
+        self.ticket: BodyTicket | None = None
+
+    def release_ticket(self) -> None:
+        """Give the body's admission back (its memory was released)."""
+        ticket, self.ticket = self.ticket, None
+        if ticket is not None:
+            ticket.adm.release(ticket)
 
     def adopt(self, owned: Lease | LeaseChain) -> None:
         """Take over one reference: released when the request ends (unless already)."""
@@ -69,8 +99,11 @@ class RequestLeases:
                 del items[i]
                 return
 
-    def close(self) -> None:
-        """Release everything still held; keeps going past errors and re-raises the first."""
+    def close(self, task: asyncio.Task[Any] | None = None) -> None:
+        """Release everything still held; keeps going past errors and re-raises the first.
+
+        Also the done-callback of the request's handler task (``task``): an error then goes
+        to the loop's exception handler, like any callback's."""
         items, self.items = self.items, []
         self.body = None  # it refers back to the request: break the cycle
         first: BaseException | None = None
@@ -86,6 +119,10 @@ class RequestLeases:
             for headers in self.headers:
                 maps.give(headers)
         self.headers = []
+        ticket = self.ticket
+        if ticket is not None:
+            self.ticket = None
+            ticket.adm.release(ticket)
         if first is not None:
             raise first
 
@@ -100,23 +137,60 @@ OWNED_KEY: Final[Any] = (
 
 
 def owner_of(request: web.BaseRequest) -> RequestLeases:
-    """The request's RequestLeases; NotSetUp when the middleware is not installed."""
+    """The request's RequestLeases, made on first use (task lifetime, see module docstring).
+
+    NotSetUp when ``setup()`` never saw the application, or when called (first) from a task
+    other than the request's handler task without the middleware.
+    """
     try:
         owned: RequestLeases = request[OWNED_KEY]
     except KeyError:
-        raise NotSetUp(
-            "no bufpool middleware saw this request: call bufpool.aiohttp.setup(app, ...) "
-            "before the application starts"
-        ) from None
+        return _own(request)
     return owned
 
 
-def make_middleware(settings: Settings) -> Middleware:
-    """The middleware for one application (it closes over the app's settings)."""
+def _own(request: web.BaseRequest) -> RequestLeases:
+    try:
+        # The matched app first (one lookup); a sub-application finds its parent's.
+        settings = request.app.get(SETTINGS_KEY) or request.config_dict[SETTINGS_KEY]  # type: ignore[attr-defined]
+    except (KeyError, AttributeError):
+        raise NotSetUp(
+            "bufpool.aiohttp.setup(app, ...) was never called for this request's application "
+            "(call it before the application starts)"
+        ) from None
+    task = asyncio.current_task()
+    coro = task.get_coro() if task is not None else None
+    if HANDLER_CODE is None or getattr(coro, "cr_code", None) is not HANDLER_CODE:
+        raise NotSetUp(
+            "bufpool.aiohttp.read_body()/pooled_response() was first called outside the "
+            "request's own handler task (e.g. in a task the handler spawned): call it from "
+            "the handler first, or install the middleware (setup(app, middleware=True) or "
+            "bufpool.aiohttp.middleware())"
+        )
+    owned = RequestLeases(settings)
+    request[OWNED_KEY] = owned
+    assert task is not None
+    task.add_done_callback(owned.close)
+    return owned
+
+
+def make_middleware(settings: Settings | None = None) -> Middleware:
+    """The lifetime middleware; with ``settings`` bound to one application, else it finds
+    them per request (``request.config_dict``)."""
 
     @web.middleware
     async def bufpool_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        owned = RequestLeases(settings)
+        if settings is None:
+            try:
+                found = request.config_dict[SETTINGS_KEY]
+            except KeyError:
+                raise NotSetUp(
+                    "bufpool.aiohttp.middleware() is installed but setup(app, ...) was never "
+                    "called for this application"
+                ) from None
+        else:
+            found = settings
+        owned = RequestLeases(found)
         request[OWNED_KEY] = owned
         try:
             resp = await handler(request)
@@ -135,3 +209,15 @@ def make_middleware(settings: Settings) -> Middleware:
             owned.close()
 
     return bufpool_middleware
+
+
+def middleware() -> Middleware:
+    """The lifetime middleware for apps that compose their middlewares by hand::
+
+        app = web.Application(middlewares=[bufpool.aiohttp.middleware(), auth, ...])
+        bufpool.aiohttp.setup(app, ...)
+
+    Put it outermost.  With it the helpers also work from tasks the handler spawns; without
+    it (the default) lifetimes follow the handler task and cost no middleware.
+    """
+    return make_middleware(None)

@@ -9,17 +9,26 @@ Lifetime: the request takes over one reference to the lease or chain and release
 request ends, after the middleware has written the response; views a transport still queues
 keep the slot quarantined until they die (the core promise), so nothing is overwritten early.
 A PooledResponse is valid until its request ends.
+
+Write deadline: while its body is written, and afterwards while the transport still queues
+part of it, the reply is watched by the application's admission (``send_timeout``, nginx's
+``send_timeout``: no write progress for that long aborts the connection, and the slots come
+back once the transport dropped its views); under memory pressure a stalled reply is aborted
+sooner (``preempt_idle``).  ``admission_stats(app).reply_bytes_pinned`` shows what unsent
+replies hold.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 
 from .._lease import Lease, LeaseChain
+from ._admission import Admission
 from ._body import PooledBody
 from ._headers import SUPPORTED as HEADER_REUSE_SUPPORTED
 from ._lifetime import owner_of
@@ -42,6 +51,7 @@ class PooledResponse(web.StreamResponse):
     """
 
     _send_headers_immediately = False  # coalesce the headers with the first body piece
+    _nbytes: int
 
     def __init__(
         self,
@@ -57,7 +67,10 @@ class PooledResponse(web.StreamResponse):
             super().__init__(status=status, reason=reason, headers=headers)
         self._views: Sequence[memoryview] = views
         self._bodiless = False
-        self.content_length = sum(map(len, views))
+        #: The application's admission (write deadline); set by ``pooled_response``.
+        self.admission: Admission | None = None
+        self._transport: Any = None
+        self.content_length = self._nbytes = sum(map(len, views))
 
     @property
     def body_views(self) -> Sequence[memoryview]:
@@ -70,23 +83,36 @@ class PooledResponse(web.StreamResponse):
         # RFC 9110 sections 9.3.2, 15.2, 15.3.5, 15.4.5: no content in these answers.
         status = self.status
         self._bodiless = request.method == hdrs.METH_HEAD or status < 200 or status in (204, 304)
+        self._transport = request._protocol.transport
         return await super().prepare(request)
 
     async def write_eof(self, data: bytes = b"") -> None:
         if self._eof_sent:  # aiohttp's own call after the middleware sent it
             return
         views, self._views = self._views, ()  # a second call writes nothing more
-        if len(views) == 1 and not self._bodiless and not data:
-            # A one-slot body goes out with the end of the message: headers and body in one
-            # transport write, one coroutine less.  (Like aiohttp's, this write_eof drains;
-            # a chain's last piece does not wait, as below.)
-            # aiohttp annotates bytes but accepts (and asserts) bytes, bytearray, memoryview.
-            await super().write_eof(views[0])  # type: ignore[arg-type]
+        adm = self.admission
+        transport = self._transport
+        if not views or self._bodiless or adm is None or transport is None:
+            await super().write_eof(data)
             return
-        if views and not self._bodiless:
+        watch = adm.watch_send(transport, self._nbytes)
+        try:
+            if len(views) == 1 and not data:
+                # A one-slot body goes out with the end of the message: headers and body in
+                # one transport write, one coroutine less.  (Like aiohttp's, this write_eof
+                # drains; a chain's last piece does not wait, as below.)
+                # aiohttp annotates bytes but accepts (and asserts) bytes, bytearray, memoryview.
+                await super().write_eof(views[0])  # type: ignore[arg-type]
+                return
             for view in views:
                 await self.write(view)
-        await super().write_eof(data)
+                watch.written += len(view)
+            await super().write_eof(data)
+        finally:
+            # Watched until the transport drained what it still queues (or the deadline).
+            watch.finished = True
+            if not transport.get_write_buffer_size():  # all sent (or the transport closed)
+                adm.sends.discard(watch)
 
 
 def pooled_response(
@@ -124,4 +150,6 @@ def pooled_response(
         real.extend(headers)
     if content_type is not None and hdrs.CONTENT_TYPE not in real:
         real[hdrs.CONTENT_TYPE] = content_type
-    return PooledResponse(views, status=status, reason=reason, headers=real)
+    resp = PooledResponse(views, status=status, reason=reason, headers=real)
+    resp.admission = owner.settings.admission
+    return resp

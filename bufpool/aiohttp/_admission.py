@@ -1,0 +1,677 @@
+"""Admission of request bodies into a memory budget, their deadlines, and overload preemption.
+
+Operations (each O(1) unless noted):
+
+* ``reserve_now(stream, reader, n)`` / ``await reserve(...)``: admit a body that will hold
+  ``n`` bytes of pool slots.  FIFO: a body is admitted only when its whole reservation fits
+  in the budget next to every body admitted before it, so admitted bodies can always finish
+  (no two bodies each hold part of what the other needs).  While a body waits, its
+  connection's reading is paused, so aiohttp buffers nothing more for it (TCP backpressure).
+* ``grow_now(ticket, n)`` / ``await grow(...)``: enlarge an admitted body's reservation
+  (bodies of unknown length).  Growth goes before new admissions; a growth that only other
+  waiting bodies could satisfy fails at once (``GrowthRefused``) instead of deadlocking.
+* ``ticket.progress(n)``: ``n`` body bytes arrived.  Memory is leased slot by slot as bytes
+  arrive, inside the reservation, so the process holds what clients sent.
+* ``release(ticket)``: the body's memory is back; waiters are served in order.
+* ``watch_send(transport, n)``: a pooled reply of ``n`` bytes is being written.
+
+Deadlines (checked every ``tick`` seconds while anything is tracked, O(tracked) per check):
+no body byte for ``body_timeout`` s, or slower than ``body_min_rate`` after ``body_grace`` s,
+cuts the body (its stream raises :class:`BodyCut`, answered 408); no write progress on a
+pooled reply for ``send_timeout`` s aborts the connection.  Under pressure (a body waited
+``preempt_after`` s for memory) these deadlines shrink to ``preempt_idle`` s: every body with
+no byte for that long, or below ``body_min_rate`` with that grace, is cut (those holding the
+most unfilled reservation first), and stalled pooled replies are aborted.  A body that keeps
+sending at ``body_min_rate`` or more is never cut.  See ``docs/aiohttp.md`` for the anchors
+(nginx, Apache, Envoy, Go).
+
+Quiet for ``idle_trim_after`` s: ``pool.trim()`` and glibc ``malloc_trim(0)`` give memory back.
+
+Another receive path (e.g. a BufferedProtocol below aiohttp's parser) uses it the same way as
+``read_body``: ``adm = app[SETTINGS_KEY].admission``; ``t = adm.reserve_now(stream, reader,
+slot_bytes(pool, length)) or await adm.reserve(...)`` (``stream.set_exception`` receives a
+:class:`BodyCut`; ``reader.pause_reading``/``resume_reading`` hold the socket while it
+waits); ``t.received += n`` as bytes land; ``t.begin_wait()``/``t.end_wait()`` around a wait
+for a pool slot; ``t.done()`` when the body is complete; ``adm.release(t)`` once its memory
+is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import ctypes
+import ctypes.util
+import logging
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from .._pool import BufferPool
+
+__all__ = [
+    "Admission",
+    "AdmissionStats",
+    "AdmissionTimeout",
+    "BodyCut",
+    "BodyTicket",
+    "GrowthRefused",
+    "SendWatch",
+    "slot_bytes",
+]
+
+log = logging.getLogger("bufpool.aiohttp")
+
+WAITING, READING, DONE, CUT, RELEASED = range(5)
+
+
+class BodyStream(Protocol):
+    """Where a cut is delivered: aiohttp's ``StreamReader`` (``request.content``)."""
+
+    def set_exception(self, exc: BaseException) -> None: ...
+
+
+class FlowControl(Protocol):
+    """A connection whose reading can be paused: aiohttp's ``RequestHandler``."""
+
+    transport: Any
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+class BodyCut(TimeoutError):
+    """A body was cut off by a deadline or under memory pressure; the message names it.
+
+    A ``TimeoutError`` so that aiohttp's lingering read after the 408 treats it as one.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class AdmissionTimeout(Exception):
+    """No room for a body's reservation within ``acquire_timeout`` seconds (503)."""
+
+
+class GrowthRefused(Exception):
+    """A body of unknown length cannot grow: only bodies that wait themselves hold the
+    budget, so waiting could never end (503)."""
+
+
+class BodyTicket:
+    """One body's admission: its reservation (bytes of pool slots) and progress.
+
+    Valid from admission until ``Admission.release``; times are loop seconds.
+    """
+
+    __slots__ = (
+        "adm",
+        "admitted_at",
+        "fut",
+        "last",
+        "queued_at",
+        "reader",
+        "received",
+        "seen",
+        "size",
+        "state",
+        "stream",
+        "want",
+    )
+
+    def __init__(self, adm: Admission, stream: BodyStream, reader: FlowControl | None) -> None:
+        self.adm = adm
+        self.stream = stream
+        self.reader = reader
+        self.size = 0  #: bytes reserved
+        self.received = 0  #: body bytes that arrived (the reader adds to it)
+        self.seen = 0  #: ``received`` at the last check: progress is measured there
+        self.want = 0  #: bytes asked for while waiting
+        self.state = WAITING
+        self.admitted_at = 0.0
+        self.last = 0.0  #: when a body byte last arrived (or admission)
+        self.queued_at = 0.0
+        self.fut: asyncio.Future[None] | None = None
+
+    def progress(self, n: int) -> None:
+        """``n`` body bytes arrived (the same as ``ticket.received += n``: the periodic
+        check notices the progress, so a chunk costs no clock read)."""
+        self.received += n
+
+    def done(self) -> None:
+        """The whole body arrived: no more body deadlines (the reservation stays)."""
+        if self.state == READING:
+            self.state = DONE
+
+    def begin_wait(self) -> None:
+        """The body waits for a pool slot held outside admission (counts as pressure)."""
+        if self.state == READING:
+            self.state = WAITING
+            self.queued_at = self.adm.loop.time()
+            self.adm._slot_waiters.add(self)
+            self.adm._arm()
+
+    def end_wait(self) -> None:
+        adm = self.adm
+        adm._slot_waiters.discard(self)
+        if self.state == WAITING:
+            self.state = READING
+            now = adm.loop.time()
+            self.admitted_at += now - self.queued_at  # waiting was the server's doing
+            self.last = now
+
+    def __repr__(self) -> str:
+        return f"<BodyTicket {self.received}/{self.size} B state={self.state}>"
+
+
+class SendWatch:
+    """A pooled reply being written to ``transport``; progress = its write buffer moved."""
+
+    __slots__ = ("finished", "last", "last_size", "nbytes", "seen", "transport", "written")
+
+    def __init__(self, transport: asyncio.WriteTransport, nbytes: int, now: float) -> None:
+        self.transport = transport
+        self.nbytes = nbytes
+        self.written = 0  #: bytes handed to the transport so far (updated by the writer)
+        self.seen = 0
+        self.last = now
+        self.last_size = -1
+        self.finished = False
+
+    def pinned(self) -> int:
+        """Pool bytes this reply still pins (all until written; then what the transport
+        queues, at most the reply)."""
+        if not self.finished:
+            return self.nbytes
+        try:
+            return min(self.nbytes, self.transport.get_write_buffer_size())
+        except Exception:  # a closed transport
+            return 0
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionStats:
+    """Snapshot of the integration's memory admission.  Bytes, counts since setup."""
+
+    budget: int  #: body_budget
+    reserved_bytes: int  #: reserved by admitted bodies (leased or promised)
+    bodies: int  #: admitted bodies not yet released
+    waiting: int  #: bodies waiting for admission, growth or a slot
+    waiting_bytes: int  #: what the admission/growth waiters ask for
+    admitted: int
+    admission_timeouts: int  #: 503 after acquire_timeout
+    growth_refused: int  #: 503: unknown-length body could not grow
+    cut_body_timeout: int  #: 408: no byte for body_timeout
+    cut_min_rate: int  #: 408: below body_min_rate after body_grace
+    cut_preempted: int  #: 408: stalled under memory pressure
+    replies_sending: int  #: pooled replies tracked (being written or draining)
+    reply_bytes_pinned: int  #: pool bytes pinned by pooled replies not yet sent
+    send_aborted_timeout: int  #: aborted after send_timeout without progress
+    send_aborted_preempted: int  #: aborted stalled under memory pressure
+    idle_trims: int  #: idle-decay trims done
+    idle_trimmed_bytes: int  #: pool bytes they gave back
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def prometheus(self, prefix: str = "bufpool_aiohttp") -> str:
+        lines = []
+        for name, value in self.as_dict().items():
+            kind = "gauge" if name in _GAUGES else "counter"
+            metric = f"{prefix}_{name}" + ("_total" if kind == "counter" else "")
+            lines.append(f"# TYPE {metric} {kind}")
+            lines.append(f"{metric} {value}")
+        return "\n".join(lines) + "\n"
+
+
+_GAUGES = frozenset(
+    {"budget", "reserved_bytes", "bodies", "waiting", "waiting_bytes", "replies_sending",
+     "reply_bytes_pinned"}
+)
+
+
+def slot_bytes(pool: BufferPool, n: int) -> int:
+    """Bytes of pool slots a body of ``n`` bytes occupies: one slot up to the largest class,
+    else a chain of largest-class slots and one slot for the rest (as ``acquire_chain``)."""
+    sizes = pool.slot_sizes
+    largest = pool.classes[-1]
+    full, rest = divmod(n, largest)
+    total = full * sizes[bisect.bisect_left(sizes, largest)]
+    if rest:
+        total += sizes[bisect.bisect_left(sizes, rest)]
+    return total
+
+
+def _load_malloc_trim() -> Any:
+    """glibc's ``malloc_trim`` (returns free heap pages to the OS), or None elsewhere."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+        fn = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+class Admission:
+    """The body budget of one application, its FIFO queue, deadlines and preemption.
+
+    Times in seconds (None: no such deadline), sizes in bytes.  One event loop at a time.
+    """
+
+    def __init__(
+        self,
+        pool: BufferPool,
+        *,
+        budget: int,
+        acquire_timeout: float | None,
+        body_timeout: float | None,
+        body_min_rate: float | None,
+        body_grace: float,
+        send_timeout: float | None,
+        preempt_after: float | None,
+        preempt_idle: float,
+        idle_trim_after: float | None,
+    ) -> None:
+        self.pool = pool
+        self.budget = budget
+        self.acquire_timeout = acquire_timeout
+        self.body_timeout = body_timeout
+        self.body_min_rate = body_min_rate
+        self.body_grace = body_grace
+        self.send_timeout = send_timeout
+        self.preempt_after = preempt_after
+        self.preempt_idle = preempt_idle
+        self.idle_trim_after = idle_trim_after
+        limits = [x for x in (body_timeout, send_timeout, preempt_after) if x]
+        limits.append(preempt_idle)
+        #: Seconds between checks: a quarter of the shortest deadline, 20-250 ms.
+        self.tick = max(0.02, min(0.25, min(limits) / 4))
+        self.reserved = 0
+        self.bodies: set[BodyTicket] = set()
+        self._waiters: deque[BodyTicket] = deque()
+        self._growers: deque[BodyTicket] = deque()
+        self._slot_waiters: set[BodyTicket] = set()
+        self.sends: set[SendWatch] = set()
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._handle: asyncio.TimerHandle | None = None
+        self._next_check = 0.0
+        self._trim_handle: asyncio.TimerHandle | None = None
+        self._dirty = False
+        self.admitted = 0
+        #: Bumped by every admission and pooled reply: the idle trim waits for it to rest.
+        self.activity = 0
+        self._trim_seen = -1
+        self.counts = dict.fromkeys(
+            ("admission_timeouts", "growth_refused", "cut_body_timeout",
+             "cut_min_rate", "cut_preempted", "send_aborted_timeout",
+             "send_aborted_preempted", "idle_trims", "idle_trimmed_bytes"),
+            0,
+        )
+
+    # ------------------------------------------------------------------ admission
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if loop is not self.loop:  # first use, or the app runs again on another loop
+            self.loop = loop
+            self._handle = self._trim_handle = None
+        return loop
+
+    def reserve_now(
+        self, stream: BodyStream, reader: FlowControl | None, nbytes: int
+    ) -> BodyTicket | None:
+        """Admit a body of ``nbytes`` reserved bytes now, or None (then ``reserve``)."""
+        loop = self.loop
+        if loop is not asyncio.get_running_loop():
+            loop = self._bind()
+        if self._waiters or self._growers or self.reserved + nbytes > self.budget:
+            return None
+        # The hot path of every pooled request: _admit written out.
+        ticket = BodyTicket(self, stream, reader)
+        self.reserved += nbytes
+        ticket.size = nbytes
+        ticket.state = READING
+        ticket.admitted_at = ticket.last = loop.time()
+        self.bodies.add(ticket)
+        self.admitted += 1
+        self.activity += 1
+        self._dirty = True
+        if self._handle is None:
+            self._next_check = ticket.last + self.tick
+            self._handle = loop.call_later(self.tick, self._check)
+        return ticket
+
+    def _admit(self, ticket: BodyTicket, nbytes: int, now: float) -> None:
+        self.reserved += nbytes
+        ticket.size = nbytes
+        ticket.want = 0
+        ticket.state = READING
+        ticket.admitted_at = ticket.last = now
+        self.bodies.add(ticket)
+        self.admitted += 1
+        self.activity += 1
+        self._dirty = True
+        self._arm()
+
+    async def reserve(
+        self, stream: BodyStream, reader: FlowControl | None, nbytes: int
+    ) -> BodyTicket:
+        """Admit a body of ``nbytes`` reserved bytes, waiting in FIFO order with the
+        connection's reading paused; AdmissionTimeout after ``acquire_timeout`` s."""
+        ticket = self.reserve_now(stream, reader, nbytes)
+        if ticket is not None:
+            return ticket
+        ticket = BodyTicket(self, stream, reader)
+        await self._wait(ticket, nbytes, self._waiters)
+        return ticket
+
+    def grow_now(self, ticket: BodyTicket, nbytes: int) -> bool:
+        """Add ``nbytes`` to an admitted body's reservation now if it fits."""
+        if self._growers or self.reserved + nbytes > self.budget:
+            return False
+        self.reserved += nbytes
+        ticket.size += nbytes
+        return True
+
+    async def grow(self, ticket: BodyTicket, nbytes: int) -> None:
+        """Add ``nbytes`` to ``ticket``'s reservation, waiting ahead of new admissions.
+
+        GrowthRefused when no other admitted body is moving (all that hold the budget
+        wait themselves): waiting could never end.  AdmissionTimeout after the timeout.
+        """
+        if self.grow_now(ticket, nbytes):
+            return
+        if not any(b is not ticket and b.state != WAITING for b in self.bodies):
+            self.counts["growth_refused"] += 1
+            raise GrowthRefused(
+                f"a body of unknown length needs {nbytes} more bytes but the body budget "
+                f"({self.budget} bytes) is held by bodies that wait themselves"
+            )
+        self._slot_waiters.discard(ticket)
+        await self._wait(ticket, nbytes, self._growers)
+
+    async def _wait(self, ticket: BodyTicket, nbytes: int, queue: deque[BodyTicket]) -> None:
+        loop = self.loop
+        fut: asyncio.Future[None] = loop.create_future()
+        ticket.fut = fut
+        ticket.want = nbytes
+        was = ticket.state
+        ticket.state = WAITING
+        ticket.queued_at = loop.time()
+        queue.append(ticket)
+        self._arm()
+        reader = ticket.reader
+        paused = _pause(reader)
+        try:
+            async with asyncio.timeout(self.acquire_timeout):
+                await fut
+        except BaseException as exc:
+            granted = fut.done() and not fut.cancelled()
+            if not granted:
+                fut.cancel()
+                try:
+                    queue.remove(ticket)
+                except ValueError:
+                    pass
+                ticket.state = was if queue is self._growers else RELEASED
+                self._serve()  # those behind it may fit now
+                if isinstance(exc, TimeoutError):
+                    self.counts["admission_timeouts"] += 1
+                    raise AdmissionTimeout(
+                        f"no room for {nbytes} bytes within acquire_timeout="
+                        f"{self.acquire_timeout} s (body budget {self.budget} bytes, "
+                        f"{self.reserved} reserved, {len(self._waiters)} bodies waiting)"
+                    ) from None
+                raise
+            if not isinstance(exc, TimeoutError):  # cancelled after the grant: give back
+                if queue is self._waiters:
+                    self.release(ticket)
+                raise
+        finally:
+            ticket.fut = None
+            if paused:
+                _resume(reader)
+
+    def release(self, ticket: BodyTicket) -> None:
+        """Give the body's reservation back (idempotent) and serve waiters in order."""
+        if ticket.state == RELEASED:
+            return
+        ticket.state = RELEASED
+        if self._slot_waiters:
+            self._slot_waiters.discard(ticket)
+        if ticket in self.bodies:
+            self.bodies.discard(ticket)
+            self.reserved -= ticket.size
+        ticket.size = 0
+        if self._growers or self._waiters:
+            self._serve()
+
+    def _serve(self) -> None:
+        budget = self.budget
+        now = self.loop.time()
+        growers = self._growers
+        while growers:
+            t = growers[0]
+            if t.fut is None or t.fut.done():
+                growers.popleft()
+                continue
+            if self.reserved + t.want > budget:
+                return  # growth first: nothing overtakes a waiting grower
+            growers.popleft()
+            self.reserved += t.want
+            t.size += t.want
+            t.want = 0
+            t.state = READING
+            t.admitted_at += now - t.queued_at
+            t.last = now
+            t.fut.set_result(None)
+        waiters = self._waiters
+        while waiters:
+            t = waiters[0]
+            if t.fut is None or t.fut.done():
+                waiters.popleft()
+                continue
+            if self.reserved + t.want > budget:
+                return
+            waiters.popleft()
+            self._admit(t, t.want, now)
+            t.fut.set_result(None)
+
+    # ------------------------------------------------------------------ replies
+    def watch_send(self, transport: asyncio.WriteTransport, nbytes: int) -> SendWatch:
+        """Track a pooled reply of ``nbytes`` being written (write deadline, preemption).
+
+        The writer adds to ``watch.written`` as it hands bytes over and sets
+        ``watch.finished`` at the end; the watch drops itself once the transport drained.
+        """
+        loop = self.loop
+        if loop is not asyncio.get_running_loop():
+            loop = self._bind()
+        watch = SendWatch(transport, nbytes, -1.0)  # the next check starts its clock
+        self.sends.add(watch)
+        self.activity += 1
+        self._dirty = True
+        if self._handle is None:
+            self._arm()
+        return watch
+
+    # ------------------------------------------------------------------ deadlines
+    def _arm(self) -> None:
+        if self._handle is None and self.loop is not None:
+            self._next_check = self.loop.time() + self.tick
+            self._handle = self.loop.call_later(self.tick, self._check)
+
+    def _cut(self, ticket: BodyTicket, reason: str, message: str) -> None:
+        ticket.state = CUT
+        self.counts[f"cut_{reason}"] += 1
+        log.info("bufpool: request body cut: %s", message)
+        ticket.stream.set_exception(BodyCut(reason, message))
+
+    def _abort(self, watch: SendWatch, reason: str, message: str) -> None:
+        self.sends.discard(watch)
+        self.counts[f"send_aborted_{reason}"] += 1
+        log.info("bufpool: pooled reply aborted: %s", message)
+        watch.transport.abort()
+
+    def _check(self) -> None:
+        self._handle = None
+        now = self.loop.time()
+        # A check that comes late means this process did not run (CPU contention, a long
+        # callback, GC): that stall is the server's, so no client is charged with it.
+        lag = now - self._next_check
+        if lag > self.tick:
+            for t in self.bodies:
+                t.last += lag
+                t.admitted_at += lag
+            for w in self.sends:
+                w.last += lag
+        timeout = self.body_timeout
+        rate = self.body_min_rate
+        grace = self.body_grace
+        for t in list(self.bodies):
+            if t.state != READING:
+                continue
+            if t.received != t.seen:
+                t.seen = t.received
+                t.last = now
+            elif timeout is not None and now - t.last > timeout:
+                self._cut(t, "body_timeout",
+                          f"no request body bytes for body_timeout={timeout} s "
+                          f"({t.received} bytes received)")
+            elif rate and now > t.admitted_at + grace + t.received / rate:
+                self._cut(t, "min_rate",
+                          f"request body slower than body_min_rate={rate:g} bytes/s after "
+                          f"body_grace={grace:g} s ({t.received} bytes in "
+                          f"{now - t.admitted_at:.1f} s)")
+        send_timeout = self.send_timeout
+        for w in list(self.sends):
+            tr = w.transport
+            if tr.is_closing():
+                self.sends.discard(w)
+                continue
+            size = tr.get_write_buffer_size()
+            if w.last < 0:
+                w.last = now
+            if w.finished and size == 0:
+                self.sends.discard(w)
+            elif size != w.last_size or w.written != w.seen:
+                w.last_size = size
+                w.seen = w.written
+                w.last = now
+            elif send_timeout is not None and now - w.last > send_timeout:
+                self._abort(w, "timeout",
+                            f"no write progress for send_timeout={send_timeout} s "
+                            f"({w.pinned()} pooled bytes unsent)")
+        if self.preempt_after is not None:
+            self._preempt(now)
+        if self.bodies or self._waiters or self._growers or self.sends:
+            self._arm()
+        elif self._dirty and self.idle_trim_after is not None and self._trim_handle is None:
+            self._trim_seen = self.activity
+            self._trim_handle = self.loop.call_later(self.idle_trim_after, self._idle_trim)
+
+    def _preempt(self, now: float) -> None:
+        after = self.preempt_after
+        assert after is not None
+        pressed = [t for t in (*self._growers, *self._waiters) if t.fut is not None
+                   and not t.fut.done() and now - t.queued_at >= after]
+        slot_pressed = any(now - t.queued_at >= after for t in self._slot_waiters)
+        if not pressed and not slot_pressed:
+            return
+        idle = self.preempt_idle
+        # Replies that do not move pin pool memory: abort them under any pressure.
+        for w in list(self.sends):
+            if now - w.last >= idle and w.last_size != 0:
+                self._abort(w, "preempted",
+                            f"no write progress for {now - w.last:.1f} s under memory pressure "
+                            f"(preempt_idle={idle} s; {w.pinned()} pooled bytes unsent)")
+        rate = self.body_min_rate
+        stalled = [
+            t for t in self.bodies if t.state == READING and (
+                now - t.last >= idle
+                or (rate and now > t.admitted_at + idle + t.received / rate)
+            )
+        ]
+        # Under pressure every body deadline shrinks to preempt_idle (Envoy's reduce_timeouts);
+        # those holding the most unfilled reservation go first (reset_high_memory_stream).
+        stalled.sort(key=lambda t: t.size - t.received, reverse=True)
+        for t in stalled:
+            self._cut(t, "preempted",
+                      f"request body stalled under memory pressure: {t.received} bytes in "
+                      f"{now - t.admitted_at:.1f} s, none for {now - t.last:.1f} s "
+                      f"(preempt_idle={idle} s, body_min_rate={rate} bytes/s)")
+
+    def _idle_trim(self) -> None:
+        """Runs ``idle_trim_after`` s after a check found nothing tracked: trims if nothing
+        was admitted or sent since (else waits another period)."""
+        self._trim_handle = None
+        if self.bodies or self._waiters or self._growers or self.sends:
+            return  # busy again: the next quiet check re-arms this
+        assert self.idle_trim_after is not None
+        if self.activity != self._trim_seen:
+            self._trim_seen = self.activity
+            self._trim_handle = self.loop.call_later(self.idle_trim_after, self._idle_trim)
+            return
+        self._dirty = False
+        freed = self.pool.trim()
+        if _malloc_trim is not None:
+            _malloc_trim(0)
+        self.counts["idle_trims"] += 1
+        self.counts["idle_trimmed_bytes"] += freed
+
+    def close(self) -> None:
+        """Stop the timers (application shutdown)."""
+        for handle in (self._handle, self._trim_handle):
+            if handle is not None:
+                handle.cancel()
+        self._handle = self._trim_handle = None
+
+    def stats(self) -> AdmissionStats:
+        c = self.counts
+        waiting = [t for t in (*self._waiters, *self._growers) if t.fut and not t.fut.done()]
+        return AdmissionStats(
+            budget=self.budget,
+            reserved_bytes=self.reserved,
+            bodies=len(self.bodies),
+            waiting=len(waiting) + len(self._slot_waiters),
+            waiting_bytes=sum(t.want for t in waiting),
+            admitted=self.admitted,
+            admission_timeouts=c["admission_timeouts"],
+            growth_refused=c["growth_refused"],
+            cut_body_timeout=c["cut_body_timeout"],
+            cut_min_rate=c["cut_min_rate"],
+            cut_preempted=c["cut_preempted"],
+            replies_sending=len(self.sends),
+            reply_bytes_pinned=sum(w.pinned() for w in self.sends),
+            send_aborted_timeout=c["send_aborted_timeout"],
+            send_aborted_preempted=c["send_aborted_preempted"],
+            idle_trims=c["idle_trims"],
+            idle_trimmed_bytes=c["idle_trimmed_bytes"],
+        )
+
+
+def _pause(reader: FlowControl | None) -> bool:
+    """Pause the connection's reading (aiohttp's own flow control); True if paused."""
+    if reader is None or reader.transport is None:
+        return False
+    try:
+        reader.pause_reading()
+    except (AssertionError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def _resume(reader: FlowControl | None) -> None:
+    if reader is None or reader.transport is None:
+        return
+    try:
+        reader.resume_reading()
+    except (AssertionError, RuntimeError, NotImplementedError):
+        pass
