@@ -17,6 +17,7 @@ when it ends, after its response was written; see ``docs/aiohttp.md``.
 from ._body import PooledBody, read_body
 from ._endpoint import PROMETHEUS_CONTENT_TYPE
 from ._errors import BodyAlreadyRead, BodyNotContiguous, NotSetUp
+from ._fastpath import RECEIVE_KEY, ReceiveOptions, ReceiveState
 from ._headers import SUPPORTED as HEADER_REUSE_SUPPORTED
 from ._headers import HeaderMaps
 from ._lifetime import RequestLeases, owner_of
@@ -38,6 +39,7 @@ __all__ = [
     "HEADER_REUSE_SUPPORTED",
     "POOL_KEY",
     "PROMETHEUS_CONTENT_TYPE",
+    "RECEIVE_KEY",
     "SETTINGS_KEY",
     "BodyAlreadyRead",
     "BodyNotContiguous",
@@ -45,6 +47,8 @@ __all__ = [
     "NotSetUp",
     "PooledBody",
     "PooledResponse",
+    "ReceiveOptions",
+    "ReceiveState",
     "RequestLeases",
     "Settings",
     "owner_of",

@@ -30,6 +30,7 @@ from aiohttp.web import RequestPayloadError
 from .._errors import PoolExhausted
 from .._lease import Lease, LeaseChain
 from ._errors import BodyAlreadyRead, BodyNotContiguous
+from ._fastpath import received_body
 from ._lifetime import owner_of
 from ._settings import Settings
 
@@ -157,6 +158,13 @@ async def read_body(request: web.Request) -> PooledBody:
             "before bufpool.aiohttp.read_body(); read it with read_body() only"
         )
     settings = owner.settings
+    received = received_body(request)  # issue 15: already in slots (zero_copy_receive)
+    if received is not None and not received.streaming:
+        owned = await received.take()  # no copy: the slots the kernel wrote into
+        if owned is not None:
+            owner.items.append(owned)
+        owner.body = body = PooledBody(owned, request)
+        return body
     length = request.content_length
     if length is not None and hdrs.CONTENT_ENCODING not in request.headers:
         owned = await _read_sized(request, settings, length)
