@@ -161,6 +161,11 @@ async def plain_bytes(request: web.Request) -> web.Response:
 
 
 # ---------------------------------------------------------------- app
+def _env_flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    return default if raw is None else raw.strip().lower() not in ("0", "false", "no", "")
+
+
 def create_app(
     *,
     pooled: bool = True,
@@ -177,6 +182,8 @@ def create_app(
             max_body_size=max_body_size,
             stats_path="/bufpool/stats",
             prometheus_path="/bufpool/metrics",
+            # Bodies received straight into pool slots (env BUFPOOL_APP_ZERO_COPY_RECEIVE=0: off).
+            zero_copy_receive=_env_flag("BUFPOOL_APP_ZERO_COPY_RECEIVE", True),
         )
         upload, echo, process, nbytes = pooled_upload, pooled_echo, pooled_process, pooled_bytes
     else:
@@ -191,7 +198,7 @@ def create_app(
 
 async def app_factory() -> web.Application:
     """For gunicorn's aiohttp workers; env ``BUFPOOL_APP_POOLED=0`` turns the pool off."""
-    pooled = os.environ.get("BUFPOOL_APP_POOLED", "1").strip() not in ("0", "false", "no", "")
+    pooled = _env_flag("BUFPOOL_APP_POOLED", True)
     max_body = int(os.environ.get("BUFPOOL_APP_MAX_BODY_SIZE", DEFAULT_MAX_BODY_SIZE))
     pool_max = int(os.environ.get("BUFPOOL_APP_POOL_MAX_BYTES", DEFAULT_POOL_MAX_BYTES))
     return create_app(pooled=pooled, max_body_size=max_body, pool_max_bytes=pool_max)

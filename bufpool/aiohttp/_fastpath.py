@@ -207,6 +207,9 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         self._pending = bytearray()
 
     def eof_received(self) -> bool | None:
+        if self._state == DEAD and self._transport is not None:
+            self._transport.close()  # the lingering close is over: the peer ended its side
+            return True
         return self._handler.eof_received()
 
     def pause_writing(self) -> None:
@@ -561,15 +564,56 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         ))
 
     def _fail(self, body: ReceivedBody, exc: BaseException) -> None:
-        """``body`` cannot complete: its readers get ``exc`` (an HTTP status); nothing more
-        is read and the connection closes once the response went out."""
+        """``body`` cannot complete: its readers get ``exc`` (an HTTP status); what still
+        arrives is dropped and the connection closes once the response went out, lingering
+        (see ``_LingeringClose``) so that a client still sending reads that response."""
         body.fail(exc)
         if body is self._body:
             self._body = None
             self._state = DEAD
             self._stop_timer()
-            self._pause(True)
-            self._handler.close()
+            self._pause(False)
+            transport = self._transport
+            handler = self._handler
+            if transport is not None and handler.transport is transport:
+                handler.transport = _LingeringClose(transport, self._ctx.loop)  # type: ignore[assignment]
+            handler.close()
+
+    # DEAD connections keep reading (and dropping) until the lingering close ends them.
+
+
+class _LingeringClose:
+    """The transport as the handler sees it after a body failed (408/503).
+
+    Closing a socket with unread input makes the kernel send a reset, and a client still
+    uploading then loses the error response it was sent.  ``close()`` here half-closes
+    (``write_eof``: FIN after the queued response) and closes for good when the peer ends its
+    side or after ``LINGER`` seconds (nginx's lingering close does the same); meanwhile the
+    protocol drops whatever arrives.  Everything else is the real transport's.
+    """
+
+    __slots__ = ("_loop", "_transport")
+
+    LINGER: Final = 2.0
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        transport = self._transport
+        if transport.is_closing():
+            return
+        try:
+            if transport.can_write_eof():
+                transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            transport.close()
+            return
+        self._loop.call_later(self.LINGER, transport.close)
 
 
 def received_body(request: web.BaseRequest) -> ReceivedBody | None:
