@@ -158,6 +158,12 @@ async def read_body(request: web.Request) -> PooledBody:
             "before bufpool.aiohttp.read_body(); read it with read_body() only"
         )
     settings = owner.settings
+    if not request.body_exists:
+        # No body at all (aiohttp's shared EMPTY_PAYLOAD): its readchunk() flips to
+        # (b"", True) for good after the first call in the process, which made
+        # _read_streamed spin forever on a later bodiless POST.
+        owner.body = body = PooledBody(None, request)
+        return body
     received = received_body(request)  # issue 15: already in slots (zero_copy_receive)
     if received is not None and not received.streaming:
         owned = await received.take()  # no copy: the slots the kernel wrote into

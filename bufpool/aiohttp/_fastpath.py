@@ -152,7 +152,7 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
     on the wrapped ``RequestHandler`` (which runs them as usual)."""
 
     __slots__ = (
-        "_body", "_ctx", "_discard_left", "_fwd_left", "_fwd_payload", "_handler", "_into_slot",
+        "_batch", "_body", "_ctx", "_discard_left", "_fwd_left", "_fwd_payload", "_handler", "_into_slot",
         "_live", "_mark", "_parser", "_paused", "_pending", "_scan", "_state", "_stream_paused",
         "_timer", "_transport", "_waiting", "slots",
     )
@@ -173,6 +173,8 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         self._state = HEAD
         self._body: ReceivedBody | None = None
         self._live: list[ReceivedBody] = []
+        #: (start, message, payload) queued during the current ``_feed`` (see _passthrough).
+        self._batch: list[tuple[int, Any, Any]] | None = None
         self._pending = bytearray()
         self._scan = 0
         self._into_slot = False
@@ -270,6 +272,7 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
             buf = data
         i = 0
         n = len(buf)
+        self._batch = []
         while i < n:
             state = self._state
             if state == HEAD:
@@ -310,6 +313,7 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
                 i = self._passthrough(buf, i)
             else:
                 i = n
+        self._batch = None
         if buf is pending:
             del pending[:i]
             self._scan = max(0, self._scan - i)
@@ -332,7 +336,8 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         msg = messages[0][0]
         headers = msg.headers
         if (
-            msg.upgrade
+            msg.should_close  # aiohttp refuses bytes after it in the same read: its parser judges
+            or msg.upgrade
             or msg.method == hdrs.METH_CONNECT
             or msg.chunked
             or hdrs.TRANSFER_ENCODING in headers
@@ -358,8 +363,11 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
             self._ctx.state.forwarded += 1
             return start
         self._ctx.state.fast += 1
+        batch = self._batch
         if not length:
             self._deliver(msg, EMPTY_PAYLOAD)
+            if batch is not None:
+                batch.append((start, msg, EMPTY_PAYLOAD))
             return end
         ctx = self._ctx
         body = ReceivedBody(self, length, ctx.largest, ctx.limit, ctx.loop)
@@ -370,6 +378,8 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         self._body = body
         self._state = BODY
         self._deliver(msg, body)
+        if batch is not None:
+            batch.append((start, msg, body))
         if not continued:
             self._start_timer()
         return end
@@ -428,7 +438,29 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
             self._feed(data)
 
     def _passthrough(self, buf: bytes | bytearray, i: int) -> int:
-        """Hand the stream from ``buf[i:]`` on to aiohttp's parser, for good."""
+        """Hand the stream from ``buf[i:]`` on to aiohttp's parser, for good.
+
+        aiohttp parses each read as a whole: a parse error anywhere in it drops the requests
+        before the error in that same read.  So when the rest of this read fails to parse,
+        the requests this protocol queued from the same read (none started yet: the handler
+        runs on a later loop turn) are taken back and aiohttp's parser gets the read from the
+        first of them, answering exactly as it would have.
+        """
+        batch = self._batch
+        if batch and self._parse_fails(buf[i:]):
+            handler = self._handler
+            messages = handler._messages
+            for _start, msg, payload in reversed(batch):
+                if not messages or messages[-1][0] is not msg:
+                    break  # not ours to take back (cannot happen: the handler did not run)
+                messages.pop()
+                handler._request_count -= 1
+                self._ctx.state.fast -= 1
+                if isinstance(payload, ReceivedBody):
+                    payload.fail(ConnectionResetError("request taken back"))
+                i = _start
+            self._body = None
+            batch.clear()
         if self._state != PASSTHROUGH:
             self._state = PASSTHROUGH
             self._ctx.state.passthrough += 1
@@ -436,6 +468,23 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         if i < len(buf):
             self._handler.data_received(bytes(buf[i:]))
         return len(buf)
+
+    def _parse_fails(self, rest: bytes | bytearray) -> bool:
+        """Would aiohttp's parser raise on ``rest`` (from a message boundary)?  A throwaway
+        parser with the handler's limits answers; only asked on the way to PASSTHROUGH."""
+        handler = self._handler
+        probe = HttpRequestParser(
+            _NullFlow(), self._ctx.loop, self._ctx.limit,
+            max_line_size=handler.max_line_size,
+            max_field_size=handler.max_field_size,
+            max_headers=handler.max_headers,
+            payload_exception=RequestPayloadError,
+        )
+        try:
+            probe.feed_data(bytes(rest))
+        except HttpProcessingError:
+            return True
+        return False
 
     def _body_arrived(self) -> None:
         """The current body's last byte arrived (it may still wait for a slot)."""
@@ -580,6 +629,19 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
             handler.close()
 
     # DEAD connections keep reading (and dropping) until the lingering close ends them.
+
+
+class _NullFlow:
+    """Flow-control stand-in for the throwaway parser of ``_parse_fails``."""
+
+    connected = True
+    _reading_paused = False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        pass
 
 
 class _LingeringClose:
