@@ -21,7 +21,6 @@ from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 
 import bufpool.aiohttp as bpa
-
 from tests._helpers_aiohttp import (
     assert_drained,
     make_app,
@@ -187,7 +186,9 @@ async def test_compressed_body_normal_path_then_fast_again() -> None:
         reader, writer = await raw_connect(port)
         plain = b"hello compressed world " * 1000
         packed = gzip.compress(plain)
-        writer.write(post("/upload", packed, "Content-Encoding: gzip\r\n") + post("/upload", b"x" * 70_000))
+        writer.write(
+            post("/upload", packed, "Content-Encoding: gzip\r\n") + post("/upload", b"x" * 70_000)
+        )
         status, _, got = await asyncio.wait_for(read_response(reader), 10)
         assert status == 200 and json.loads(got)["sha256"] == digest(plain)["sha256"]
         status, _, got = await asyncio.wait_for(read_response(reader), 10)
@@ -225,11 +226,14 @@ async def test_websocket_upgrade_works() -> None:
         return ws
 
     app.router.add_get("/ws", ws_echo)
-    async with served_runner(app) as port, aiohttp.ClientSession() as session:
-        async with session.ws_connect(f"http://127.0.0.1:{port}/ws") as ws:
-            for word in ("a", "bc" * 50_000):
-                await ws.send_str(word)
-                assert (await ws.receive(timeout=10)).data == word.upper()
+    async with (
+        served_runner(app) as port,
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"http://127.0.0.1:{port}/ws") as ws,
+    ):
+        for word in ("a", "bc" * 50_000):
+            await ws.send_str(word)
+            assert (await ws.receive(timeout=10)).data == word.upper()
     assert app[bpa.RECEIVE_KEY].passthrough == 1
     await assert_drained(pool)
 
@@ -309,7 +313,7 @@ async def test_stalled_body_gets_408_with_defaults() -> None:
         async with session.post(f"http://127.0.0.1:{port}/upload", data=body) as resp:
             assert resp.status == 200 and (await resp.json())["size"] == len(body)
         for reader in (silent_r, trickle_r):
-            status, headers, text = await asyncio.wait_for(read_response(reader), 20)
+            status, _headers, text = await asyncio.wait_for(read_response(reader), 20)
             assert status == 408
             assert b"body_timeout=5.0" in text and b"500 bytes/s" in text
             assert await asyncio.wait_for(reader.read(), 10) == b""  # connection closed
@@ -373,9 +377,12 @@ async def test_self_test_falls_back_when_an_internal_is_missing(
     monkeypatch.delattr(BaseProtocol, "_pause_reading_for_buffer")
     app, pool = fast_app()
     with caplog.at_level(logging.WARNING, logger="bufpool.aiohttp"):
-        async with served_runner(app) as port, aiohttp.ClientSession() as session:
-            async with session.post(f"http://127.0.0.1:{port}/upload", data=b"abc") as resp:
-                assert resp.status == 200 and (await resp.json())["size"] == 3
+        async with (
+            served_runner(app) as port,
+            aiohttp.ClientSession() as session,
+            session.post(f"http://127.0.0.1:{port}/upload", data=b"abc") as resp,
+        ):
+            assert resp.status == 200 and (await resp.json())["size"] == 3
     state = app[bpa.RECEIVE_KEY]
     assert state.active is False and "_pause_reading_for_buffer" in state.reason
     lines = [r for r in caplog.records if "zero_copy_receive is off" in r.getMessage()]
@@ -388,7 +395,10 @@ async def test_off_by_default() -> None:
     pool = make_pool()
     app = make_app(pool)
     assert bpa.RECEIVE_KEY not in app
-    async with served_runner(app) as port, aiohttp.ClientSession() as session:
-        async with session.post(f"http://127.0.0.1:{port}/upload", data=b"abc") as resp:
-            assert resp.status == 200
+    async with (
+        served_runner(app) as port,
+        aiohttp.ClientSession() as session,
+        session.post(f"http://127.0.0.1:{port}/upload", data=b"abc") as resp,
+    ):
+        assert resp.status == 200
     await assert_drained(pool)

@@ -141,9 +141,9 @@ async def _exchange(port: int, data: bytes) -> list[tuple[int, bytes]]:
                 while chunk := await reader.read(65536):
                     chunks.append(chunk)
         except ConnectionResetError:
-            return _responses(b"".join(chunks)) + [(-2, b"reset")]
+            return [*_responses(b"".join(chunks)), (-2, b"reset")]
         except TimeoutError:
-            return _responses(b"".join(chunks)) + [(-3, b"no EOF within 20 s")]
+            return [*_responses(b"".join(chunks)), (-3, b"no EOF within 20 s")]
         return _responses(b"".join(chunks))
     finally:
         writer.close()

@@ -152,7 +152,8 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
     on the wrapped ``RequestHandler`` (which runs them as usual)."""
 
     __slots__ = (
-        "_batch", "_body", "_ctx", "_discard_left", "_fwd_left", "_fwd_payload", "_handler", "_into_slot",
+        "_batch", "_body", "_ctx", "_discard_left", "_fwd_left", "_fwd_payload", "_handler",
+        "_into_slot",
         "_live", "_mark", "_parser", "_paused", "_pending", "_scan", "_state", "_stream_paused",
         "_timer", "_transport", "_waiting", "slots",
     )
@@ -212,7 +213,8 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         if self._state == DEAD and self._transport is not None:
             self._transport.close()  # the lingering close is over: the peer ended its side
             return True
-        return self._handler.eof_received()
+        self._handler.eof_received()
+        return None
 
     def pause_writing(self) -> None:
         self._handler.pause_writing()
@@ -474,7 +476,9 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         parser with the handler's limits answers; only asked on the way to PASSTHROUGH."""
         handler = self._handler
         probe = HttpRequestParser(
-            _NullFlow(), self._ctx.loop, self._ctx.limit,
+            _NullFlow(),  # type: ignore[arg-type]
+            self._ctx.loop,
+            self._ctx.limit,
             max_line_size=handler.max_line_size,
             max_field_size=handler.max_field_size,
             max_headers=handler.max_headers,
