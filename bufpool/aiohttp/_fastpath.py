@@ -109,7 +109,8 @@ class _Context:
     """Shared by one server's connections (one event loop)."""
 
     __slots__ = (
-        "largest", "limit", "loop", "max_body", "options", "scratch", "slots", "state",
+        "largest", "limit", "loop", "max_body", "options", "scratch", "scratch_buf", "slots",
+        "state", "sweep", "timed",
     )
 
     def __init__(
@@ -123,7 +124,23 @@ class _Context:
         self.max_body = settings.max_body_size
         self.limit = limit
         self.loop = loop
-        self.scratch = memoryview(bytearray(SCRATCH_SIZE))
+        self.scratch_buf = bytearray(SCRATCH_SIZE)
+        self.scratch = memoryview(self.scratch_buf)
+        #: Connections with a body under way, checked by one sweep per body_timeout.
+        self.timed: set[ZeroCopyProtocol] = set()
+        self.sweep: asyncio.TimerHandle | None = None
+
+    def watch(self, conn: ZeroCopyProtocol) -> None:
+        self.timed.add(conn)
+        if self.sweep is None:
+            self.sweep = self.loop.call_later(self.options.body_timeout, self._sweep)
+
+    def _sweep(self) -> None:
+        self.sweep = None
+        for conn in list(self.timed):
+            conn._check()
+        if self.timed:
+            self.sweep = self.loop.call_later(self.options.body_timeout, self._sweep)
 
 
 class ZeroCopyServer(Server):
@@ -186,8 +203,8 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         self._paused = False  # paused by this protocol (slot wait, verify, stream backlog)
         self._stream_paused = False
         self._waiting: set[asyncio.Task[None]] = set()
-        self._timer: asyncio.TimerHandle | None = None
-        self._mark = 0
+        self._timer = False  # under the server's body sweep
+        self._mark: int | None = None
 
     # ------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -256,8 +273,44 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
                 self._want_slot(body)
         elif state == PASSTHROUGH:
             self._handler.data_received(bytes(data))
+        elif state == HEAD and not self._pending and self._head_then_body(data, nbytes):
+            return
         elif state != DEAD:
             self._feed(bytes(data))
+
+    def _head_then_body(self, data: memoryview, nbytes: int) -> bool:
+        """The common read: one whole head and the start of its fast-path body, nothing
+        after it.  Handled in the scratch buffer (no copy of the read); False: let ``_feed``
+        do it."""
+        end = self._ctx.scratch_buf.find(_CRLF2, 0, nbytes)
+        if end < 0:
+            return False
+        end += 4
+        if nbytes > end:
+            # Only when the body takes all the rest (else pipelined bytes follow: _feed).
+            raw = self._ctx.scratch_buf.find(b"\r\nContent-Length:", 0, end)
+            if raw < 0:
+                return False
+            stop = self._ctx.scratch_buf.find(b"\r", raw + 17, end)
+            try:
+                declared = int(self._ctx.scratch_buf[raw + 17 : stop])
+            except ValueError:
+                return False
+            if declared < nbytes - end:
+                return False
+        self._batch = []
+        i = self._start_message(data, 0, end)
+        self._batch = None
+        if i < nbytes and self._state == BODY:
+            body = self._body
+            assert body is not None
+            if body.bytes_arrived(data[i:nbytes]):
+                self._body_arrived()
+            if body.needs_slot:
+                self._want_slot(body)
+        elif i < nbytes:
+            self._feed(bytes(data[i:nbytes]))
+        return True
 
     # ------------------------------------------------------------ the byte stream
     def _feed(self, data: bytes) -> None:
@@ -557,7 +610,7 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
     # Calls from ReceivedBody.
     def body_wanted(self, body: ReceivedBody) -> None:
         """A handler waits for ``body`` (an Expect: 100-continue body starts its deadline)."""
-        if body is self._body and self._timer is None:
+        if body is self._body and not self._timer:
             self._start_timer()
 
     def body_streaming(self, body: ReceivedBody) -> None:
@@ -575,19 +628,21 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------ body deadline
     def _start_timer(self) -> None:
-        self._stop_timer()
-        self._mark = 0
-        self._timer = self._ctx.loop.call_later(self._ctx.options.body_timeout, self._check)
+        """Put this connection under the server's body sweep (no timer per request)."""
+        self._mark = None
+        if not self._timer:
+            self._timer = True
+            self._ctx.watch(self)
 
     def _stop_timer(self) -> None:
-        timer = self._timer
-        if timer is not None:
-            timer.cancel()
-            self._timer = None
+        if self._timer:
+            self._timer = False
+            self._ctx.timed.discard(self)
 
     def _check(self) -> None:
-        """Every ``body_timeout`` seconds: did the body bring ``min_body_rate`` bytes/s?"""
-        self._timer = None
+        """Called by the sweep every ``body_timeout`` seconds: did the body bring
+        ``min_body_rate`` bytes/s since the previous sweep?  (A body gets at least one full
+        period: it fails between one and two ``body_timeout`` after it stalled.)"""
         state = self._state
         opts = self._ctx.options
         if state == BODY:
@@ -597,11 +652,17 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         elif state == DISCARD:
             got = -self._discard_left
         else:
+            self._stop_timer()
             return
-        if self._paused or got - self._mark >= max(1, opts.min_body_rate * opts.body_timeout):
+        mark = self._mark
+        if (
+            mark is None
+            or self._paused
+            or got - mark >= max(1, opts.min_body_rate * opts.body_timeout)
+        ):
             self._mark = got  # progress (or we held it back ourselves): next period
-            self._timer = self._ctx.loop.call_later(opts.body_timeout, self._check)
             return
+        self._stop_timer()
         self._ctx.state.timeouts += 1
         if state == DISCARD:
             self._handler.force_close()
