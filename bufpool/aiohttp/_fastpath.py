@@ -163,6 +163,10 @@ DEAD: Final = 6  # failed; the connection closes after the response
 
 _CRLF2: Final = b"\r\n\r\n"
 
+#: What the stream-processing methods accept: a read's bytes, the pending head, or a view
+#: of the scratch buffer.
+_Buf = bytes | bytearray | memoryview
+
 
 class ZeroCopyProtocol(asyncio.BufferedProtocol):
     """One connection: receives heads into scratch and bodies into slots, queues requests
@@ -376,7 +380,7 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
             pending += buf[i:]
             self._scan = max(0, self._scan - i)
 
-    def _start_message(self, buf: bytes | bytearray, start: int, end: int) -> int:
+    def _start_message(self, buf: _Buf, start: int, end: int) -> int:
         """A complete head is ``buf[start:end]``: route its request; returns where the next
         bytes of the stream start."""
         head = bytes(buf[start:end])
@@ -450,7 +454,7 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         if not handler._buffer_paused and len(handler._messages) >= handler._max_msg_queue_size:
             handler._pause_reading_for_buffer()
 
-    def _forward(self, buf: bytes | bytearray, i: int, k: int) -> int:
+    def _forward(self, buf: _Buf, i: int, k: int) -> int:
         """Feed ``k`` bytes of a known-length message to aiohttp's parser."""
         handler = self._handler
         first = self._fwd_payload is None
@@ -492,7 +496,7 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
             self._scan = 0
             self._feed(data)
 
-    def _passthrough(self, buf: bytes | bytearray, i: int) -> int:
+    def _passthrough(self, buf: _Buf, i: int) -> int:
         """Hand the stream from ``buf[i:]`` on to aiohttp's parser, for good.
 
         aiohttp parses each read as a whole: a parse error anywhere in it drops the requests
@@ -524,7 +528,7 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
             self._handler.data_received(bytes(buf[i:]))
         return len(buf)
 
-    def _parse_fails(self, rest: bytes | bytearray) -> bool:
+    def _parse_fails(self, rest: _Buf) -> bool:
         """Would aiohttp's parser raise on ``rest`` (from a message boundary)?  A throwaway
         parser with the handler's limits answers; only asked on the way to PASSTHROUGH."""
         handler = self._handler
