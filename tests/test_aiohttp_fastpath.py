@@ -402,3 +402,4 @@ async def test_off_by_default() -> None:
     ):
         assert resp.status == 200
     await assert_drained(pool)
+
