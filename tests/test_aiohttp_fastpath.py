@@ -70,6 +70,17 @@ def post(path: str, body: bytes, extra: str = "") -> bytes:
     ).encode() + body
 
 
+def chunked(path: str, body: bytes, rng: random.Random) -> bytes:
+    out = [f"POST {path} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n".encode()]
+    pos = 0
+    while pos < len(body):
+        k = rng.randrange(1, 200_000)
+        out.append(b"%x\r\n" % len(body[pos : pos + k]) + body[pos : pos + k] + b"\r\n")
+        pos += k
+    out.append(b"0\r\n\r\n")
+    return b"".join(out)
+
+
 def digest(body: bytes) -> dict[str, Any]:
     return {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
 
@@ -85,7 +96,12 @@ async def test_bodies_byte_exact_in_random_splits() -> None:
     async with served_runner(app) as port:
         reader, writer = await raw_connect(port)
         bodies = [rng.randbytes(n) for n in sizes]
-        stream = b"".join(post("/upload", b) for b in bodies)
+        # Every third body chunked (random chunk sizes): aiohttp's parser takes it, and the
+        # next request is back on the fast path.
+        stream = b"".join(
+            chunked("/upload", b, rng) if k % 3 == 2 else post("/upload", b)
+            for k, b in enumerate(bodies)
+        )
         pos = 0
 
         async def send() -> None:
@@ -106,7 +122,9 @@ async def test_bodies_byte_exact_in_random_splits() -> None:
         writer.close()
     state = app[bpa.RECEIVE_KEY]
     assert state.active is True
-    assert state.fast == len(sizes) and state.passthrough == 0
+    n_chunked = len(sizes) // 3
+    assert (state.fast, state.forwarded, state.passthrough) == (
+        len(sizes) - n_chunked, n_chunked, 0)
     await assert_drained(pool)
 
 
@@ -199,7 +217,7 @@ async def test_compressed_body_normal_path_then_fast_again() -> None:
     await assert_drained(pool)
 
 
-async def test_chunked_body_on_aiohttp_parser() -> None:
+async def test_chunked_body_on_aiohttp_parser_then_fast_again() -> None:
     app, pool = fast_app()
     async with served_runner(app) as port:
         reader, writer = await raw_connect(port)
@@ -212,6 +230,27 @@ async def test_chunked_body_on_aiohttp_parser() -> None:
         status, _, got = await asyncio.wait_for(read_response(reader), 10)
         assert status == 200 and json.loads(got)["size"] == 4
         writer.close()
+    state = app[bpa.RECEIVE_KEY]
+    assert (state.forwarded, state.fast, state.passthrough) == (1, 1, 0)  # back on the fast path
+    await assert_drained(pool)
+
+
+async def test_chunk_extension_keeps_connection_on_aiohttp_parser() -> None:
+    """A chunk extension is outside what the scanner accepts: aiohttp's parser keeps the
+    connection for good (answers still right)."""
+    app, pool = fast_app()
+    async with served_runner(app) as port:
+        reader, writer = await raw_connect(port)
+        writer.write(
+            b"POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5;ext=1\r\nhello\r\n0\r\n\r\n" + post("/upload", b"next")
+        )
+        for size in (5, 4):
+            status, _, got = await asyncio.wait_for(read_response(reader), 10)
+            assert status == 200 and json.loads(got)["size"] == size
+        writer.close()
+    state = app[bpa.RECEIVE_KEY]
+    assert (state.forwarded, state.fast, state.passthrough) == (1, 0, 1)
     await assert_drained(pool)
 
 

@@ -173,8 +173,8 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
     on the wrapped ``RequestHandler`` (which runs them as usual)."""
 
     __slots__ = (
-        "_batch", "_body", "_ctx", "_discard_left", "_fwd_left", "_fwd_payload", "_handler",
-        "_into_slot",
+        "_batch", "_body", "_chunks", "_ctx", "_discard_left", "_fwd_left", "_fwd_payload",
+        "_handler", "_into_slot",
         "_live", "_mark", "_parser", "_paused", "_pending", "_scan", "_state", "_stream_paused",
         "_timer", "_transport", "_waiting", "slots",
     )
@@ -202,6 +202,7 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         self._into_slot = False
         self._fwd_left = 0
         self._fwd_payload: Any = None
+        self._chunks: _ChunkScanner | None = None
         self._discard_left = 0
         self._transport: asyncio.Transport | None = None
         self._paused = False  # paused by this protocol (slot wait, verify, stream backlog)
@@ -356,7 +357,17 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
                 if body.needs_slot:
                     self._want_slot(body)
             elif state == FORWARD:
-                k = min(self._fwd_left, n - i)
+                chunks = self._chunks
+                if chunks is None:
+                    k = min(self._fwd_left, n - i)
+                else:
+                    try:
+                        stop, done = chunks.scan(buf, i, n)
+                    except ValueError:
+                        i = self._passthrough(buf, i)
+                        continue
+                    k = stop - i
+                    self._fwd_left = k if done else k + 1  # _forward ends the message iff done
                 i = self._forward(buf, i, k)
             elif state == DISCARD:
                 k = min(self._discard_left, n - i)
@@ -394,13 +405,25 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
             return self._passthrough(buf, start)
         msg = messages[0][0]
         headers = msg.headers
-        if (
-            msg.should_close  # aiohttp refuses bytes after it in the same read: its parser judges
-            or msg.upgrade
-            or msg.method == hdrs.METH_CONNECT
-            or msg.chunked
-            or hdrs.TRANSFER_ENCODING in headers
-        ):
+        if msg.should_close or msg.upgrade or msg.method == hdrs.METH_CONNECT:
+            # (after Connection: close aiohttp refuses any byte in the same read)
+            return self._passthrough(buf, start)
+        te = headers.get(hdrs.TRANSFER_ENCODING)
+        if te is not None or msg.chunked:
+            if (
+                msg.chunked
+                and te is not None
+                and te.strip().lower() == "chunked"
+                and hdrs.CONTENT_LENGTH not in headers
+            ):
+                # aiohttp's parser takes it; the fast path resumes after a plainly framed
+                # body (see _ChunkScanner), else stays off on this connection.
+                self._state = FORWARD
+                self._fwd_payload = None
+                self._fwd_left = 1
+                self._chunks = _ChunkScanner(end - start)
+                self._ctx.state.forwarded += 1
+                return start
             return self._passthrough(buf, start)
         raw = headers.get(hdrs.CONTENT_LENGTH)
         try:
@@ -419,6 +442,7 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
             self._state = FORWARD
             self._fwd_left = end - start + length
             self._fwd_payload = None
+            self._chunks = None
             self._ctx.state.forwarded += 1
             return start
         self._ctx.state.fast += 1
@@ -698,6 +722,69 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
             handler.close()
 
     # DEAD connections keep reading (and dropping) until the lingering close ends them.
+
+
+class _ChunkScanner:
+    """Finds where a chunked message ends, for plainly framed bodies only.
+
+    Accepts hex sizes (1-16 digits) each ended by CRLF, data, CRLF, and a last ``0`` chunk
+    followed directly by CRLF.  Anything else -- extensions, trailers, whitespace, bare LF --
+    raises ValueError: the connection then stays on aiohttp's parser.  Being stricter than
+    llhttp, where it finds an end llhttp finds the same one.  O(bytes); keeps at most one
+    size line (18 bytes).
+    """
+
+    __slots__ = ("left", "line", "state")
+
+    SKIP, SIZE, DATA, DATA_END, LAST = range(5)
+
+    def __init__(self, head: int) -> None:
+        self.state = self.SKIP
+        self.left = head  # head bytes to pass over first
+        self.line = bytearray()
+
+    def scan(self, buf: bytes | bytearray, i: int, n: int) -> tuple[int, bool]:
+        """Consume ``buf[i:n]``; returns (index after what belongs to the message, done)."""
+        while i < n:
+            state = self.state
+            if state == self.SKIP or state == self.DATA:
+                k = min(self.left, n - i)
+                i += k
+                self.left -= k
+                if not self.left:
+                    self.state = self.SIZE if state == self.SKIP else self.DATA_END
+                    self.left = 2
+            elif state == self.SIZE:
+                j = buf.find(b"\n", i, n)
+                stop = n if j < 0 else j + 1
+                self.line += buf[i:stop]
+                i = stop
+                if len(self.line) > 18:
+                    raise ValueError("chunk size line too long")
+                if j < 0:
+                    continue
+                line = bytes(self.line)
+                self.line.clear()
+                digits = line[:-2]
+                if (
+                    not line.endswith(b"\r\n")
+                    or not digits
+                    or digits.strip(b"0123456789abcdefABCDEF")
+                ):
+                    raise ValueError("not a plain chunk size line")
+                size = int(digits, 16)
+                self.state = self.DATA if size else self.LAST
+                self.left = size if size else 2
+            else:  # DATA_END or LAST: exactly CRLF
+                if buf[i] != b"\r\n"[2 - self.left]:
+                    raise ValueError("chunk not ended by CRLF")
+                i += 1
+                self.left -= 1
+                if not self.left:
+                    if state == self.LAST:
+                        return i, True
+                    self.state = self.SIZE
+        return n, False
 
 
 class _NullFlow:
