@@ -442,3 +442,29 @@ async def test_off_by_default() -> None:
         assert resp.status == 200
     await assert_drained(pool)
 
+
+
+async def test_queued_bodies_released_when_client_leaves() -> None:
+    """Twelve pipelined requests with complete bodies queued behind a slow handler, then the
+    client disconnects: every queued body's slots go back (none was ever read)."""
+    app, pool = fast_app()
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        entered.set()
+        await gate.wait()
+        return web.Response(text="late")
+
+    app.router.add_post("/slow", slow)
+    async with served_runner(app) as port:
+        _, writer = await raw_connect(port)
+        writer.write(post("/slow", b"s" * 1000) + post("/ignore", b"i" * 70_000) * 12)
+        await writer.drain()
+        await asyncio.wait_for(entered.wait(), 10)
+        assert await wait_for(lambda: app[bpa.RECEIVE_KEY].fast == 13)
+        assert pool.stats().in_use >= 12
+        writer.transport.abort()
+        await asyncio.sleep(0)
+        gate.set()
+    await assert_drained(pool)

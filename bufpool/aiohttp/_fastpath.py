@@ -456,7 +456,7 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         body = ReceivedBody(self, length, ctx.largest, ctx.limit, ctx.loop)
         live = self._live
         if len(live) >= 8:
-            live[:] = [b for b in live if not b.taken and not b.is_eof()]
+            live[:] = [b for b in live if b.holds]
         live.append(body)
         self._body = body
         self._state = BODY

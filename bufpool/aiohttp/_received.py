@@ -276,6 +276,11 @@ class ReceivedBody(StreamReader):
         return LeaseChain(leases)
 
     @property
+    def holds(self) -> bool:
+        """True while this body may still hold slots (nobody took or streamed it yet)."""
+        return self._mode == HELD
+
+    @property
     def taken(self) -> bool:
         return self._mode == TAKEN
 
