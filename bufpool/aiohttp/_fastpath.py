@@ -683,9 +683,13 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
             self._stop_timer()
             return
         mark = self._mark
+        handler = self._handler
         if (
             mark is None
-            or self._paused
+            or self._paused  # held back by the server (slot wait): not the client's doing
+            or self._stream_paused  # the handler reads slower than the client sends
+            or handler._reading_paused
+            or handler._buffer_paused
             or got - mark >= max(1, opts.min_body_rate * opts.body_timeout)
         ):
             self._mark = got  # progress (or we held it back ourselves): next period

@@ -314,6 +314,7 @@ class ReceivedBody(StreamReader):
 
     async def _wait(self, func_name: str) -> None:
         if self._mode == HELD:
+            self._conn.body_wanted(self)  # an Expect: 100-continue body's clock starts
             self._to_stream()
             if self._buffer or self._eof:
                 return
