@@ -158,6 +158,7 @@ async def test_same_answers_as_plain_aiohttp() -> None:
             got = await _exchange(fast_port, data)
             if want != got:
                 differences[name] = (want, got)
+            await assert_drained(pool)  # every case gives its slots back
     assert not differences, differences
     state = fast[bpa.RECEIVE_KEY]
     assert state.active is True
