@@ -23,6 +23,9 @@ an aiohttp user writes without bufpool):
 ``GET /bufpool/stats``      pool stats JSON (Prometheus text on ``Accept: text/plain``); 404
                             without the pool
 
+Pool mode receives request bodies straight into pool slots (``zero_copy_receive``; env
+``BUFPOOL_APP_ZERO_COPY_RECEIVE=0`` turns that off).
+
 Body over ``--max-body-size`` -> 413; pool budget exhausted after the acquire timeout -> 503
 with Retry-After; malformed or truncated upload -> 400.
 """

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
@@ -98,7 +98,6 @@ class ReceiveState:
     passthrough: int = 0
     #: Bodies failed by the deadline (408).
     timeouts: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 #: ``app[RECEIVE_KEY]``: the ReceiveState of an application set up with zero_copy_receive.
