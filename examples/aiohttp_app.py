@@ -23,6 +23,9 @@ an aiohttp user writes without bufpool):
 ``GET /bufpool/stats``      pool stats JSON (Prometheus text on ``Accept: text/plain``); 404
                             without the pool
 
+Pool mode receives request bodies straight into pool slots (``zero_copy_receive``; env
+``BUFPOOL_APP_ZERO_COPY_RECEIVE=0`` turns that off).
+
 Body over ``--max-body-size`` -> 413; body stalled, too slow, or preempted under memory
 pressure -> 408; no memory within the acquire timeout (60 s by default) -> 503 with
 Retry-After; malformed or truncated upload -> 400.
@@ -162,6 +165,11 @@ async def plain_bytes(request: web.Request) -> web.Response:
 
 
 # ---------------------------------------------------------------- app
+def _env_flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    return default if raw is None else raw.strip().lower() not in ("0", "false", "no", "")
+
+
 def create_app(
     *,
     pooled: bool = True,
@@ -178,6 +186,8 @@ def create_app(
             max_body_size=max_body_size,
             stats_path="/bufpool/stats",
             prometheus_path="/bufpool/metrics",
+            # Bodies received straight into pool slots (env BUFPOOL_APP_ZERO_COPY_RECEIVE=0: off).
+            zero_copy_receive=_env_flag("BUFPOOL_APP_ZERO_COPY_RECEIVE", True),
         )
         upload, echo, process, nbytes = pooled_upload, pooled_echo, pooled_process, pooled_bytes
     else:
@@ -192,7 +202,7 @@ def create_app(
 
 async def app_factory() -> web.Application:
     """For gunicorn's aiohttp workers; env ``BUFPOOL_APP_POOLED=0`` turns the pool off."""
-    pooled = os.environ.get("BUFPOOL_APP_POOLED", "1").strip() not in ("0", "false", "no", "")
+    pooled = _env_flag("BUFPOOL_APP_POOLED", True)
     max_body = int(os.environ.get("BUFPOOL_APP_MAX_BODY_SIZE", DEFAULT_MAX_BODY_SIZE))
     pool_max = int(os.environ.get("BUFPOOL_APP_POOL_MAX_BYTES", DEFAULT_POOL_MAX_BYTES))
     return create_app(pooled=pooled, max_body_size=max_body, pool_max_bytes=pool_max)

@@ -23,6 +23,7 @@ from ._admission import AdmissionStats, BodyCut
 from ._body import PooledBody, read_body
 from ._endpoint import PROMETHEUS_CONTENT_TYPE
 from ._errors import BodyAlreadyRead, BodyNotContiguous, NotSetUp
+from ._fastpath import RECEIVE_KEY, ReceiveOptions, ReceiveState
 from ._headers import SUPPORTED as HEADER_REUSE_SUPPORTED
 from ._headers import HeaderMaps
 from ._lifetime import RequestLeases, middleware, owner_of
@@ -58,6 +59,7 @@ __all__ = [
     "HEADER_REUSE_SUPPORTED",
     "POOL_KEY",
     "PROMETHEUS_CONTENT_TYPE",
+    "RECEIVE_KEY",
     "SETTINGS_KEY",
     "AdmissionStats",
     "BodyAlreadyRead",
@@ -67,6 +69,8 @@ __all__ = [
     "NotSetUp",
     "PooledBody",
     "PooledResponse",
+    "ReceiveOptions",
+    "ReceiveState",
     "RequestLeases",
     "Settings",
     "admission_stats",

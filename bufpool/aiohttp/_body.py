@@ -46,6 +46,7 @@ from ._admission import (
     slot_bytes,
 )
 from ._errors import BodyAlreadyRead, BodyNotContiguous
+from ._fastpath import received_body
 from ._lifetime import RequestLeases, owner_of
 from ._settings import Settings
 
@@ -179,6 +180,19 @@ async def read_body(request: web.Request) -> PooledBody:
             "before bufpool.aiohttp.read_body(); read it with read_body() only"
         )
     settings = owner.settings
+    if not request.body_exists:
+        # No body at all (aiohttp's shared EMPTY_PAYLOAD): its readchunk() flips to
+        # (b"", True) for good after the first call in the process, which made
+        # _read_streamed spin forever on a later bodiless POST.
+        owner.body = body = PooledBody(None, request)
+        return body
+    received = received_body(request)  # already in slots (zero_copy_receive)
+    if received is not None and not received.streaming:
+        owned = await received.take()  # no copy: the slots the kernel wrote into
+        if owned is not None:
+            owner.items.append(owned)
+        owner.body = body = PooledBody(owned, request)
+        return body
     headers = request.headers
     raw = headers.get(hdrs.CONTENT_LENGTH)  # validated by aiohttp's parser
     length = int(raw) if raw is not None else None

@@ -20,6 +20,8 @@ from .._pool import BufferPool
 from ._admission import Admission, AdmissionStats, slot_bytes
 from ._endpoint import stats_handler
 from ._errors import NotSetUp
+from ._fastpath import ReceiveOptions
+from ._fastpath import install as install_receive
 from ._headers import SUPPORTED as HEADER_REUSE_SUPPORTED
 from ._headers import HeaderMaps
 from ._lifetime import HANDLER_CODE, make_middleware
@@ -70,6 +72,7 @@ def setup(
     stats_path: str | None = None,
     prometheus_path: str | None = None,
     reuse_headers: bool = False,
+    zero_copy_receive: bool | ReceiveOptions = False,
 ) -> BufferPool:
     """Install bufpool on ``app`` and return its pool.  Sizes in bytes, times in seconds.
 
@@ -114,6 +117,11 @@ def setup(
         Recycle response header maps of ``pooled_response`` across requests (see
         ``_headers``).  Off by default: measured slower than fresh maps on aiohttp 3.14.5 /
         multidict 7.2.1 (``bench/bench_headers.py``).
+    zero_copy_receive
+        True (or a ``ReceiveOptions``) receives plain Content-Length bodies straight into
+        pool slots (``_fastpath``; ``read_body`` then takes them without a copy); every other
+        request takes aiohttp's normal path.  Needs this ``app`` to be the one the runner
+        serves; checks aiohttp's internals at startup and logs one line if it stays off.
     """
     if not isinstance(max_body_size, int) or max_body_size < 0:
         raise ValueError(f"max_body_size must be a non-negative int (bytes), got {max_body_size!r}")
@@ -186,6 +194,9 @@ def setup(
     )
     if middleware or HANDLER_CODE is None:
         app.middlewares.insert(0, make_middleware(settings))
+    if zero_copy_receive:  # kernel-to-slot receive path (see _fastpath)
+        options = zero_copy_receive if isinstance(zero_copy_receive, ReceiveOptions) else None
+        install_receive(app, settings, options or ReceiveOptions())
     app.cleanup_ctx.append(_lifecycle)
     if stats_path is not None:
         app.router.add_get(stats_path, stats_handler(), name="bufpool-stats")

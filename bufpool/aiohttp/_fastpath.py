@@ -1,0 +1,820 @@
+"""Zero-copy receive for aiohttp: request bodies written by the kernel into pool slots.
+
+``ZeroCopyProtocol`` is an ``asyncio.BufferedProtocol`` that *wraps* aiohttp's
+``RequestHandler`` (uvloop calls ``get_buffer`` only on protocols that are not
+``asyncio.Protocol`` instances, and ``RequestHandler`` is one).  Per request:
+
+* The head is received into a small per-server scratch buffer, its end found at the first
+  ``CRLF CRLF``, and exactly those bytes parsed by aiohttp's own ``HttpRequestParser`` built
+  with ``response_with_body=False`` (same limits as the handler's parser; llhttp then ends the
+  message at the head).
+* A plain Content-Length body (no Transfer-Encoding, Content-Encoding, Upgrade/CONNECT,
+  Expect other than ``100-continue``, within ``max_body_size``) gets a ``ReceivedBody``: the
+  message is queued on the handler at once (as aiohttp does), and ``get_buffer`` returns the
+  free part of the body's current slot, leased one slot at a time as room is needed.
+* Every other request goes through the handler's own parser, byte for byte: with a known
+  length (Content-Encoding, other Expect, oversize) the bytes up to its end are fed to
+  ``handler.data_received`` and the fast path resumes once that parser completed the message;
+  chunked, upgrades, parse errors, bare LF and heads longer than ``max_head_size`` hand the
+  rest of the connection to it (``PASSTHROUGH``).  Answers are therefore aiohttp's own.
+
+Deadline: a body (or the rest of an abandoned one) must bring ``min_body_rate`` bytes/s over
+each ``body_timeout`` seconds, else 408 (and the connection closes).  Bounds: O(bytes) work;
+head search resumes where it stopped (no rescans); memory per connection: the partial head
+(at most ``max_head_size``) and, per body, what arrived plus one slot.
+
+aiohttp internals used are listed and checked in ``_compat`` at startup; when any is missing
+or behaves differently the server runs aiohttp's normal path and logs one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import hdrs, web
+from aiohttp.http import HttpProcessingError, HttpRequestParser
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
+from aiohttp.web_server import Server
+
+from ._chunked import ChunkScanner
+from ._compat import check_internals
+from ._received import PoolSlots, ReceivedBody, SlotSource
+from ._settings import Settings
+
+__all__ = [
+    "RECEIVE_KEY",
+    "ReceiveOptions",
+    "ReceiveState",
+    "ZeroCopyProtocol",
+    "install",
+    "received_body",
+]
+
+log = logging.getLogger("bufpool.aiohttp")
+
+#: Bytes of the per-server scratch buffer heads (and bytes behind them) are received into.
+SCRATCH_SIZE: Final = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiveOptions:
+    """Knobs of the zero-copy receive path.  Times in seconds, sizes in bytes."""
+
+    #: Each period of this many seconds a body must bring ``min_body_rate * body_timeout``
+    #: bytes (a silent body fails after one period), else 408.
+    body_timeout: float = 5.0
+    #: Bytes per second a body must average over each ``body_timeout`` period.
+    min_body_rate: int = 500
+    #: Longest head searched for its end; longer heads go to aiohttp's parser, which applies
+    #: its own limits (max_line_size, max_field_size, max_headers).
+    max_head_size: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        if not self.body_timeout > 0:
+            raise ValueError(f"body_timeout must be > 0 seconds, got {self.body_timeout!r}")
+        if self.min_body_rate < 0:
+            raise ValueError(f"min_body_rate must be >= 0 bytes/s, got {self.min_body_rate!r}")
+        if self.max_head_size < 1024:
+            raise ValueError(f"max_head_size must be >= 1024 bytes, got {self.max_head_size!r}")
+
+
+@dataclass(slots=True)
+class ReceiveState:
+    """Whether the fast path runs for this application, and what it did (counters)."""
+
+    options: ReceiveOptions
+    #: None until the server is built; then True, or False with ``reason``.
+    active: bool | None = None
+    reason: str = ""
+    #: Requests whose body (or lack of one) went the fast path.
+    fast: int = 0
+    #: Requests fed to aiohttp's parser with a known end (the fast path resumed after).
+    forwarded: int = 0
+    #: Connections handed to aiohttp's parser for good (chunked, upgrade, parse error ...).
+    passthrough: int = 0
+    #: Bodies failed by the deadline (408).
+    timeouts: int = 0
+
+
+#: ``app[RECEIVE_KEY]``: the ReceiveState of an application set up with zero_copy_receive.
+RECEIVE_KEY: Final = web.AppKey("bufpool.aiohttp.receive", ReceiveState)
+
+
+class _Context:
+    """Shared by one server's connections (one event loop)."""
+
+    __slots__ = (
+        "largest", "limit", "loop", "max_body", "options", "scratch", "scratch_buf", "slots",
+        "state", "sweep", "timed",
+    )
+
+    def __init__(
+        self, settings: Settings, state: ReceiveState, slots: SlotSource, limit: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.state = state
+        self.options = state.options
+        self.slots = slots
+        self.largest = settings.largest
+        self.max_body = settings.max_body_size
+        self.limit = limit
+        self.loop = loop
+        self.scratch_buf = bytearray(SCRATCH_SIZE)
+        self.scratch = memoryview(self.scratch_buf)
+        #: Connections with a body under way, checked by one sweep per body_timeout.
+        self.timed: set[ZeroCopyProtocol] = set()
+        self.sweep: asyncio.TimerHandle | None = None
+
+    def watch(self, conn: ZeroCopyProtocol) -> None:
+        self.timed.add(conn)
+        if self.sweep is None:
+            self.sweep = self.loop.call_later(self.options.body_timeout, self._sweep)
+
+    def _sweep(self) -> None:
+        self.sweep = None
+        for conn in list(self.timed):
+            conn._check()
+        if self.timed:
+            self.sweep = self.loop.call_later(self.options.body_timeout, self._sweep)
+
+
+class ZeroCopyServer(Server):
+    """aiohttp's ``Server`` whose protocol factory wraps each ``RequestHandler``."""
+
+    _bufpool_receive: _Context
+
+    def __call__(self) -> ZeroCopyProtocol:  # type: ignore[override]
+        return ZeroCopyProtocol(Server.__call__(self), self._bufpool_receive)
+
+
+# Connection states.
+HEAD: Final = 0  # between messages / inside a head
+BODY: Final = 1  # receiving a ReceivedBody
+FORWARD: Final = 2  # feeding one message with a known end to aiohttp's parser
+VERIFY: Final = 3  # waiting for aiohttp's parser to complete that message
+DISCARD: Final = 4  # dropping the rest of an abandoned body
+PASSTHROUGH: Final = 5  # everything goes to aiohttp's parser, for good
+DEAD: Final = 6  # failed; the connection closes after the response
+
+_CRLF2: Final = b"\r\n\r\n"
+
+#: What the stream-processing methods accept: a read's bytes, the pending head, or a view
+#: of the scratch buffer.
+_Buf = bytes | bytearray | memoryview
+
+
+class ZeroCopyProtocol(asyncio.BufferedProtocol):
+    """One connection: receives heads into scratch and bodies into slots, queues requests
+    on the wrapped ``RequestHandler`` (which runs them as usual)."""
+
+    __slots__ = (
+        "_batch", "_body", "_chunks", "_ctx", "_discard_left", "_fwd_left", "_fwd_payload",
+        "_handler", "_into_slot",
+        "_live", "_mark", "_parser", "_paused", "_pending", "_scan", "_state", "_stream_paused",
+        "_timer", "_transport", "_waiting", "slots",
+    )
+
+    def __init__(self, handler: RequestHandler, ctx: _Context) -> None:
+        self._handler = handler
+        self._ctx = ctx
+        self.slots = ctx.slots
+        self._parser = HttpRequestParser(
+            handler, ctx.loop, ctx.limit,
+            max_line_size=handler.max_line_size,
+            max_field_size=handler.max_field_size,
+            max_headers=handler.max_headers,
+            payload_exception=RequestPayloadError,
+            response_with_body=False,
+            auto_decompress=False,
+        )
+        self._state = HEAD
+        self._body: ReceivedBody | None = None
+        self._live: list[ReceivedBody] = []
+        #: (start, message, payload) queued during the current ``_feed`` (see _passthrough).
+        self._batch: list[tuple[int, Any, Any]] | None = None
+        self._pending = bytearray()
+        self._scan = 0
+        self._into_slot = False
+        self._fwd_left = 0
+        self._fwd_payload: Any = None
+        self._chunks: ChunkScanner | None = None
+        self._discard_left = 0
+        self._transport: asyncio.Transport | None = None
+        self._paused = False  # paused by this protocol (slot wait, verify, stream backlog)
+        self._stream_paused = False
+        self._waiting: set[asyncio.Task[None]] = set()
+        self._timer = False  # under the server's body sweep
+        self._mark: int | None = None
+
+    # ------------------------------------------------------------ asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        self._handler.connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._handler.connection_lost(exc)
+        self._state = DEAD
+        self._transport = None
+        self._stop_timer()
+        for task in self._waiting:
+            task.cancel()
+        lost = ConnectionResetError("Connection lost")
+        for body in self._live:
+            if not body.taken:
+                body.fail(lost)
+        self._live = []
+        self._body = None
+        self._pending = bytearray()
+
+    def eof_received(self) -> bool | None:
+        if self._state == DEAD and self._transport is not None:
+            self._transport.close()  # the lingering close is over: the peer ended its side
+            return True
+        self._handler.eof_received()
+        return None
+
+    def pause_writing(self) -> None:
+        self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._handler.resume_writing()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._state == BODY:
+            body = self._body
+            assert body is not None
+            view = body.slot_view()
+            if view is not None:
+                self._into_slot = True
+                return view
+            self._into_slot = False
+            remaining = body.remaining
+            scratch = self._ctx.scratch
+            return scratch if remaining >= len(scratch) else scratch[:remaining]
+        self._into_slot = False
+        return self._ctx.scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._into_slot:
+            self._into_slot = False
+            body = self._body
+            assert body is not None
+            if body.slot_filled(nbytes):
+                self._body_arrived()
+            return
+        state = self._state
+        data = self._ctx.scratch[:nbytes]
+        if state == BODY:
+            body = self._body
+            assert body is not None
+            if body.bytes_arrived(data):
+                self._body_arrived()
+            if body.needs_slot:
+                self._want_slot(body)
+        elif state == PASSTHROUGH:
+            self._handler.data_received(bytes(data))
+        elif state == HEAD and not self._pending and self._head_then_body(data, nbytes):
+            return
+        elif state != DEAD:
+            self._feed(bytes(data))
+
+    def _head_then_body(self, data: memoryview, nbytes: int) -> bool:
+        """The common read: one whole head and the start of its fast-path body, nothing
+        after it.  Handled in the scratch buffer (no copy of the read); False: let ``_feed``
+        do it."""
+        end = self._ctx.scratch_buf.find(_CRLF2, 0, nbytes)
+        if end < 0:
+            return False
+        end += 4
+        if nbytes > end:
+            # Only when the body takes all the rest (else pipelined bytes follow: _feed).
+            raw = self._ctx.scratch_buf.find(b"\r\nContent-Length:", 0, end)
+            if raw < 0:
+                return False
+            stop = self._ctx.scratch_buf.find(b"\r", raw + 17, end)
+            try:
+                declared = int(self._ctx.scratch_buf[raw + 17 : stop])
+            except ValueError:
+                return False
+            if declared < nbytes - end:
+                return False
+        self._batch = []
+        i = self._start_message(data, 0, end)
+        self._batch = None
+        if i < nbytes and self._state == BODY:
+            body = self._body
+            assert body is not None
+            if body.bytes_arrived(data[i:nbytes]):
+                self._body_arrived()
+            if body.needs_slot:
+                self._want_slot(body)
+        elif i < nbytes:
+            self._feed(bytes(data[i:nbytes]))
+        return True
+
+    # ------------------------------------------------------------ the byte stream
+    def _feed(self, data: bytes) -> None:
+        """Process bytes that arrived outside a slot, in order, across message boundaries."""
+        handler = self._handler
+        if handler._close or handler._force_close:
+            return  # aiohttp ignores input once closing, so do we
+        pending = self._pending
+        buf: bytes | bytearray
+        if pending:
+            pending += data
+            buf = pending
+        else:
+            buf = data
+        i = 0
+        n = len(buf)
+        self._batch = []
+        while i < n:
+            state = self._state
+            if state == HEAD:
+                end = buf.find(_CRLF2, max(i, self._scan))
+                if end < 0:
+                    if n - i > self._ctx.options.max_head_size:
+                        i = self._passthrough(buf, i)
+                    else:
+                        self._scan = max(i, n - 3)
+                    break
+                self._scan = 0
+                i = self._start_message(buf, i, end + 4)
+            elif state == BODY:
+                body = self._body
+                assert body is not None
+                k = min(body.remaining, n - i)
+                arrived = body.bytes_arrived(memoryview(buf)[i : i + k] if buf is data else
+                                             buf[i : i + k])
+                i += k
+                if arrived:
+                    self._body_arrived()
+                if body.needs_slot:
+                    self._want_slot(body)
+            elif state == FORWARD:
+                chunks = self._chunks
+                if chunks is None:
+                    k = min(self._fwd_left, n - i)
+                else:
+                    try:
+                        stop, done = chunks.scan(buf, i, n)
+                    except ValueError:
+                        i = self._passthrough(buf, i)
+                        continue
+                    k = stop - i
+                    self._fwd_left = k if done else k + 1  # _forward ends the message iff done
+                i = self._forward(buf, i, k)
+            elif state == DISCARD:
+                k = min(self._discard_left, n - i)
+                i += k
+                self._discard_left -= k
+                if not self._discard_left:
+                    self._state = HEAD
+                    self._stop_timer()
+            elif state == VERIFY:
+                self._pause(True)
+                break
+            elif state == PASSTHROUGH:
+                i = self._passthrough(buf, i)
+            else:
+                i = n
+        self._batch = None
+        if buf is pending:
+            del pending[:i]
+            self._scan = max(0, self._scan - i)
+        elif i < n:
+            pending += buf[i:]
+            self._scan = max(0, self._scan - i)
+
+    def _start_message(self, buf: _Buf, start: int, end: int) -> int:
+        """A complete head is ``buf[start:end]``: route its request; returns where the next
+        bytes of the stream start."""
+        head = bytes(buf[start:end])
+        if head.count(b"\n") != head.count(b"\r\n"):
+            return self._passthrough(buf, start)  # bare LF: aiohttp's parser judges
+        try:
+            messages, upgraded, tail = self._parser.feed_data(head)
+        except HttpProcessingError:
+            return self._passthrough(buf, start)  # same bytes, same error, same status
+        if len(messages) != 1 or upgraded or tail:
+            return self._passthrough(buf, start)
+        msg = messages[0][0]
+        headers = msg.headers
+        if msg.should_close or msg.upgrade or msg.method == hdrs.METH_CONNECT:
+            # (after Connection: close aiohttp refuses any byte in the same read)
+            return self._passthrough(buf, start)
+        te = headers.get(hdrs.TRANSFER_ENCODING)
+        if te is not None or msg.chunked:
+            if (
+                msg.chunked
+                and te is not None
+                and te.strip().lower() == "chunked"
+                and hdrs.CONTENT_LENGTH not in headers
+            ):
+                # aiohttp's parser takes it; the fast path resumes after a plainly framed
+                # body (see ChunkScanner), else stays off on this connection.
+                self._state = FORWARD
+                self._fwd_payload = None
+                self._fwd_left = 1
+                self._chunks = ChunkScanner(end - start)
+                self._ctx.state.forwarded += 1
+                return start
+            return self._passthrough(buf, start)
+        raw = headers.get(hdrs.CONTENT_LENGTH)
+        try:
+            length = 0 if raw is None else int(raw)
+        except ValueError:
+            return self._passthrough(buf, start)
+        if length < 0:
+            return self._passthrough(buf, start)
+        expect = headers.get(hdrs.EXPECT)
+        continued = expect is not None and expect.lower() == "100-continue"
+        if (
+            hdrs.CONTENT_ENCODING in headers
+            or (expect is not None and not continued)
+            or length > self._ctx.max_body
+        ):
+            self._state = FORWARD
+            self._fwd_left = end - start + length
+            self._fwd_payload = None
+            self._chunks = None
+            self._ctx.state.forwarded += 1
+            return start
+        self._ctx.state.fast += 1
+        batch = self._batch
+        if not length:
+            self._deliver(msg, EMPTY_PAYLOAD)
+            if batch is not None:
+                batch.append((start, msg, EMPTY_PAYLOAD))
+            return end
+        ctx = self._ctx
+        body = ReceivedBody(self, length, ctx.largest, ctx.limit, ctx.loop)
+        live = self._live
+        if len(live) >= 8:
+            live[:] = [b for b in live if b.holds]
+        live.append(body)
+        self._body = body
+        self._state = BODY
+        self._deliver(msg, body)
+        if batch is not None:
+            batch.append((start, msg, body))
+        if not continued:
+            self._start_timer()
+        return end
+
+    def _deliver(self, msg: Any, payload: Any) -> None:
+        """Queue one request on the handler, as its ``data_received`` does."""
+        handler = self._handler
+        handler._request_count += 1
+        handler._messages.append((msg, payload))
+        waiter = handler._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if not handler._buffer_paused and len(handler._messages) >= handler._max_msg_queue_size:
+            handler._pause_reading_for_buffer()
+
+    def _forward(self, buf: _Buf, i: int, k: int) -> int:
+        """Feed ``k`` bytes of a known-length message to aiohttp's parser."""
+        handler = self._handler
+        first = self._fwd_payload is None
+        count = handler._request_count
+        handler.data_received(bytes(buf[i : i + k]))
+        if first:
+            messages = handler._messages
+            if handler._request_count != count + 1 or not messages or isinstance(
+                messages[-1][0], _ErrInfo
+            ):
+                # Not the one message expected: aiohttp's parser keeps the connection.
+                return self._passthrough(buf, i + k)
+            self._fwd_payload = messages[-1][1]
+        self._fwd_left -= k
+        i += k
+        if not self._fwd_left:
+            payload = self._fwd_payload
+            if payload.is_eof():
+                self._fwd_payload = None
+                self._state = HEAD
+            else:
+                self._state = VERIFY
+                payload.on_eof(self._verify_soon)
+        return i
+
+    def _verify_soon(self) -> None:
+        self._ctx.loop.call_soon(self._verified)
+
+    def _verified(self) -> None:
+        """aiohttp's parser completed the forwarded message: back to the fast path."""
+        if self._state != VERIFY:
+            return
+        self._fwd_payload = None
+        self._state = HEAD
+        self._pause(False)
+        if self._pending:
+            data = bytes(self._pending)
+            self._pending.clear()
+            self._scan = 0
+            self._feed(data)
+
+    def _passthrough(self, buf: _Buf, i: int) -> int:
+        """Hand the stream from ``buf[i:]`` on to aiohttp's parser, for good.
+
+        aiohttp parses each read as a whole: a parse error anywhere in it drops the requests
+        before the error in that same read.  So when the rest of this read fails to parse,
+        the requests this protocol queued from the same read (none started yet: the handler
+        runs on a later loop turn) are taken back and aiohttp's parser gets the read from the
+        first of them, answering exactly as it would have.
+        """
+        batch = self._batch
+        if batch and self._parse_fails(buf[i:]):
+            handler = self._handler
+            messages = handler._messages
+            for _start, msg, payload in reversed(batch):
+                if not messages or messages[-1][0] is not msg:
+                    break  # not ours to take back (cannot happen: the handler did not run)
+                messages.pop()
+                handler._request_count -= 1
+                self._ctx.state.fast -= 1
+                if isinstance(payload, ReceivedBody):
+                    payload.fail(ConnectionResetError("request taken back"))
+                i = _start
+            self._body = None
+            batch.clear()
+        if self._state != PASSTHROUGH:
+            self._state = PASSTHROUGH
+            self._ctx.state.passthrough += 1
+            self._pause(False)
+        if i < len(buf):
+            self._handler.data_received(bytes(buf[i:]))
+        return len(buf)
+
+    def _parse_fails(self, rest: _Buf) -> bool:
+        """Would aiohttp's parser raise on ``rest`` (from a message boundary)?  A throwaway
+        parser with the handler's limits answers; only asked on the way to PASSTHROUGH."""
+        handler = self._handler
+        probe = HttpRequestParser(
+            _NullFlow(),  # type: ignore[arg-type]
+            self._ctx.loop,
+            self._ctx.limit,
+            max_line_size=handler.max_line_size,
+            max_field_size=handler.max_field_size,
+            max_headers=handler.max_headers,
+            payload_exception=RequestPayloadError,
+        )
+        try:
+            probe.feed_data(bytes(rest))
+        except HttpProcessingError:
+            return True
+        return False
+
+    def _body_arrived(self) -> None:
+        """The current body's last byte arrived (it may still wait for a slot)."""
+        self._body = None
+        self._state = HEAD
+        self._stop_timer()
+
+    # ------------------------------------------------------------ slots and flow control
+    def _want_slot(self, body: ReceivedBody) -> None:
+        """No slot was free: pause reading (while ``body`` still arrives) and wait
+        (``SlotSource.lease_wait``)."""
+        if body is self._body:
+            self._pause(True)
+        if body.waiting:
+            return  # one wait at a time per body
+        body.waiting = True
+        task = self._ctx.loop.create_task(self._wait_slot(body))
+        self._waiting.add(task)
+        task.add_done_callback(self._waiting.discard)
+
+    async def _wait_slot(self, body: ReceivedBody) -> None:
+        try:
+            while body.needs_slot:
+                lease = await self.slots.lease_wait(body.next_slot_size())
+                body.add_slot(lease)
+        except web.HTTPException as exc:
+            self._fail(body, exc)
+            return
+        finally:
+            body.waiting = False
+        if self._state != DEAD:
+            self._pause(False)
+
+    def _pause(self, on: bool) -> None:
+        transport = self._transport
+        if on == self._paused or transport is None:
+            self._paused = on
+            return
+        self._paused = on
+        if on:
+            transport.pause_reading()
+        elif not (self._stream_paused or self._handler._buffer_paused
+                  or self._handler._reading_paused):
+            transport.resume_reading()
+
+    # StreamReader's protocol interface (a ReceivedBody read as a stream pauses/resumes us).
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None
+
+    @property
+    def _reading_paused(self) -> bool:
+        return self._stream_paused
+
+    def pause_reading(self) -> None:
+        if not self._stream_paused and self._transport is not None:
+            self._stream_paused = True
+            self._transport.pause_reading()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        if self._stream_paused:
+            self._stream_paused = False
+            if not self._paused and self._transport is not None:
+                self._transport.resume_reading()
+
+    # Calls from ReceivedBody.
+    def body_wanted(self, body: ReceivedBody) -> None:
+        """A handler waits for ``body`` (an Expect: 100-continue body starts its deadline)."""
+        if body is self._body and not self._timer:
+            self._start_timer()
+
+    def body_streaming(self, body: ReceivedBody) -> None:
+        """``body`` became a plain stream: its overflow went into it, no slot is needed."""
+        if body is self._body and self._paused and self._state == BODY:
+            self._pause(False)
+
+    def body_abandoned(self, body: ReceivedBody) -> None:
+        """The request ended before its body did: drop the rest of it as it arrives."""
+        if body is self._body and self._state == BODY:
+            self._body = None
+            self._discard_left = body.remaining
+            self._state = DISCARD if self._discard_left else HEAD
+            self._pause(False)
+
+    # ------------------------------------------------------------ body deadline
+    def _start_timer(self) -> None:
+        """Put this connection under the server's body sweep (no timer per request)."""
+        self._mark = None
+        if not self._timer:
+            self._timer = True
+            self._ctx.watch(self)
+
+    def _stop_timer(self) -> None:
+        if self._timer:
+            self._timer = False
+            self._ctx.timed.discard(self)
+
+    def _check(self) -> None:
+        """Called by the sweep every ``body_timeout`` seconds: did the body bring
+        ``min_body_rate`` bytes/s since the previous sweep?  (A body gets at least one full
+        period: it fails between one and two ``body_timeout`` after it stalled.)"""
+        state = self._state
+        opts = self._ctx.options
+        if state == BODY:
+            body = self._body
+            assert body is not None
+            got = body.received
+        elif state == DISCARD:
+            got = -self._discard_left
+        else:
+            self._stop_timer()
+            return
+        mark = self._mark
+        handler = self._handler
+        if (
+            mark is None
+            or self._paused  # held back by the server (slot wait): not the client's doing
+            or self._stream_paused  # the handler reads slower than the client sends
+            or handler._reading_paused
+            or handler._buffer_paused
+            or got - mark >= max(1, opts.min_body_rate * opts.body_timeout)
+        ):
+            self._mark = got  # progress (or we held it back ourselves): next period
+            return
+        self._stop_timer()
+        self._ctx.state.timeouts += 1
+        if state == DISCARD:
+            self._handler.force_close()
+            return
+        assert self._body is not None
+        body = self._body
+        self._fail(body, web.HTTPRequestTimeout(
+            text=(
+                f"request body stalled: {body.received} of {body.length} bytes arrived; a "
+                f"body must bring at least {opts.min_body_rate} bytes/s over each "
+                f"body_timeout={opts.body_timeout} s"
+            ),
+        ))
+
+    def _fail(self, body: ReceivedBody, exc: BaseException) -> None:
+        """``body`` cannot complete: its readers get ``exc`` (an HTTP status); what still
+        arrives is dropped and the connection closes once the response went out, lingering
+        (see ``_LingeringClose``) so that a client still sending reads that response."""
+        body.fail(exc)
+        if body is self._body:
+            self._body = None
+            self._state = DEAD
+            self._stop_timer()
+            self._pause(False)
+            transport = self._transport
+            handler = self._handler
+            if transport is not None and handler.transport is transport:
+                handler.transport = _LingeringClose(transport, self._ctx.loop)  # type: ignore[assignment]
+            handler.close()
+
+    # DEAD connections keep reading (and dropping) until the lingering close ends them.
+
+
+class _NullFlow:
+    """Flow-control stand-in for the throwaway parser of ``_parse_fails``."""
+
+    connected = True
+    _reading_paused = False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        pass
+
+
+class _LingeringClose:
+    """The transport as the handler sees it after a body failed (408/503).
+
+    Closing a socket with unread input makes the kernel send a reset, and a client still
+    uploading then loses the error response it was sent.  ``close()`` here half-closes
+    (``write_eof``: FIN after the queued response) and closes for good when the peer ends its
+    side or after ``LINGER`` seconds (nginx's lingering close does the same); meanwhile the
+    protocol drops whatever arrives.  Everything else is the real transport's.
+    """
+
+    __slots__ = ("_loop", "_transport")
+
+    LINGER: Final = 2.0
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        transport = self._transport
+        if transport.is_closing():
+            return
+        try:
+            if transport.can_write_eof():
+                transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            transport.close()
+            return
+        self._loop.call_later(self.LINGER, transport.close)
+
+
+def received_body(request: web.BaseRequest) -> ReceivedBody | None:
+    """The request's ReceivedBody when the fast path received it, else None."""
+    payload = request._payload
+    return payload if type(payload) is ReceivedBody else None
+
+
+def install(app: web.Application, settings: Settings, options: ReceiveOptions) -> ReceiveState:
+    """Make the server that runs ``app`` receive bodies through ZeroCopyProtocol.
+
+    Every entry point (``web.run_app``, ``AppRunner``, gunicorn's aiohttp workers) builds its
+    ``Server`` through ``app._make_handler``; this wraps that call on this application: the
+    internals are checked (``_compat``), then the server's class becomes ZeroCopyServer.
+    """
+    state = ReceiveState(options=options)
+    original = app._make_handler
+
+    def make_handler(**kwargs: Any) -> Server:
+        server = original(**kwargs)
+        reason = check_internals(server)
+        if reason is not None:
+            state.active = False
+            state.reason = reason
+            log.warning(
+                "bufpool.aiohttp: zero_copy_receive is off (aiohttp %s: %s); bodies take "
+                "aiohttp's normal path", aiohttp.__version__, reason,
+            )
+            return server
+        probe = Server.__call__(server)
+        ctx = _Context(
+            settings, state, PoolSlots(settings.pool, settings.acquire_timeout,
+                                       settings.retry_after),
+            probe._read_bufsize, server._loop,
+        )
+        server.__class__ = ZeroCopyServer
+        server._bufpool_receive = ctx  # type: ignore[attr-defined]
+        state.active = True
+        return server
+
+    # Application has no __slots__; an instance attribute shadows the method (and keeps
+    # AIOHTTP_DEBUG's "custom attribute" warning quiet).
+    object.__setattr__(app, "_make_handler", make_handler)
+    app[RECEIVE_KEY] = state
+    return state

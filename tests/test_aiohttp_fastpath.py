@@ -1,0 +1,470 @@
+"""The zero-copy receive path (``setup(app, zero_copy_receive=True)``) on real sockets.
+
+Every test runs on both loops (conftest).  Each checks that the fast path was actually taken
+(``app[RECEIVE_KEY]`` counters) where it should be, that bodies arrive byte-exact, and that
+every lease is back in the pool afterwards (``assert_drained``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import logging
+import random
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
+
+import bufpool.aiohttp as bpa
+from tests._helpers_aiohttp import (
+    assert_drained,
+    make_app,
+    make_pool,
+    raw_connect,
+    read_response,
+    served_runner,
+    wait_for,
+)
+from tests._tls_helpers import make_certs
+
+pytestmark = pytest.mark.asyncio
+
+
+async def _read_all(request: web.Request) -> web.Response:
+    data = await request.read()
+    return web.json_response({"size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+
+
+async def _stream(request: web.Request) -> web.Response:
+    h = hashlib.sha256()
+    n = 0
+    async for chunk in request.content.iter_chunked(10_000):
+        h.update(chunk)
+        n += len(chunk)
+    return web.json_response({"size": n, "sha256": h.hexdigest()})
+
+
+async def _ignore(request: web.Request) -> web.Response:
+    return web.Response(text="ignored")
+
+
+def fast_app(**kw: Any) -> tuple[web.Application, Any]:
+    pool = make_pool(on_exhausted=kw.pop("on_exhausted", "raise"), max_bytes=kw.pop(
+        "max_bytes", 64 << 20))
+    kw.setdefault("zero_copy_receive", True)
+    app = make_app(pool, **kw)
+    app.router.add_post("/read", _read_all)
+    app.router.add_post("/stream", _stream)
+    app.router.add_post("/ignore", _ignore)
+    return app, pool
+
+
+def post(path: str, body: bytes, extra: str = "") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+    ).encode() + body
+
+
+def chunked(path: str, body: bytes, rng: random.Random) -> bytes:
+    out = [f"POST {path} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n".encode()]
+    pos = 0
+    while pos < len(body):
+        k = rng.randrange(1, 200_000)
+        out.append(b"%x\r\n" % len(body[pos : pos + k]) + body[pos : pos + k] + b"\r\n")
+        pos += k
+    out.append(b"0\r\n\r\n")
+    return b"".join(out)
+
+
+def digest(body: bytes) -> dict[str, Any]:
+    return {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+
+
+async def test_bodies_byte_exact_in_random_splits() -> None:
+    """Random sizes 0 B - 4 MiB, written in random splits, several requests pipelined on one
+    connection: every body arrives exact (read_body, no copy), all through the fast path."""
+    rng = random.Random(15)
+    app, pool = fast_app(max_body_size=8 << 20)
+    sizes = [0, 1, 65536, 65537, 4 << 20] + [rng.choice((rng.randrange(0, 70_000),
+                                                        rng.randrange(0, 4 << 20)))
+                                             for _ in range(7)]
+    async with served_runner(app) as port:
+        reader, writer = await raw_connect(port)
+        bodies = [rng.randbytes(n) for n in sizes]
+        # Every third body chunked (random chunk sizes): aiohttp's parser takes it, and the
+        # next request is back on the fast path.
+        stream = b"".join(
+            chunked("/upload", b, rng) if k % 3 == 2 else post("/upload", b)
+            for k, b in enumerate(bodies)
+        )
+        pos = 0
+
+        async def send() -> None:
+            nonlocal pos
+            while pos < len(stream):
+                k = rng.choice((1, 7, 1000, 65536, 300_000))
+                writer.write(stream[pos : pos + k])
+                pos += k
+                await writer.drain()
+
+        sender = asyncio.create_task(send())
+        for body in bodies:
+            status, _, got = await asyncio.wait_for(read_response(reader), 30)
+            assert status == 200
+            answer = json.loads(got)
+            assert {"size": answer["size"], "sha256": answer["sha256"]} == digest(body)
+        await sender
+        writer.close()
+    state = app[bpa.RECEIVE_KEY]
+    assert state.active is True
+    n_chunked = len(sizes) // 3
+    assert (state.fast, state.forwarded, state.passthrough) == (
+        len(sizes) - n_chunked, n_chunked, 0)
+    await assert_drained(pool)
+
+
+async def test_byte_by_byte_request_then_keepalive() -> None:
+    app, pool = fast_app()
+    async with served_runner(app) as port:
+        reader, writer = await raw_connect(port)
+        body = bytes(range(256)) * 3
+        for b in post("/upload", body):
+            writer.write(bytes([b]))
+            await writer.drain()
+        status, _, got = await asyncio.wait_for(read_response(reader), 10)
+        assert status == 200 and json.loads(got)["sha256"] == digest(body)["sha256"]
+        writer.write(post("/upload", b"second"))
+        status, _, got = await asyncio.wait_for(read_response(reader), 10)
+        assert status == 200 and json.loads(got)["size"] == 6
+        writer.close()
+    assert app[bpa.RECEIVE_KEY].fast == 2
+    await assert_drained(pool)
+
+
+@pytest.mark.parametrize("path", ["/read", "/stream"])
+async def test_request_read_and_streaming_handlers(path: str) -> None:
+    """request.read() and request.content.iter_chunked work on fast-path bodies."""
+    app, pool = fast_app()
+    rng = random.Random(3)
+    async with served_runner(app) as port, aiohttp.ClientSession() as session:
+        for n in (0, 5, 65536, 200_000, 1 << 20):
+            body = rng.randbytes(n)
+            async with session.post(f"http://127.0.0.1:{port}{path}", data=body) as resp:
+                assert resp.status == 200
+                assert await resp.json() == digest(body)
+    assert app[bpa.RECEIVE_KEY].fast == 5
+    await assert_drained(pool)
+
+
+async def test_unread_body_is_dropped_and_connection_kept() -> None:
+    """A handler that never reads a 1 MiB body: the next pipelined request is still served
+    (the rest of the body is discarded as it arrives, as aiohttp lingers over it)."""
+    app, pool = fast_app()
+    async with served_runner(app) as port:
+        reader, writer = await raw_connect(port)
+        writer.write(post("/ignore", b"x" * (1 << 20)) + post("/upload", b"after"))
+        status, _, got = await asyncio.wait_for(read_response(reader), 10)
+        assert (status, got) == (200, b"ignored")
+        status, _, got = await asyncio.wait_for(read_response(reader), 10)
+        assert status == 200 and json.loads(got)["size"] == 5
+        writer.close()
+    await assert_drained(pool)
+
+
+async def test_expect_100_continue_body_takes_fast_path() -> None:
+    app, pool = fast_app()
+    async with served_runner(app) as port:
+        reader, writer = await raw_connect(port)
+        body = b"z" * 100_000
+        writer.write(
+            f"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        line = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert line.startswith(b"HTTP/1.1 100")
+        writer.write(body)
+        status, _, got = await asyncio.wait_for(read_response(reader), 10)
+        assert status == 200 and json.loads(got)["sha256"] == digest(body)["sha256"]
+        writer.close()
+    state = app[bpa.RECEIVE_KEY]
+    assert state.fast == 1 and state.forwarded == 0
+    await assert_drained(pool)
+
+
+async def test_compressed_body_normal_path_then_fast_again() -> None:
+    """A gzip body goes through aiohttp's parser (decoded there); the next request on the
+    same connection is back on the fast path."""
+    app, pool = fast_app()
+    async with served_runner(app) as port:
+        reader, writer = await raw_connect(port)
+        plain = b"hello compressed world " * 1000
+        packed = gzip.compress(plain)
+        writer.write(
+            post("/upload", packed, "Content-Encoding: gzip\r\n") + post("/upload", b"x" * 70_000)
+        )
+        status, _, got = await asyncio.wait_for(read_response(reader), 10)
+        assert status == 200 and json.loads(got)["sha256"] == digest(plain)["sha256"]
+        status, _, got = await asyncio.wait_for(read_response(reader), 10)
+        assert status == 200 and json.loads(got)["size"] == 70_000
+        writer.close()
+    state = app[bpa.RECEIVE_KEY]
+    assert (state.forwarded, state.fast, state.passthrough) == (1, 1, 0)
+    await assert_drained(pool)
+
+
+async def test_chunked_body_on_aiohttp_parser_then_fast_again() -> None:
+    app, pool = fast_app()
+    async with served_runner(app) as port:
+        reader, writer = await raw_connect(port)
+        writer.write(
+            b"POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n" + post("/upload", b"next")
+        )
+        status, _, got = await asyncio.wait_for(read_response(reader), 10)
+        assert status == 200 and json.loads(got)["sha256"] == digest(b"hello world")["sha256"]
+        status, _, got = await asyncio.wait_for(read_response(reader), 10)
+        assert status == 200 and json.loads(got)["size"] == 4
+        writer.close()
+    state = app[bpa.RECEIVE_KEY]
+    assert (state.forwarded, state.fast, state.passthrough) == (1, 1, 0)  # back on the fast path
+    await assert_drained(pool)
+
+
+async def test_chunk_extension_keeps_connection_on_aiohttp_parser() -> None:
+    """A chunk extension is outside what the scanner accepts: aiohttp's parser keeps the
+    connection for good (answers still right)."""
+    app, pool = fast_app()
+    async with served_runner(app) as port:
+        reader, writer = await raw_connect(port)
+        writer.write(
+            b"POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5;ext=1\r\nhello\r\n0\r\n\r\n" + post("/upload", b"next")
+        )
+        for size in (5, 4):
+            status, _, got = await asyncio.wait_for(read_response(reader), 10)
+            assert status == 200 and json.loads(got)["size"] == size
+        writer.close()
+    state = app[bpa.RECEIVE_KEY]
+    assert (state.forwarded, state.fast, state.passthrough) == (1, 0, 1)
+    await assert_drained(pool)
+
+
+async def test_websocket_upgrade_works() -> None:
+    app, pool = fast_app()
+
+    async def ws_echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_str(msg.data.upper())
+        return ws
+
+    app.router.add_get("/ws", ws_echo)
+    async with (
+        served_runner(app) as port,
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"http://127.0.0.1:{port}/ws") as ws,
+    ):
+        for word in ("a", "bc" * 50_000):
+            await ws.send_str(word)
+            assert (await ws.receive(timeout=10)).data == word.upper()
+    assert app[bpa.RECEIVE_KEY].passthrough == 1
+    await assert_drained(pool)
+
+
+async def test_truncated_body_releases_everything() -> None:
+    """The client disconnects in the middle of a 1 MiB body: the handler's read_body fails
+    (ConnectionResetError), every slot taken so far goes back."""
+    app, pool = fast_app()
+    seen: list[BaseException] = []
+    started = asyncio.Event()
+
+    async def watch(request: web.Request) -> web.Response:
+        started.set()
+        try:
+            await bpa.read_body(request)
+        except BaseException as exc:
+            seen.append(exc)
+            raise
+        return web.Response(text="unexpected")
+
+    app.router.add_post("/watch", watch)
+    async with served_runner(app) as port:
+        _, writer = await raw_connect(port)
+        writer.write(
+            f"POST /watch HTTP/1.1\r\nHost: t\r\nContent-Length: {1 << 20}\r\n\r\n".encode()
+            + b"y" * 300_000
+        )
+        await writer.drain()
+        await asyncio.wait_for(started.wait(), 10)
+        assert await wait_for(lambda: pool.stats().in_use >= 4)
+        writer.transport.abort()
+        assert await wait_for(lambda: bool(seen))
+        assert isinstance(seen[0], ConnectionResetError)
+    await assert_drained(pool)
+
+
+async def test_leases_follow_arrival_not_content_length() -> None:
+    """A 4 MiB declared body of which 100 KiB arrived holds about 100 KiB of slots, not
+    4 MiB (slots are leased as room is needed)."""
+    app, pool = fast_app(max_body_size=8 << 20)
+    async with served_runner(app) as port:
+        _, writer = await raw_connect(port)
+        writer.write(
+            f"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: {4 << 20}\r\n\r\n".encode()
+            + b"q" * 100_000
+        )
+        await writer.drain()
+        assert await wait_for(lambda: pool.stats().in_use >= 2)
+        held = pool.stats().in_use
+        assert held <= 3, f"{held} slots for 100 KiB received"
+        writer.close()
+    await assert_drained(pool)
+
+
+async def test_stalled_body_gets_408_with_defaults() -> None:
+    """Headers then silence, and a 1 byte / 100 ms trickle, both against the default
+    deadline (5 s, 500 B/s): 408 naming the limit; a legitimate upload meanwhile is 200."""
+    app, pool = fast_app()
+    async with served_runner(app) as port, aiohttp.ClientSession() as session:
+        silent_r, silent_w = await raw_connect(port)
+        silent_w.write(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\nab")
+        trickle_r, trickle_w = await raw_connect(port)
+        trickle_w.write(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n")
+        stop = asyncio.Event()
+
+        async def trickle() -> None:
+            while not stop.is_set():
+                try:
+                    trickle_w.write(b"t")
+                    await trickle_w.drain()
+                except ConnectionError:
+                    return
+                await asyncio.sleep(0.1)  # the attacker's pace, not a correctness wait
+
+        task = asyncio.create_task(trickle())
+        body = b"L" * 500_000
+        async with session.post(f"http://127.0.0.1:{port}/upload", data=body) as resp:
+            assert resp.status == 200 and (await resp.json())["size"] == len(body)
+        for reader in (silent_r, trickle_r):
+            status, _headers, text = await asyncio.wait_for(read_response(reader), 20)
+            assert status == 408
+            assert b"body_timeout=5.0" in text and b"500 bytes/s" in text
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # connection closed
+        stop.set()
+        await task
+        silent_w.close()
+        trickle_w.close()
+    assert app[bpa.RECEIVE_KEY].timeouts == 2
+    await assert_drained(pool)
+
+
+async def test_pool_exhausted_mid_body_gets_503() -> None:
+    """No slot comes within acquire_timeout for the rest of a body: 503 + Retry-After, the
+    connection closes; the held slots go back."""
+    app, pool = fast_app(max_bytes=4 << 20, acquire_timeout=0.2)
+    async with served_runner(app) as port:
+        hog = pool.acquire_chain(3 << 20)  # leave about 1 MiB
+        try:
+            reader, writer = await raw_connect(port)
+            writer.write(post("/upload", b"m" * (3 << 20)))
+            status, headers, text = await asyncio.wait_for(read_response(reader), 20)
+            assert status == 503 and headers.get("retry-after") == "1"
+            assert b"acquire_timeout=0.2" in text
+            writer.close()
+        finally:
+            hog.release()
+    await assert_drained(pool)
+
+
+async def test_tls_bodies_through_fast_path(tmp_path: Any) -> None:
+    """SSLProtocol calls get_buffer too: bodies decrypted straight into slots."""
+    certs = make_certs(["localhost"], tmp_path)
+    server_ctx, client_ctx = certs.server_context("localhost"), certs.client_context()
+    app, pool = fast_app()
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        rng = random.Random(7)
+        async with aiohttp.ClientSession() as session:
+            for n in (10, 70_000, 1 << 20):
+                body = rng.randbytes(n)
+                async with session.post(
+                    f"https://localhost:{port}/upload", data=body, ssl=client_ctx
+                ) as resp:
+                    got = await resp.json()
+                    assert got["sha256"] == digest(body)["sha256"]
+    finally:
+        await runner.cleanup()
+    assert app[bpa.RECEIVE_KEY].fast == 3
+    await assert_drained(pool)
+
+
+async def test_self_test_falls_back_when_an_internal_is_missing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A missing private attribute: one log line, the fast path stays off, requests are
+    served by aiohttp's normal path."""
+    monkeypatch.delattr(BaseProtocol, "_pause_reading_for_buffer")
+    app, pool = fast_app()
+    with caplog.at_level(logging.WARNING, logger="bufpool.aiohttp"):
+        async with (
+            served_runner(app) as port,
+            aiohttp.ClientSession() as session,
+            session.post(f"http://127.0.0.1:{port}/upload", data=b"abc") as resp,
+        ):
+            assert resp.status == 200 and (await resp.json())["size"] == 3
+    state = app[bpa.RECEIVE_KEY]
+    assert state.active is False and "_pause_reading_for_buffer" in state.reason
+    lines = [r for r in caplog.records if "zero_copy_receive is off" in r.getMessage()]
+    assert len(lines) == 1
+    assert state.fast == 0
+    await assert_drained(pool)
+
+
+async def test_off_by_default() -> None:
+    pool = make_pool()
+    app = make_app(pool)
+    assert bpa.RECEIVE_KEY not in app
+    async with (
+        served_runner(app) as port,
+        aiohttp.ClientSession() as session,
+        session.post(f"http://127.0.0.1:{port}/upload", data=b"abc") as resp,
+    ):
+        assert resp.status == 200
+    await assert_drained(pool)
+
+
+
+async def test_queued_bodies_released_when_client_leaves() -> None:
+    """Twelve pipelined requests with complete bodies queued behind a slow handler, then the
+    client disconnects: every queued body's slots go back (none was ever read)."""
+    app, pool = fast_app()
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        entered.set()
+        await gate.wait()
+        return web.Response(text="late")
+
+    app.router.add_post("/slow", slow)
+    async with served_runner(app) as port:
+        _, writer = await raw_connect(port)
+        writer.write(post("/slow", b"s" * 1000) + post("/ignore", b"i" * 70_000) * 12)
+        await writer.drain()
+        await asyncio.wait_for(entered.wait(), 10)
+        assert await wait_for(lambda: app[bpa.RECEIVE_KEY].fast == 13)
+        assert pool.stats().in_use >= 12
+        writer.transport.abort()
+        await asyncio.sleep(0)
+        gate.set()
+    await assert_drained(pool)
