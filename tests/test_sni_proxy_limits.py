@@ -159,6 +159,39 @@ async def test_oversized_client_hello_is_refused_as_soon_as_its_length_is_known(
         writer.close()
 
 
+@pytest.mark.asyncio
+async def test_client_hello_split_into_one_byte_records_costs_its_wire_bytes_and_still_routes(
+    certs: CertBundle, echo_routes: dict[str, tuple[str, int]],
+) -> None:
+    # A 16,000-byte ClientHello sent as 1-byte handshake records (6 wire bytes each, 96 KB),
+    # all but the last: the held records once cost a 64-byte slot and two objects each
+    # (1,064 KiB of pool and ~10 MiB RSS per connection); now the pool holds about the wire
+    # bytes.  A real client whose hello comes in 1-byte records is still routed, byte-exact.
+    body = b"\x01" + (16_000 - 4).to_bytes(3, "big") + b"\x03\x03" + bytes(16_000 - 6)
+    wire = b"".join(rec(22, body[i:i + 1], 0x0301) for i in range(len(body) - 1))
+    async with running_proxy(echo_routes) as (proxy, port, _log):
+        conns = [await connect_raw(port) for _ in range(4)]
+        for _, w in conns:
+            w.write(wire)
+
+        def all_held() -> bool:
+            clients = [t.client for t in proxy._tunnels]
+            return len(clients) == 4 and all(
+                c is not None and c.collector is not None and c.collector.records == len(body) - 1
+                for c in clients)
+
+        await wait_for(all_held, "every 1-byte record of 4 hellos received")
+        per_conn = in_use_bytes(proxy.pool) / 4
+        # the wire bytes held, packed, plus a ring grown to at most 64 KiB
+        assert per_conn <= 1.25 * len(wire) + 65536, per_conn
+        payload = os.urandom(20_000)
+        who, got = await asyncio.wait_for(bio_tls_roundtrip(
+            port, certs, NAME, payload, first_flight_step=65536, first_flight_records=1), 30)
+        assert (who, got) == (NAME, payload)
+        for _, w in conns:
+            w.transport.abort()
+
+
 # ---------------------------------------------------------------------- memory per connection
 @pytest.mark.asyncio
 async def test_300_idle_connections_cost_about_a_kilobyte_of_pool_memory_each() -> None:

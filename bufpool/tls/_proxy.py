@@ -14,8 +14,10 @@ reading on the other), one ``logging`` line per finished connection (logger
 
 Memory per connection (bytes of pool memory): the receive ring starts at
 ``limits.initial_buffer`` (1 KiB) and doubles only when a read finds it full, up to
-``limits.max_buffer`` (64 KiB); the ClientHello records are held in pooled leases (at most
-``limits.max_client_hello`` bytes) until the upstream accepts.  A side that sent EOF gives its
+``limits.max_buffer`` (64 KiB); the ClientHello records are held, packed back to back in
+pooled leases of at least :data:`HOLD_CHUNK` bytes (pool memory about the wire bytes held, however
+finely the hello is split into records; at most ``limits.max_client_hello`` handshake bytes)
+until the upstream accepts.  A side that sent EOF gives its
 ring back at once; every deadline that closes a connection gives all of its memory back at once.
 
 Lifetimes: a connection's pooled memory lives from accept to the ``connection_lost`` of both
@@ -31,13 +33,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal, cast
 
-from bufpool import BufferPool, RingBuffer
+from bufpool import BufferPool, Lease, RingBuffer
 from bufpool.aio import write_lease
 
 from ._client_hello import ClientHelloCollector
 from ._errors import AlertDescription, NotTLSError, TLSRecordError, alert_record
 from ._protocol import TLSRecordProtocol
-from ._records import DetachedRecord, TLSRecord
+from ._records import TLSRecord
 from ._splitter import MIN_RING_CAPACITY, RECORD_POOL_CLASSES
 
 __all__ = [
@@ -80,6 +82,10 @@ DEFAULT_MAX_CLIENT_HELLO: Final = 16384
 DEFAULT_INITIAL_BUFFER: Final = 1024
 #: Largest ring per connection side, bytes.
 DEFAULT_MAX_BUFFER: Final = 65536
+#: Smallest pooled lease the records before the tunnel are packed into, bytes: a ClientHello
+#: split into 1-byte handshake records (6 wire bytes each) costs its wire bytes, not a 64-byte
+#: slot and two objects per record.
+HOLD_CHUNK: Final = 512
 
 HTTP_REFUSAL: Final = (
     b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain\r\n"
@@ -538,7 +544,8 @@ class ClientSide(_Side):
         tunnel.client = self
         self.collector: ClientHelloCollector | None = ClientHelloCollector(
             max_size=tunnel.proxy.limits.max_client_hello)
-        self.held: list[DetachedRecord] = []
+        #: Wire bytes received before the tunnel opened: (lease, bytes used), packed in order.
+        self.held: list[tuple[Lease, int]] = []
 
     @property
     def peer(self) -> _Side | None:
@@ -561,7 +568,7 @@ class ClientSide(_Side):
             return
         if tunnel.phase != "hello" and tunnel.phase != "connecting":
             return  # closing: ignore the rest of this read
-        self.held.append(record.detach())
+        self.hold(record.raw)
         collector = self.collector
         if collector is None:  # connecting: hold records until the upstream is there
             return
@@ -624,9 +631,12 @@ class ClientSide(_Side):
         # pauses us again (resuming afterwards would undo that pause).
         self.resume_reading()
         held, self.held = self.held, []
-        for rec in held:
-            self.count(len(rec.lease))
-            write_lease(up.transport, rec.lease)
+        for lease, used in held:
+            self.count(used)
+            try:
+                up.transport.write(lease.view[:used])
+            finally:
+                lease.release()  # the slot stays out of circulation while the write queue has it
 
     def refuse(self, reason: Reason, alert: AlertDescription | None,
                detail: str | None = None) -> None:
@@ -655,8 +665,23 @@ class ClientSide(_Side):
     def drop_held(self) -> None:
         held, self.held = self.held, []
         self.collector = None
-        for rec in held:
-            rec.release()
+        for lease, _ in held:
+            lease.release()
+
+    def hold(self, raw: memoryview) -> None:
+        """Copy one record's wire bytes behind those already held (into the last lease while
+        it has room, else into a new one of at least HOLD_CHUNK bytes)."""
+        n = len(raw)
+        held = self.held
+        if held:
+            lease, used = held[-1]
+            if used + n <= len(lease):
+                lease.view[used:used + n] = raw
+                held[-1] = (lease, used + n)
+                return
+        lease = self.tunnel.proxy.pool.acquire(max(n, HOLD_CHUNK))
+        lease.view[:n] = raw
+        held.append((lease, n))
 
     def connection_lost(self, exc: Exception | None) -> None:
         tunnel = self.tunnel
