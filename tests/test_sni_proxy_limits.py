@@ -259,6 +259,51 @@ async def test_a_tunnel_gone_quiet_after_a_burst_shrinks_its_rings_back_to_a_kil
         assert (await log.next()).bytes_down == len(reply) + len(burst)
 
 
+@pytest.mark.asyncio
+async def test_a_trickle_after_a_burst_cannot_keep_the_grown_ring() -> None:
+    # Grow the client's ring with one burst, then send a 6-byte record far more often than
+    # shrink_after: reads never stop, yet the side forwarded fewer than initial_buffer bytes
+    # per window, so its ring goes back to 1 KiB (before: 64 KiB kept for 1.5 B/s under the
+    # defaults, a record every 4 s against shrink_after=5 s).
+    limits = ProxyLimits(shrink_after=1.0)
+    hello = client_hello(NAME)
+    async with raw_upstream() as (ups, up_port), \
+            running_proxy({NAME: ("127.0.0.1", up_port)}, limits=limits) as (proxy, port, _log):
+        _reader, writer = await connect_raw(port)
+        burst = b"".join(rec(23, os.urandom(16_000)) for _ in range(20))
+        writer.write(hello + burst)
+        await wait_for(lambda: ups and len(ups[0].received) == len(hello) + len(burst),
+                       "the burst upstream")
+        (tunnel,) = proxy._tunnels
+        client = tunnel.client
+        assert client is not None and client.ring.capacity == 65536
+        stop = asyncio.Event()
+        tick = rec(23, b"k")
+
+        async def trickle() -> None:
+            while not stop.is_set():
+                writer.write(tick)
+                await asyncio.sleep(0.05)
+
+        task = asyncio.create_task(trickle())
+        try:
+            await wait_for(lambda: client.ring.capacity == 1024, "the trickled ring to shrink")
+            assert not task.done()  # still trickling: reads never paused long enough
+            last = tunnel.last
+            await wait_for(lambda: tunnel.last > last, "one more trickled read")
+        finally:
+            stop.set()
+            await task
+        assert client.ring.capacity == 1024
+        # the tunnel still forwards, and a burst grows the ring again, bytes intact
+        up = ups[0]
+        up.received.clear()
+        writer.write(burst)
+        await wait_for(lambda: up.received.endswith(burst), "the second burst")
+        assert client.ring.capacity == 65536
+        writer.close()
+
+
 # ---------------------------------------------------------------------- half-close
 @pytest.mark.asyncio
 async def test_client_closes_and_upstream_stays_silent_everything_is_released() -> None:

@@ -70,7 +70,8 @@ DEFAULT_IDLE_TIMEOUT: Final = 3600.0
 #: open, and seconds a closing connection may take to flush (HAProxy ``timeout client-fin``).
 DEFAULT_HALF_CLOSE_TIMEOUT: Final = 30.0
 #: Seconds without a read after which an established tunnel's rings (grown by a burst) shrink
-#: back to ``initial_buffer``.  None: never.
+#: back to ``initial_buffer``; also the window in which a side that forwarded fewer than
+#: ``initial_buffer`` bytes shrinks its ring (a trickle cannot keep a grown ring).  None: never.
 DEFAULT_SHRINK_AFTER: Final = 5.0
 #: Client connections open at once (each also holds an upstream connection: two sockets).
 DEFAULT_MAX_CONNECTIONS: Final = 1024
@@ -276,7 +277,8 @@ class _Tunnel:
     __slots__ = (
         "alert", "bytes_down", "bytes_up", "client", "client_addr", "connecting", "detail",
         "finished",
-        "last", "loop", "phase", "proxy", "reason", "route", "server_name", "shrunk",
+        "last", "loop", "phase", "proxy", "reason", "route", "server_name", "shrink_at",
+        "shrink_mark", "shrunk",
         "started", "timer", "upstream",
     )
 
@@ -302,6 +304,8 @@ class _Tunnel:
         self.connecting: asyncio.Task[None] | None = None
         self.finished = False
         self.shrunk = False  # rings shrunk since the last read
+        self.shrink_at = 0.0  # loop time of the next trickle check
+        self.shrink_mark = (0, 0)  # (bytes_up, bytes_down) at the last trickle check
 
     # ------------------------------------------------------------------ bookkeeping
     def end(self, reason: Reason, alert: str | None = None, detail: str | None = None) -> None:
@@ -367,7 +371,23 @@ class _Tunnel:
             for side in (self.client, self.upstream):
                 if side is not None:
                     side.shrink_ring()
+        elif shrink is not None and not self.shrunk and now >= self.shrink_at:
+            # reads keep coming: shrink each side that forwarded less than initial_buffer
+            # bytes in the window (a trickle), so a burst's ring cannot be kept for 1 B/s
+            floor = self.proxy.limits.initial_buffer
+            up, down = self.shrink_mark
+            if self.client is not None and self.bytes_up - up < floor:
+                self.client.shrink_ring()
+            if self.upstream is not None and self.bytes_down - down < floor:
+                self.upstream.shrink_ring()
+            self.start_shrink_window(now)
         self.watch_activity()
+
+    def start_shrink_window(self, now: float) -> None:
+        shrink = self.proxy.limits.shrink_after
+        if shrink is not None:
+            self.shrink_at = now + shrink
+            self.shrink_mark = (self.bytes_up, self.bytes_down)
 
     def half_closed(self) -> bool:
         return (self.client is not None and self.client.eof_in) or (
@@ -391,7 +411,8 @@ class _Tunnel:
             due = self.last + limit
         shrink = self.proxy.limits.shrink_after
         if shrink is not None and not self.shrunk:
-            due = self.last + shrink if due is None else min(due, self.last + shrink)
+            check = min(self.last + shrink, self.shrink_at)
+            due = check if due is None else min(due, check)
         if due is None:
             self.disarm()
         else:
@@ -461,6 +482,7 @@ class _Side(TLSRecordProtocol):
         tunnel.last = tunnel.loop.time()
         if tunnel.shrunk:  # quiet no more: watch for the next quiet spell
             tunnel.shrunk = False
+            tunnel.start_shrink_window(tunnel.last)
             tunnel.watch_activity()
         super().data_available(ring)
 
@@ -626,6 +648,7 @@ class ClientSide(_Side):
         tunnel.phase = "open"
         tunnel.proxy.stats.tunnels_open += 1
         tunnel.last = loop.time()
+        tunnel.start_shrink_window(tunnel.last)
         tunnel.watch_activity()
         # Resume first: if the held records fill the upstream's buffer, its pause_writing
         # pauses us again (resuming afterwards would undo that pause).
