@@ -3,7 +3,8 @@ cycle with it, is collected by the cyclic GC without crashing the interpreter (b
 
 Before the fix, pull() cut records from ``memoryview(PickleBuffer(ring_view))``: the ring view
 was a memoryview with an export, and when the GC cleared it inside such a cycle CPython
-3.11-3.13 segfaulted as soon as the export ended.  Run in a subprocess: a crash kills it."""
+3.11 and 3.12 segfaulted as soon as the export ended (3.13.0 did not).  Run in a
+subprocess: a crash kills it."""
 
 from __future__ import annotations
 

@@ -179,7 +179,7 @@ class TLSRecordSplitter:
         # records and the wrappers are released, that array is still alive (checked through a
         # weak reference) exactly when something derived from a record is.  No memoryview is
         # the exporter: a memoryview with exports that the cyclic GC clears (e.g. a failed
-        # splitter dropped in a cycle with its error's traceback) crashes CPython 3.11-3.13
+        # splitter dropped in a cycle with its error's traceback) crashes CPython 3.11 and 3.12
         # once those exports end.  (Without ctypes: memoryview(PickleBuffer(view)), which has
         # that hazard.)
         self._wraps: list[memoryview] = []
