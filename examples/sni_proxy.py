@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "to flush (default %(default)s)")
     p.add_argument("--shrink-after", type=_seconds, default=DEFAULTS.shrink_after,
                    metavar="SECONDS", help="shrink a quiet tunnel's receive rings back to "
-                   "--initial-buffer after this long without a read; 0 = never "
+                   "--initial-buffer after this long without a read, or a side's ring when it "
+                   "forwarded less than --initial-buffer bytes in such a window; 0 = never "
                    "(default %(default)s)")
     p.add_argument("--max-connections", type=int, default=DEFAULTS.max_connections, metavar="N",
                    help="client connections open at once; more are refused with "

@@ -223,11 +223,27 @@ async def tls_roundtrip(port: int, certs: CertBundle, name: str, payload: bytes,
     return who, got, f"{sockname[0]}:{sockname[1]}"
 
 
+def refragment(flight: bytes, size: int) -> bytes:
+    """The handshake records of ``flight`` re-split into records of ``size`` payload bytes
+    (handshake messages may span records: RFC 8446 section 5.1)."""
+    body = bytearray()
+    pos = 0
+    while pos < len(flight):
+        ct, version, n = struct.unpack_from(">BHH", flight, pos)
+        assert ct == 22
+        body += flight[pos + 5:pos + 5 + n]
+        pos += 5 + n
+    return b"".join(rec(22, bytes(body[i:i + size]), version)
+                    for i in range(0, len(body), size))
+
+
 async def bio_tls_roundtrip(port: int, certs: CertBundle, name: str, payload: bytes,
-                            *, first_flight_step: int, pause: float = 0.002) -> tuple[str, bytes]:
+                            *, first_flight_step: int, pause: float = 0.002,
+                            first_flight_records: int | None = None) -> tuple[str, bytes]:
     """A real TLS client (ssl.SSLObject over MemoryBIOs) on a raw socket whose first flight
-    (the ClientHello) goes out ``first_flight_step`` bytes per write, ``pause`` seconds apart;
-    then the handshake and an echo of ``payload`` run normally."""
+    (the ClientHello) goes out ``first_flight_step`` bytes per write, ``pause`` seconds apart
+    (re-split into records of ``first_flight_records`` payload bytes when given); then the
+    handshake and an echo of ``payload`` run normally."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     sock = writer.get_extra_info("socket")
     import socket
@@ -238,6 +254,8 @@ async def bio_tls_roundtrip(port: int, certs: CertBundle, name: str, payload: by
 
     async def flush(step: int | None = None) -> None:
         data = outgoing.read()
+        if step is not None and first_flight_records is not None:
+            data = refragment(data, first_flight_records)
         if step is None:
             writer.write(data)
         else:

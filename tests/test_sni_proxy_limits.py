@@ -159,6 +159,39 @@ async def test_oversized_client_hello_is_refused_as_soon_as_its_length_is_known(
         writer.close()
 
 
+@pytest.mark.asyncio
+async def test_client_hello_split_into_one_byte_records_costs_its_wire_bytes_and_still_routes(
+    certs: CertBundle, echo_routes: dict[str, tuple[str, int]],
+) -> None:
+    # A 16,000-byte ClientHello sent as 1-byte handshake records (6 wire bytes each, 96 KB),
+    # all but the last: the held records once cost a 64-byte slot and two objects each
+    # (1,064 KiB of pool and ~10 MiB RSS per connection); now the pool holds about the wire
+    # bytes.  A real client whose hello comes in 1-byte records is still routed, byte-exact.
+    body = b"\x01" + (16_000 - 4).to_bytes(3, "big") + b"\x03\x03" + bytes(16_000 - 6)
+    wire = b"".join(rec(22, body[i:i + 1], 0x0301) for i in range(len(body) - 1))
+    async with running_proxy(echo_routes) as (proxy, port, _log):
+        conns = [await connect_raw(port) for _ in range(4)]
+        for _, w in conns:
+            w.write(wire)
+
+        def all_held() -> bool:
+            clients = [t.client for t in proxy._tunnels]
+            return len(clients) == 4 and all(
+                c is not None and c.collector is not None and c.collector.records == len(body) - 1
+                for c in clients)
+
+        await wait_for(all_held, "every 1-byte record of 4 hellos received")
+        per_conn = in_use_bytes(proxy.pool) / 4
+        # the wire bytes held, packed, plus a ring grown to at most 64 KiB
+        assert per_conn <= 1.25 * len(wire) + 65536, per_conn
+        payload = os.urandom(20_000)
+        who, got = await asyncio.wait_for(bio_tls_roundtrip(
+            port, certs, NAME, payload, first_flight_step=65536, first_flight_records=1), 30)
+        assert (who, got) == (NAME, payload)
+        for _, w in conns:
+            w.transport.abort()
+
+
 # ---------------------------------------------------------------------- memory per connection
 @pytest.mark.asyncio
 async def test_300_idle_connections_cost_about_a_kilobyte_of_pool_memory_each() -> None:
@@ -224,6 +257,74 @@ async def test_a_tunnel_gone_quiet_after_a_burst_shrinks_its_rings_back_to_a_kil
         writer.close()
         up.transport.close()
         assert (await log.next()).bytes_down == len(reply) + len(burst)
+
+
+@pytest.mark.asyncio
+async def test_a_trickle_after_a_burst_cannot_keep_the_grown_ring() -> None:
+    # Grow the client's ring with one burst, then send a 6-byte record far more often than
+    # shrink_after: reads never stop, yet the side forwarded fewer than initial_buffer bytes
+    # per window, so its ring goes back to 1 KiB (before: 64 KiB kept for 1.5 B/s under the
+    # defaults, a record every 4 s against shrink_after=5 s).
+    limits = ProxyLimits(shrink_after=1.0)
+    hello = client_hello(NAME)
+    async with raw_upstream() as (ups, up_port), \
+            running_proxy({NAME: ("127.0.0.1", up_port)}, limits=limits) as (proxy, port, _log):
+        _reader, writer = await connect_raw(port)
+        burst = b"".join(rec(23, os.urandom(16_000)) for _ in range(20))
+        writer.write(hello + burst)
+        await wait_for(lambda: ups and len(ups[0].received) == len(hello) + len(burst),
+                       "the burst upstream")
+        (tunnel,) = proxy._tunnels
+        client = tunnel.client
+        assert client is not None and client.ring.capacity == 65536
+        stop = asyncio.Event()
+        tick = rec(23, b"k")
+
+        async def trickle() -> None:
+            while not stop.is_set():
+                writer.write(tick)
+                await asyncio.sleep(0.05)
+
+        task = asyncio.create_task(trickle())
+        try:
+            await wait_for(lambda: client.ring.capacity == 1024, "the trickled ring to shrink")
+            assert not task.done()  # still trickling: reads never paused long enough
+            last = tunnel.last
+            await wait_for(lambda: tunnel.last > last, "one more trickled read")
+        finally:
+            stop.set()
+            await task
+        assert client.ring.capacity == 1024
+        # the tunnel still forwards, and a burst grows the ring again, bytes intact
+        up = ups[0]
+        up.received.clear()
+        writer.write(burst)
+        await wait_for(lambda: up.received.endswith(burst), "the second burst")
+        assert client.ring.capacity == 65536
+        writer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_flood_of_tiny_records_is_forwarded_with_a_lease_per_read_not_per_record() -> None:
+    # 6-byte records: one pooled lease each used to reach the upstream's write queue, which
+    # asyncio 3.12+ and uvloop keep as views (an upstream that did not read held ~12,600 of
+    # them, 934 KiB of quarantined 64-byte slots per connection, for a 64 KiB high-water mark).
+    # Packed per read, a flood costs about its bytes, in order and byte-exact.
+    hello = client_hello(NAME)
+    flood = b"".join(rec(23, bytes((i % 251,))) for i in range(3000))
+    async with raw_upstream() as (ups, up_port), \
+            running_proxy({NAME: ("127.0.0.1", up_port)}) as (proxy, port, _log):
+        _reader, writer = await connect_raw(port)
+        writer.write(hello)
+        await wait_for(lambda: ups and len(ups[0].received) == len(hello), "the hello upstream")
+        before = sum(t.hits + t.misses for t in proxy.pool.stats().tiers)
+        writer.write(flood)
+        await wait_for(lambda: len(ups[0].received) == len(hello) + len(flood), "the flood")
+        acquired = sum(t.hits + t.misses for t in proxy.pool.stats().tiers) - before
+        assert bytes(ups[0].received) == hello + flood
+        assert acquired <= 100, acquired  # reads (and ring growth), not 3000 records
+        assert proxy.stats.bytes_up == len(hello) + len(flood)
+        writer.close()
 
 
 # ---------------------------------------------------------------------- half-close

@@ -14,8 +14,10 @@ reading on the other), one ``logging`` line per finished connection (logger
 
 Memory per connection (bytes of pool memory): the receive ring starts at
 ``limits.initial_buffer`` (1 KiB) and doubles only when a read finds it full, up to
-``limits.max_buffer`` (64 KiB); the ClientHello records are held in pooled leases (at most
-``limits.max_client_hello`` bytes) until the upstream accepts.  A side that sent EOF gives its
+``limits.max_buffer`` (64 KiB); the ClientHello records are held, packed back to back in
+pooled leases of at least :data:`HOLD_CHUNK` bytes (pool memory about the wire bytes held, however
+finely the hello is split into records; at most ``limits.max_client_hello`` handshake bytes)
+until the upstream accepts.  A side that sent EOF gives its
 ring back at once; every deadline that closes a connection gives all of its memory back at once.
 
 Lifetimes: a connection's pooled memory lives from accept to the ``connection_lost`` of both
@@ -31,13 +33,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal, cast
 
-from bufpool import BufferPool, RingBuffer
+from bufpool import BufferPool, Lease, RingBuffer
 from bufpool.aio import write_lease
 
 from ._client_hello import ClientHelloCollector
 from ._errors import AlertDescription, NotTLSError, TLSRecordError, alert_record
 from ._protocol import TLSRecordProtocol
-from ._records import DetachedRecord, TLSRecord
+from ._records import TLSRecord
 from ._splitter import MIN_RING_CAPACITY, RECORD_POOL_CLASSES
 
 __all__ = [
@@ -68,7 +70,8 @@ DEFAULT_IDLE_TIMEOUT: Final = 3600.0
 #: open, and seconds a closing connection may take to flush (HAProxy ``timeout client-fin``).
 DEFAULT_HALF_CLOSE_TIMEOUT: Final = 30.0
 #: Seconds without a read after which an established tunnel's rings (grown by a burst) shrink
-#: back to ``initial_buffer``.  None: never.
+#: back to ``initial_buffer``; also the window in which a side that forwarded fewer than
+#: ``initial_buffer`` bytes shrinks its ring (a trickle cannot keep a grown ring).  None: never.
 DEFAULT_SHRINK_AFTER: Final = 5.0
 #: Client connections open at once (each also holds an upstream connection: two sockets).
 DEFAULT_MAX_CONNECTIONS: Final = 1024
@@ -80,6 +83,16 @@ DEFAULT_MAX_CLIENT_HELLO: Final = 16384
 DEFAULT_INITIAL_BUFFER: Final = 1024
 #: Largest ring per connection side, bytes.
 DEFAULT_MAX_BUFFER: Final = 65536
+#: Smallest pooled lease the records before the tunnel are packed into, bytes: a ClientHello
+#: split into 1-byte handshake records (6 wire bytes each) costs its wire bytes, not a 64-byte
+#: slot and two objects per record.
+HOLD_CHUNK: Final = 512
+#: Records shorter than this (bytes) are packed with the other small records of the same read
+#: into one pooled lease of at most PACK_LIMIT bytes before being forwarded: a write queue
+#: (asyncio 3.12+ and uvloop keep the written views) then holds one slot per read, not a
+#: 64-byte slot and a memoryview per 6-byte record.
+PACK_BELOW: Final = 512
+PACK_LIMIT: Final = 16384
 
 HTTP_REFUSAL: Final = (
     b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain\r\n"
@@ -270,7 +283,8 @@ class _Tunnel:
     __slots__ = (
         "alert", "bytes_down", "bytes_up", "client", "client_addr", "connecting", "detail",
         "finished",
-        "last", "loop", "phase", "proxy", "reason", "route", "server_name", "shrunk",
+        "last", "loop", "phase", "proxy", "reason", "route", "server_name", "shrink_at",
+        "shrink_mark", "shrunk",
         "started", "timer", "upstream",
     )
 
@@ -296,6 +310,8 @@ class _Tunnel:
         self.connecting: asyncio.Task[None] | None = None
         self.finished = False
         self.shrunk = False  # rings shrunk since the last read
+        self.shrink_at = 0.0  # loop time of the next trickle check
+        self.shrink_mark = (0, 0)  # (bytes_up, bytes_down) at the last trickle check
 
     # ------------------------------------------------------------------ bookkeeping
     def end(self, reason: Reason, alert: str | None = None, detail: str | None = None) -> None:
@@ -361,7 +377,23 @@ class _Tunnel:
             for side in (self.client, self.upstream):
                 if side is not None:
                     side.shrink_ring()
+        elif shrink is not None and not self.shrunk and now >= self.shrink_at:
+            # reads keep coming: shrink each side that forwarded less than initial_buffer
+            # bytes in the window (a trickle), so a burst's ring cannot be kept for 1 B/s
+            floor = self.proxy.limits.initial_buffer
+            up, down = self.shrink_mark
+            if self.client is not None and self.bytes_up - up < floor:
+                self.client.shrink_ring()
+            if self.upstream is not None and self.bytes_down - down < floor:
+                self.upstream.shrink_ring()
+            self.start_shrink_window(now)
         self.watch_activity()
+
+    def start_shrink_window(self, now: float) -> None:
+        shrink = self.proxy.limits.shrink_after
+        if shrink is not None:
+            self.shrink_at = now + shrink
+            self.shrink_mark = (self.bytes_up, self.bytes_down)
 
     def half_closed(self) -> bool:
         return (self.client is not None and self.client.eof_in) or (
@@ -385,7 +417,8 @@ class _Tunnel:
             due = self.last + limit
         shrink = self.proxy.limits.shrink_after
         if shrink is not None and not self.shrunk:
-            due = self.last + shrink if due is None else min(due, self.last + shrink)
+            check = min(self.last + shrink, self.shrink_at)
+            due = check if due is None else min(due, check)
         if due is None:
             self.disarm()
         else:
@@ -432,10 +465,14 @@ class _Tunnel:
 
 
 class _Side(TLSRecordProtocol):
-    """Common forwarding: every record goes to the other side through a pooled lease."""
+    """Common forwarding: every record goes to the other side through a pooled lease; the
+    small records of one read are packed into one lease (up to :data:`PACK_LIMIT` bytes)."""
 
     tunnel: _Tunnel
     eof_in = False  # the other end of our transport sent EOF
+    #: The lease small records of the current read are packed into, and its bytes used.
+    pack: Lease | None = None
+    packed = 0
 
     def __init__(self, tunnel: _Tunnel) -> None:
         limits = tunnel.proxy.limits
@@ -455,15 +492,47 @@ class _Side(TLSRecordProtocol):
         tunnel.last = tunnel.loop.time()
         if tunnel.shrunk:  # quiet no more: watch for the next quiet spell
             tunnel.shrunk = False
+            tunnel.start_shrink_window(tunnel.last)
             tunnel.watch_activity()
-        super().data_available(ring)
+        try:
+            super().data_available(ring)
+        finally:
+            self.flush_pack()
 
     def forward(self, record: TLSRecord) -> None:
         peer = self.peer
         if self.tunnel.phase != "open" or peer is None or peer.transport is None:
             return
-        self.count(len(record.raw))
-        write_lease(peer.transport, record.detach().lease)
+        raw = record.raw
+        n = len(raw)
+        self.count(n)
+        if n >= PACK_BELOW:
+            self.flush_pack()  # keep the order
+            write_lease(peer.transport, record.detach().lease)
+            return
+        pack, used = self.pack, self.packed
+        if pack is None or used + n > len(pack):
+            self.flush_pack()
+            ring = self._ring
+            want = min(len(ring), PACK_LIMIT) if ring is not None else n
+            pack = self.pack = self.tunnel.proxy.pool.acquire(max(n, want))
+            used = 0
+        pack.view[used:used + n] = raw
+        self.packed = used + n
+
+    def flush_pack(self) -> None:
+        """Write the packed small records to the peer (at the end of each read)."""
+        pack, used = self.pack, self.packed
+        if pack is None:
+            return
+        self.pack = None
+        self.packed = 0
+        peer = self.peer
+        try:
+            if self.tunnel.phase == "open" and peer is not None and peer.transport is not None:
+                peer.transport.write(pack.view[:used])
+        finally:
+            pack.release()  # the slot stays out of circulation while the write queue has it
 
     def pause_writing(self) -> None:  # our transport is full: stop reading from the peer
         peer = self.peer
@@ -538,7 +607,8 @@ class ClientSide(_Side):
         tunnel.client = self
         self.collector: ClientHelloCollector | None = ClientHelloCollector(
             max_size=tunnel.proxy.limits.max_client_hello)
-        self.held: list[DetachedRecord] = []
+        #: Wire bytes received before the tunnel opened: (lease, bytes used), packed in order.
+        self.held: list[tuple[Lease, int]] = []
 
     @property
     def peer(self) -> _Side | None:
@@ -561,7 +631,7 @@ class ClientSide(_Side):
             return
         if tunnel.phase != "hello" and tunnel.phase != "connecting":
             return  # closing: ignore the rest of this read
-        self.held.append(record.detach())
+        self.hold(record.raw)
         collector = self.collector
         if collector is None:  # connecting: hold records until the upstream is there
             return
@@ -619,14 +689,18 @@ class ClientSide(_Side):
         tunnel.phase = "open"
         tunnel.proxy.stats.tunnels_open += 1
         tunnel.last = loop.time()
+        tunnel.start_shrink_window(tunnel.last)
         tunnel.watch_activity()
         # Resume first: if the held records fill the upstream's buffer, its pause_writing
         # pauses us again (resuming afterwards would undo that pause).
         self.resume_reading()
         held, self.held = self.held, []
-        for rec in held:
-            self.count(len(rec.lease))
-            write_lease(up.transport, rec.lease)
+        for lease, used in held:
+            self.count(used)
+            try:
+                up.transport.write(lease.view[:used])
+            finally:
+                lease.release()  # the slot stays out of circulation while the write queue has it
 
     def refuse(self, reason: Reason, alert: AlertDescription | None,
                detail: str | None = None) -> None:
@@ -655,8 +729,23 @@ class ClientSide(_Side):
     def drop_held(self) -> None:
         held, self.held = self.held, []
         self.collector = None
-        for rec in held:
-            rec.release()
+        for lease, _ in held:
+            lease.release()
+
+    def hold(self, raw: memoryview) -> None:
+        """Copy one record's wire bytes behind those already held (into the last lease while
+        it has room, else into a new one of at least HOLD_CHUNK bytes)."""
+        n = len(raw)
+        held = self.held
+        if held:
+            lease, used = held[-1]
+            if used + n <= len(lease):
+                lease.view[used:used + n] = raw
+                held[-1] = (lease, used + n)
+                return
+        lease = self.tunnel.proxy.pool.acquire(max(n, HOLD_CHUNK))
+        lease.view[:n] = raw
+        held.append((lease, n))
 
     def connection_lost(self, exc: Exception | None) -> None:
         tunnel = self.tunnel

@@ -30,6 +30,7 @@ On the ring paths a view still exported, or derived from a record (a slice,
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
 from pickle import PickleBuffer
 from typing import TYPE_CHECKING, Final, Literal, cast
@@ -47,6 +48,12 @@ from ._records import (
     TLSRecord,
     diagnose_header,
 )
+
+try:
+    import ctypes as _ctypes
+except ImportError:  # pragma: no cover - CPython builds without ctypes
+    _ctypes = None  # type: ignore[assignment]
+
 
 if TYPE_CHECKING:
     from bufpool import BufferPool, Lease
@@ -166,12 +173,17 @@ class TLSRecordSplitter:
         self._deferred = 0  # ring bytes of handed-out records, consumed at the next call
         self._handed: list[TLSRecord] = []
         self._handed_ring = False  # _handed are views of ring memory (pull), not of feed() input
-        # pull(): per readable ring view ``base``, a ``memoryview(PickleBuffer(base))`` wrapper
-        # that the records are sliced from, as pairs (wrapper, base).  The wrapper has its own
-        # managed buffer, which every view derived from a record shares and which holds
-        # ``base``'s only export: once the records and the wrapper are released,
-        # ``base.release()`` fails exactly when something derived from a record is alive.
+        # pull(): per readable ring view, a wrapper view of the same bytes that the records are
+        # sliced from, with its own managed buffer, which every view derived from a record
+        # shares.  Its exporter is a ctypes array over the ring's storage bytearray: once the
+        # records and the wrappers are released, that array is still alive (checked through a
+        # weak reference) exactly when something derived from a record is.  No memoryview is
+        # the exporter: a memoryview with exports that the cyclic GC clears (e.g. a failed
+        # splitter dropped in a cycle with its error's traceback) crashes CPython 3.11 and 3.12
+        # once those exports end.  (Without ctypes: memoryview(PickleBuffer(view)), which has
+        # that hazard.)
         self._wraps: list[memoryview] = []
+        self._wrap_refs: list[weakref.ref[object]] = []
         self._leases: list[Lease] = []  # joins handed out, released at the next call
         self._error: TLSRecordError | None = None
         self._closed = False
@@ -275,16 +287,13 @@ class TLSRecordSplitter:
             return out
         first = views[0]
         end = len(first)
-        wraps = self._wraps
-        wrap = memoryview(PickleBuffer(first))
-        wraps += (wrap, first)
+        wrap = self._wrap(first, ring._head)  # first is storage[head:head + end]
         pos = self._scan(wrap, 0, end, base, out)
         if len(views) > 1:
             second = views[1]
             pos2 = self._join(wrap, pos, second, base + pos, out)
             if pos2 >= 0:
-                wrap = memoryview(PickleBuffer(second))
-                wraps += (wrap, second)
+                wrap = self._wrap(second, 0)  # the wrapped part starts the storage
                 pos = end + self._scan(wrap, pos2, len(second), base + end, out)
         if not out:
             self._release_wraps()
@@ -366,20 +375,37 @@ class TLSRecordSplitter:
                 "alive; that memory is reused now. Keep records with detach() instead"
             )
 
+    def _wrap(self, view: memoryview, start: int) -> memoryview:
+        """The wrapper of ``view``, which is ``storage[start:start + len(view)]`` (ring views
+        are slices of a view at offset 0 of the ring's storage bytearray)."""
+        if _ctypes is None:
+            wrap = memoryview(PickleBuffer(view))
+            self._wraps += (wrap, view)
+            return wrap
+        storage = view.obj
+        array = (_ctypes.c_char * len(storage)).from_buffer(storage)  # type: ignore[arg-type]
+        whole = memoryview(array).cast("B")
+        self._wrap_refs.append(weakref.ref(array))
+        wrap = whole[start:start + len(view)]
+        self._wraps += (wrap, whole)
+        return wrap
+
     def _release_wraps(self) -> bool:
-        """Release the pull() wrappers and their ring views; True if a view derived from a
-        record still pins one (the records themselves must be released first)."""
+        """Release the pull() wrappers; True if a view derived from a record still pins the
+        ring memory (the records themselves must be released first)."""
         wraps = self._wraps
         if not wraps:
             return False
         self._wraps = []
         pinned = False
-        for v in wraps:  # wrapper first, then the base it exports from
+        for v in wraps:  # wrapper first, then what it was made from
             try:
                 v.release()
-            except BufferError:
+            except BufferError:  # a consumer holds that buffer itself
                 pinned = True
-        return pinned
+        wraps.clear()
+        refs, self._wrap_refs = self._wrap_refs, []
+        return pinned or any(ref() is not None for ref in refs)
 
     def _pending_head(self) -> bytes:
         """Up to 5 header bytes of the pending record: the readable ring bytes after the
