@@ -8,6 +8,7 @@ from ._classes import DEFAULT_CLASSES, TLS12_MAX_RECORD, TLS13_MAX_RECORD
 from ._errors import (
     BufferFull,
     BufPoolError,
+    ChainTooLarge,
     LeakWarning,
     LeaseReleasedError,
     PoolExhausted,
@@ -27,6 +28,7 @@ __all__ = [
     "BufPoolError",
     "BufferFull",
     "BufferPool",
+    "ChainTooLarge",
     "LeakWarning",
     "Lease",
     "LeaseChain",

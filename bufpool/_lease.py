@@ -226,7 +226,7 @@ def release_locked(lease: Lease) -> None:
         lease._buf = None
         lease._view = None  # the slot's last view dies here unless someone else holds one
         if tier is None:
-            pool._heap_in_use -= 1
+            pool._heap.returned(buf)  # type: ignore[arg-type]
             return
         tier.in_use -= 1
         if getrefcount(buf) - OVERHEAD == 1 and not pool._slow_release:

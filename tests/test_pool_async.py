@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
+import bufpool
 import bufpool._pool
 from bufpool import BufferPool, Lease, PoolExhausted
 
@@ -233,6 +234,21 @@ async def test_chain_async_waits_and_times_out_cleanly() -> None:
     assert pool.stats().in_use == 2  # the failed chain took nothing
     chain.release()
     assert pool.stats().in_use == 0
+
+
+@pytest.mark.asyncio
+async def test_chain_larger_than_the_whole_budget_fails_at_once_holding_nothing() -> None:
+    pool = BufferPool(classes=(65536,), initial_slots=2, max_bytes=2 * 65536, on_exhausted="heap")
+    held = pool.acquire(10)  # whatever is held, the chain could never fit
+    # No timeout at all: before, this waited forever holding the one slot it could take.
+    task = asyncio.create_task(pool.acquire_chain_async(2 * 65536 + 1))
+    with pytest.raises(bufpool.ChainTooLarge, match=r"131073-byte chain .*max_bytes=131072"):
+        await asyncio.wait_for(task, 10)
+    st = pool.stats()
+    assert st.in_use == 1 and st.waiting == 0 and st.timeouts == 0 and st.heap_in_use == 0
+    held.release()
+    chain = await pool.acquire_chain_async(2 * 65536, timeout=1)  # what fits is served
+    chain.release()
 
 
 def slot_accounting_adds_up(pool: BufferPool) -> None:

@@ -170,11 +170,19 @@ show("reclaim", lambda: pool.reclaim())
 with pool.acquire(500) as e:
     show("with", lambda: (e.refcount, e.pooled, len(e)))
 show("with after", lambda: e.released)
-heap_pool = BufferPool(classes=(64,), initial_slots=0, max_bytes=0)
+heap_pool = BufferPool(classes=(64,), initial_slots=0, max_bytes=0, max_heap_bytes=100)
 h = heap_pool.acquire(10)
 show("heap", lambda: (repr(h), h.pooled, h.capacity, len(h.view)))
+show("heap budget", lambda: heap_pool.acquire(91))
+show("heap oversize", lambda: heap_pool.acquire(101))
+hv = h.view
 h.release()
 show("heap release again", lambda: h.release())
+show("heap viewed", lambda: (heap_pool.stats().heap_bytes, heap_pool.stats().heap_in_use))
+del hv
+show("heap view gone", lambda: heap_pool.stats().heap_bytes)
+show("chain too large", lambda: pool.acquire_chain(5000))
+show("heap chain too large", lambda: heap_pool.acquire_chain(201))
 
 def leak():
     pool.acquire(7)
