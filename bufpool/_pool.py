@@ -33,7 +33,7 @@ from ._errors import (
 from ._heap import HeapBudget
 from ._impl import new_lock, speedups
 from ._leak import _PKG_DIR, LEVELS, SAMPLE_INTERVAL, SITE_DEPTH, Site, capture_site, format_site
-from ._lease import Lease, LeaseChain, PyLease, release_locked
+from ._lease import Lease, LeaseChain, detach, new_lease, release_locked, set_refcount
 from ._lock import GIVE, hot_section
 from ._stats import PoolStats, TierStats
 from ._tier import Tier
@@ -262,14 +262,14 @@ class BufferPool(_PoolBase):
                 held = None; token += GIVE  # noqa: E702, F841
         except IndexError:  # no free slot (from pop): the miss path, under the lock
             return self._acquire_slow(tier.index, size, site)
-        lease = _new_lease(Lease)
-        lease._pool = self
-        lease._tier = tier
-        lease._buf = buf
-        lease._view = None  # made on first use of .view
-        lease._size = size
-        lease._refcount = 1
-        lease._site = site
+        lease = _new_lease(Lease)  # as ``new_lease``, inline
+        lease._Lease__pool = self
+        lease._Lease__tier = tier
+        lease._Lease__buf = buf
+        lease._Lease__view = None  # made on first use of .view
+        lease._Lease__size = size
+        lease._Lease__refcount = 1
+        lease._Lease__site = site
         return lease
 
     def _route(self, size: int) -> Tier | None:
@@ -387,7 +387,7 @@ class BufferPool(_PoolBase):
                 f"max_heap_bytes={heap.limit} ({heap.bytes} bytes in heap leases)"
             )
         buf = bytearray(size)
-        lease = Lease(self, None, buf, None, size, site)
+        lease = new_lease(self, None, buf, size, site)
         heap.served(size)
         return lease
 
@@ -592,7 +592,7 @@ class BufferPool(_PoolBase):
         if tier.in_use > tier.high_water:
             tier.high_water = tier.in_use
         tier.requested_bytes += size
-        return Lease(self, tier, buf, None, size, site)  # the view is made on first use
+        return new_lease(self, tier, buf, size, site)  # the view is made on first use
 
     def _serve_waiters(self) -> None:
         """Hand free slots to waiting coroutines, oldest first per class.  Lock held.
@@ -654,9 +654,10 @@ class BufferPool(_PoolBase):
     # ------------------------------------------------------------------ release
     def _retain(self, lease: Lease) -> None:
         with self._lock:
-            if lease._refcount <= 0:
+            rc = lease.refcount
+            if rc <= 0:
                 raise LeaseReleasedError(f"{lease!r}: retain() after the lease was released")
-            lease._refcount += 1
+            set_refcount(lease, rc + 1)
 
     def _release(self, lease: Lease) -> None:
         lease.release()
@@ -706,19 +707,17 @@ class BufferPool(_PoolBase):
             finally:
                 self._draining = False
         for lease in leaked:
-            if lease._refcount <= 0:
+            if lease.refcount <= 0:
                 continue  # released by a finalizer of the same collection after all
-            tier, buf = lease._tier, lease._buf
-            lease._refcount = 0
-            lease._buf = None
-            lease._view = None
+            tier: Tier | None = lease._tier
+            buf = detach(lease)
             self._leaked += 1
             if tier is None:
                 self._heap.returned(buf)  # type: ignore[arg-type]
             else:
                 tier.in_use -= 1
                 tier.quarantine.append(buf)  # type: ignore[arg-type]
-            reports.append((lease._size, lease._site))
+            reports.append((len(lease), lease._site))
         self._leak_reports.extend(reports)
         return reports
 
@@ -862,7 +861,6 @@ if speedups is not None:
     speedups.setup(
         released_error=LeaseReleasedError,
         py_release=release_locked,
-        py_truncate=PyLease.truncate,
         bad_size=_bad_size,
         pkg_dir=_PKG_DIR,
         site_depth=SITE_DEPTH,
