@@ -42,3 +42,7 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+from ._leak import apply_warning_switches as _apply_warning_switches
+
+_apply_warning_switches()  # BUFPOOL_LEAKS=error, -W error::bufpool.LeakWarning
