@@ -50,7 +50,9 @@ POLICIES: Final = ("spill", "heap", "raise")
 DEFAULT_MAX_BYTES: Final = 256 * 1024 * 1024
 #: Default preallocation per class in bytes (about 0.8 MiB over the six default classes).
 DEFAULT_INITIAL_BYTES_PER_CLASS: Final = 128 * 1024
-#: While coroutines wait, quarantine and leaked leases are rechecked this often (seconds).
+#: While coroutines wait and a slot sits in quarantine (it comes back when its last view dies,
+#: which no call reports), quarantine is rechecked this often (seconds).  Nothing is polled
+#: while nothing is quarantined: releases, trims and leaks wake the waiters themselves.
 WAITER_POLL_INTERVAL: Final = 0.002
 
 _new_lease = object.__new__
@@ -154,7 +156,9 @@ class BufferPool(_PoolBase):
         self._deferred_errors: list[str] = []
         #: True while ``_drain_leaks`` does deferred releases (the lock is ours: re-entered).
         self._draining = False
+        #: Loops with a poll armed, and how many coroutines wait on each loop.
         self._pollers: set[asyncio.AbstractEventLoop] = set()
+        self._loop_waiters: dict[asyncio.AbstractEventLoop, int] = {}
         #: ``_serve_waiters`` is running (on the lock's owner) / a nested call asked for more.
         self._serving = False
         self._serve_again = False
@@ -483,8 +487,10 @@ class BufferPool(_PoolBase):
             waiter = Waiter(fut, size, loop, site)
             tier.waiters.append(waiter)
             self._waiting += 1
+            self._loop_waiters[loop] = self._loop_waiters.get(loop, 0) + 1
             self._slow_release = True
-            self._ensure_poller(loop)
+            if self._silent_returns():
+                self._want_poll(loop)
         got_it = False
         try:
             async with asyncio.timeout(timeout):
@@ -501,6 +507,11 @@ class BufferPool(_PoolBase):
         finally:
             with self._lock:
                 self._waiting -= 1
+                left = self._loop_waiters[loop] - 1
+                if left:
+                    self._loop_waiters[loop] = left
+                else:
+                    del self._loop_waiters[loop]
                 if not self._waiting:
                     self._slow_release = self._scrub
                 try:
@@ -631,25 +642,55 @@ class BufferPool(_PoolBase):
                 waiters.popleft()
                 w.hand(self._pooled_lease(got[0], got[1], w.size, w.site))
 
-    def _ensure_poller(self, loop: asyncio.AbstractEventLoop) -> None:
-        if loop not in self._pollers:
-            self._pollers.add(loop)
-            loop.call_later(WAITER_POLL_INTERVAL, self._poll, loop)
+    def _silent_returns(self) -> bool:
+        """Whether a slot may come back with no call to report it (lock held): a quarantined
+        one (its last view dies) or a leaked lease queued by a finalizer.  O(classes)."""
+        return bool(self._pending_leaks) or any(t.quarantine for t in self._tiers)
+
+    def _want_poll(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Arm ``loop``'s poll unless armed (lock held; any thread)."""
+        if loop in self._pollers:
+            return
+        self._pollers.add(loop)
+        try:
+            loop.call_soon_threadsafe(self._arm_poll, loop)
+        except RuntimeError:  # its loop is closed
+            self._pollers.discard(loop)
+
+    def _want_polls(self) -> None:
+        """A slot went to quarantine while coroutines wait (lock held): poll on their loops."""
+        for loop in self._loop_waiters:
+            self._want_poll(loop)
+
+    def _arm_poll(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.call_later(WAITER_POLL_INTERVAL, self._poll, loop)
 
     def _poll(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Periodic recheck while coroutines wait: quarantined and leaked slots free up
-        without a release call, so nothing else would wake the waiters.  A round that raises
+        """Periodic recheck while coroutines wait on ``loop`` and a slot may come back with no
+        call to report it (``_silent_returns``); stops when either ends.  O(classes +
+        quarantined) per round, whatever the number of waiters.  A round that raises
         (reported by the loop's exception handler) does not stop the polling."""
         try:
             with self._lock:
                 self._serve_waiters()
         finally:
             with self._lock:
-                waiting = any(w.loop is loop for t in self._tiers for w in t.waiters)
-                if waiting and not loop.is_closed():
+                if (
+                    self._loop_waiters.get(loop)
+                    and self._silent_returns()
+                    and not loop.is_closed()
+                ):
                     loop.call_later(WAITER_POLL_INTERVAL, self._poll, loop)
                 else:
                     self._pollers.discard(loop)
+
+    def _serve_now(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A leak was queued while coroutines wait on ``loop`` (scheduled by ``_on_leak``):
+        serve them now, and poll if what came back is still viewed."""
+        with self._lock:
+            self._serve_waiters()
+            if self._loop_waiters.get(loop) and self._silent_returns():
+                self._want_poll(loop)
 
     # ------------------------------------------------------------------ release
     def _retain(self, lease: Lease) -> None:
@@ -667,6 +708,8 @@ class BufferPool(_PoolBase):
         (lock held): park or hand over."""
         if holders(buf) > 2:  # this frame's ``buf`` and the caller's: anything more is a view
             tier.quarantine.append(buf)
+            if self._waiting:
+                self._want_polls()  # its last view's death is reported by nobody
             return
         if self._scrub:
             buf[:] = tier.zeros
@@ -680,8 +723,16 @@ class BufferPool(_PoolBase):
 
         The queue keeps the lease alive (resurrects it) instead of taking its slot now: in a
         garbage cycle the GC finalizes objects in no particular order, so another finalizer
-        of the same collection may still release this lease; ``_drain_leaks`` decides."""
+        of the same collection may still release this lease; ``_drain_leaks`` decides.
+        Coroutines waiting for a slot are woken to drain it (no pool state is touched here:
+        ``call_soon_threadsafe`` on their loops)."""
         self._pending_leaks.append((lease, False))
+        if self._waiting:
+            for loop in tuple(self._loop_waiters):
+                try:
+                    loop.call_soon_threadsafe(self._serve_now, loop)
+                except RuntimeError:  # its loop is closed
+                    pass
 
     def _defer_release(self, lease: Lease) -> None:
         """``lease.release()`` called while this thread holds our lock (from a finalizer the
@@ -719,6 +770,8 @@ class BufferPool(_PoolBase):
                 tier.quarantine.append(buf)  # type: ignore[arg-type]
             reports.append((len(lease), lease._site))
         self._leak_reports.extend(reports)
+        if leaked and self._waiting and self._silent_returns():
+            self._want_polls()  # leaked slots wait in quarantine for their views
         return reports
 
     def _collect_leaks(self) -> int:

@@ -160,6 +160,44 @@ async def test_release_from_another_thread_wakes_waiter(no_poller: None) -> None
     lease.release()
 
 
+@pytest.mark.asyncio
+async def test_waiters_arm_no_poll_while_nothing_is_quarantined() -> None:
+    # Every slot that can come back then comes back through a call (release, trim) that
+    # serves the waiters itself: no 2 ms poll per loop while thousands wait.
+    pool = tight_pool()
+    held = pool.acquire(100)
+    tasks = [asyncio.create_task(pool.acquire_async(100, timeout=30)) for _ in range(200)]
+    await asyncio.sleep(0)
+    assert pool.stats().waiting == 200
+    loop = asyncio.get_running_loop()
+    assert loop not in pool._pollers
+    view = held.view
+    held.release()  # quarantined: its view's death is reported by nobody, so now we poll
+    assert loop in pool._pollers
+    del view
+    first = await asyncio.wait_for(tasks[0], 10)  # the poll found it free
+    first.release()  # a plain release: handed to the next waiter at once
+    for task in tasks[1:]:
+        (await asyncio.wait_for(task, 10)).release()
+    assert pool.stats().waiting == 0 and pool.stats().in_use == 0
+
+
+@pytest.mark.asyncio
+async def test_a_leaked_lease_wakes_a_waiter_without_the_poller(no_poller: None) -> None:
+    pool = tight_pool()
+    holder = [pool.acquire(100)]
+    task = asyncio.create_task(pool.acquire_async(100, timeout=30))
+    await asyncio.sleep(0)
+    assert asyncio.get_running_loop() not in pool._pollers  # nothing quarantined
+    holder.clear()  # the lease is collected unreleased: its finalizer schedules a round
+    lease = await asyncio.wait_for(task, 10)
+    assert lease.pooled
+    lease.release()
+    with pytest.warns(bufpool.LeakWarning, match="100-byte lease"):
+        st = pool.stats()
+    assert st.leaked == 1 and st.in_use == 0 and st.tiers[0].free == 1
+
+
 def release_in_thread(lease: Lease) -> None:
     """Release ``lease`` from another thread and wait for it, blocking this loop meanwhile:
     the handover to a waiter of this loop is scheduled but has not run yet."""
