@@ -529,7 +529,10 @@ def test_default_run_interleaves_pool_off_and_on(default_run: dict[str, Any]) ->
         assert run["requests"] > 0
         assert run["errors"] == {} and set(run["status"]) == {"200"}
         assert run["server"]["rss_peak_bytes"] > 10 * 1024 * 1024
-        assert run["server"]["cpu_seconds"] > 0
+        # CPU time comes in clock ticks: a server starved by a busy machine may show none
+        # for a 1 s run, but not for all four.
+        assert run["server"]["cpu_seconds"] >= 0
+    assert sum(run["server"]["cpu_seconds"] for run in doc["runs"]) > 0
     pool_runs = [r for r in doc["runs"] if r["config"] == "pool"]
     assert all(r["pool"]["hits"] > 0 for r in pool_runs)
     assert all(r["pool"]["in_use"] == 0 for r in pool_runs)

@@ -144,17 +144,16 @@ async def test_release_from_another_thread_wakes_waiter(no_poller: None) -> None
     held = pool.acquire(1)
     task = asyncio.create_task(pool.acquire_async(1, timeout=30))
     await asyncio.sleep(0.01)
-    loop = asyncio.get_running_loop()
 
     def later() -> None:
         time.sleep(0.05)  # the loop is asleep in its selector by now
         held.release()
 
     t = threading.Thread(target=later)
-    start = loop.time()
     t.start()
+    # Within 10 s: before the 30 s timeout and the 60 s poll, so woken by the handover (no
+    # clock reading to compare: a busy machine may take seconds to run the thread).
     lease = await asyncio.wait_for(task, 10)
-    assert loop.time() - start < 2  # woken by the handover, not by a poll or the timeout
     t.join(5)
     assert lease.pooled
     lease.release()
