@@ -743,11 +743,23 @@ def _wait_for_children(pid: int, want: int, timeout: float = 60.0) -> list[psuti
     while time.monotonic() < deadline:
         kids = descendants(pid)
         apps = [p for p in kids if _cmd_has(p, "aiohttp_app.py")]
-        if len(apps) >= 2 and len(kids) >= want:
-            time.sleep(1.0)  # into the first measured run
+        # Into the first measured run: the no-pool server (measured first) has the load
+        # client's connections open (an event, not a second of sleep, which a busy machine
+        # spent still starting up: the kill then came before the run, "Connection refused").
+        first = [p for p in apps if _cmd_has(p, "--no-pool")]
+        if len(apps) >= 2 and len(kids) >= want and first and _established(first[0]) >= 4:
             return descendants(pid)
         time.sleep(0.1)
     raise AssertionError(f"harness never started {want} children: {descendants(pid)}")
+
+
+def _established(p: psutil.Process) -> int:
+    """TCP connections of ``p`` in ESTABLISHED state (0 if it is gone)."""
+    try:
+        conns = getattr(p, "net_connections", None) or p.connections
+        return sum(c.status == psutil.CONN_ESTABLISHED for c in conns(kind="tcp"))
+    except psutil.Error:
+        return 0
 
 
 def _cmd_has(p: psutil.Process, text: str) -> bool:
