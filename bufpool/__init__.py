@@ -8,6 +8,7 @@ from ._classes import DEFAULT_CLASSES, TLS12_MAX_RECORD, TLS13_MAX_RECORD
 from ._errors import (
     BufferFull,
     BufPoolError,
+    ChainTooLarge,
     LeakWarning,
     LeaseReleasedError,
     PoolExhausted,
@@ -27,6 +28,7 @@ __all__ = [
     "BufPoolError",
     "BufferFull",
     "BufferPool",
+    "ChainTooLarge",
     "LeakWarning",
     "Lease",
     "LeaseChain",
@@ -40,3 +42,7 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+from ._leak import apply_warning_switches as _apply_warning_switches
+
+_apply_warning_switches()  # BUFPOOL_LEAKS=error, -W error::bufpool.LeakWarning

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "BufPoolError",
     "BufferFull",
+    "ChainTooLarge",
     "LeakWarning",
     "LeaseReleasedError",
     "PoolExhausted",
@@ -25,7 +26,16 @@ class PoolExhausted(BufPoolError):
 
 
 class RequestTooLarge(BufPoolError, ValueError):
-    """A contiguous lease beyond the largest size class, under ``on_exhausted="raise"``."""
+    """A request the pool can never serve: a contiguous lease beyond the largest size class
+    under ``on_exhausted="raise"``, or one above it larger than ``max_heap_bytes``."""
+
+
+class ChainTooLarge(RequestTooLarge, PoolExhausted):
+    """A chain larger than the whole budget (``acquire_chain``, ``acquire_chain_async``): it
+    could never be served, so it fails at once, holding nothing, instead of waiting.
+
+    Also a PoolExhausted, so code that handled the failure of such a chain (after its wait)
+    keeps handling it."""
 
 
 class LeaseReleasedError(BufPoolError):

@@ -3,8 +3,9 @@
 Operations and costs: ``acquire``/``release`` are O(1) on a hit (a list pop/append under the
 pool lock's token, one Lease object; the memoryview is made on the first ``lease.view``); a
 miss scans the class's quarantine (O(quarantined)), then grows by one chunk, then applies
-``on_exhausted``.  Memory is bounded by ``max_bytes`` for pooled slots; heap fallbacks are
-counted, not bounded.
+``on_exhausted``.  Memory is bounded: at most ``max_bytes`` in pooled slots plus at most
+``max_heap_bytes`` (by default as much again) in heap fallbacks, both counted until the last
+view of the memory dies.
 
 The central promise: a released slot is handed to a new owner only when no memoryview of its
 previous contents is alive anywhere (user code, a slice, a transport's write queue).  Until
@@ -22,10 +23,17 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Final, Literal
 
 from ._classes import DEFAULT_CLASSES, build_classes
-from ._errors import LeakWarning, LeaseReleasedError, PoolExhausted, RequestTooLarge
+from ._errors import (
+    ChainTooLarge,
+    LeakWarning,
+    LeaseReleasedError,
+    PoolExhausted,
+    RequestTooLarge,
+)
+from ._heap import HeapBudget
 from ._impl import new_lock, speedups
 from ._leak import _PKG_DIR, LEVELS, SAMPLE_INTERVAL, SITE_DEPTH, Site, capture_site, format_site
-from ._lease import Lease, LeaseChain, PyLease, release_locked
+from ._lease import Lease, LeaseChain, detach, new_lease, release_locked, set_refcount
 from ._lock import GIVE, hot_section
 from ._stats import PoolStats, TierStats
 from ._tier import Tier
@@ -42,7 +50,9 @@ POLICIES: Final = ("spill", "heap", "raise")
 DEFAULT_MAX_BYTES: Final = 256 * 1024 * 1024
 #: Default preallocation per class in bytes (about 0.8 MiB over the six default classes).
 DEFAULT_INITIAL_BYTES_PER_CLASS: Final = 128 * 1024
-#: While coroutines wait, quarantine and leaked leases are rechecked this often (seconds).
+#: While coroutines wait and a slot sits in quarantine (it comes back when its last view dies,
+#: which no call reports), quarantine is rechecked this often (seconds).  Nothing is polled
+#: while nothing is quarantined: releases, trims and leaks wake the waiters themselves.
 WAITER_POLL_INTERVAL: Final = 0.002
 
 _new_lease = object.__new__
@@ -79,10 +89,14 @@ class BufferPool(_PoolBase):
         Default: about 128 KiB per class.
     max_bytes
         Budget over all slots, in bytes (default 256 MiB).
+    max_heap_bytes
+        Budget of heap fallbacks, in bytes: unpooled leases alive (or still viewed) at once.
+        Default None: the same as ``max_bytes``, so a pool never holds more than twice
+        ``max_bytes`` in all.  Pass ``sys.maxsize`` for no bound (the behaviour before it).
     on_exhausted
         What ``acquire`` does when the class has no free slot and the budget is spent:
-        "spill" (try larger classes, then raise), "heap" (unpooled bytearray, counted; the
-        default, so a plain ``acquire`` does not fail) or "raise" (PoolExhausted).
+        "spill" (try larger classes, then raise), "heap" (unpooled bytearray within
+        ``max_heap_bytes``, then raise; the default) or "raise" (PoolExhausted).
     leak_detection
         "off", "sample" (default) or "paranoid"; see ``bufpool._leak``.
     scrub
@@ -96,6 +110,7 @@ class BufferPool(_PoolBase):
         headroom: Mapping[int, int] | None = None,
         initial_slots: int | Mapping[int, int] | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        max_heap_bytes: int | None = None,
         on_exhausted: Policy = "heap",
         leak_detection: LeakLevel = "sample",
         scrub: bool = False,
@@ -107,6 +122,12 @@ class BufferPool(_PoolBase):
             raise ValueError(f"leak_detection must be one of {LEVELS}, got {leak_detection!r}")
         if not isinstance(max_bytes, int) or max_bytes < 0:
             raise ValueError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
+        if max_heap_bytes is None:
+            max_heap_bytes = max_bytes
+        elif not isinstance(max_heap_bytes, int) or max_heap_bytes < 0:
+            raise ValueError(
+                f"max_heap_bytes must be a non-negative int or None, got {max_heap_bytes!r}"
+            )
         # At most 30 instance attributes (CPython's limit for key-sharing instance dicts):
         # past it every attribute read of the pure-Python hot paths gets slower.
         self._policy: Policy = on_exhausted
@@ -120,9 +141,8 @@ class BufferPool(_PoolBase):
         self._slot_sizes = tuple(t.slot_size for t in self._tiers)
         self._classes = tuple(t.size for t in self._tiers)
         self._reserved = 0
-        self._heap_fallbacks = 0
-        self._heap_in_use = 0
-        self._oversize = 0
+        #: Heap fallbacks: counters, bytes and their budget (``_heap``).
+        self._heap = HeapBudget(max_heap_bytes)
         self._leaked = 0
         self._timeouts = 0
         self._trimmed = 0
@@ -136,7 +156,9 @@ class BufferPool(_PoolBase):
         self._deferred_errors: list[str] = []
         #: True while ``_drain_leaks`` does deferred releases (the lock is ours: re-entered).
         self._draining = False
+        #: Loops with a poll armed, and how many coroutines wait on each loop.
         self._pollers: set[asyncio.AbstractEventLoop] = set()
+        self._loop_waiters: dict[asyncio.AbstractEventLoop, int] = {}
         #: ``_serve_waiters`` is running (on the lock's owner) / a nested call asked for more.
         self._serving = False
         self._serve_again = False
@@ -185,6 +207,10 @@ class BufferPool(_PoolBase):
     @property
     def max_bytes(self) -> int:
         return self._max_bytes
+
+    @property
+    def max_heap_bytes(self) -> int:
+        return self._heap.limit
 
     @property
     def on_exhausted(self) -> Policy:
@@ -240,14 +266,14 @@ class BufferPool(_PoolBase):
                 held = None; token += GIVE  # noqa: E702, F841
         except IndexError:  # no free slot (from pop): the miss path, under the lock
             return self._acquire_slow(tier.index, size, site)
-        lease = _new_lease(Lease)
-        lease._pool = self
-        lease._tier = tier
-        lease._buf = buf
-        lease._view = None  # made on first use of .view
-        lease._size = size
-        lease._refcount = 1
-        lease._site = site
+        lease = _new_lease(Lease)  # as ``new_lease``, inline
+        lease._Lease__pool = self
+        lease._Lease__tier = tier
+        lease._Lease__buf = buf
+        lease._Lease__view = None  # made on first use of .view
+        lease._Lease__size = size
+        lease._Lease__refcount = 1
+        lease._Lease__site = site
         return lease
 
     def _route(self, size: int) -> Tier | None:
@@ -276,7 +302,7 @@ class BufferPool(_PoolBase):
             else:
                 served = self._take_slot(i, size)
                 if served is None:
-                    return self._heap_lease(size, site)
+                    return self._heap_lease(size, site, tier)
                 buf, tier = served
             return self._pooled_lease(buf, tier, size, site)
 
@@ -347,33 +373,82 @@ class BufferPool(_PoolBase):
             f"{quarantined} quarantined); on_exhausted={self._policy!r}"
         )
 
-    def _heap_lease(self, size: int, site: Site | None) -> Lease:
-        """An unpooled lease (lock held).  Counted only once the memory exists."""
+    def _heap_lease(self, size: int, site: Site | None, tier: Tier | None) -> Lease:
+        """An unpooled lease within ``max_heap_bytes`` (lock held), for a request of class
+        ``tier`` whose budget is spent, or above the largest class (``tier`` None).  Counted
+        only once the memory exists."""
+        heap = self._heap
+        if not heap.has_room(size):
+            if tier is not None:
+                raise PoolExhausted(
+                    self._exhausted_message(tier, size)
+                    + f"; heap fallbacks are at max_heap_bytes={heap.limit} "
+                    f"({heap.bytes} bytes in heap leases)"
+                )
+            raise PoolExhausted(
+                f"no room for a {size}-byte heap lease (above the largest size class, "
+                f"{self._tiers[-1].size} bytes): heap fallbacks are at "
+                f"max_heap_bytes={heap.limit} ({heap.bytes} bytes in heap leases)"
+            )
         buf = bytearray(size)
-        lease = Lease(self, None, buf, None, size, site)
-        self._heap_fallbacks += 1
-        self._heap_in_use += 1
+        lease = new_lease(self, None, buf, size, site)
+        heap.served(size)
         return lease
 
     def _oversize_lease(self, size: int, site: Site | None) -> Lease:
+        largest = self._tiers[-1]
         with self._lock:
-            self._oversize += 1
+            self._heap.oversize += 1
             if self._policy != "raise":
-                return self._heap_lease(size, site)
+                if size <= self._heap.limit:
+                    return self._heap_lease(size, site, None)
+                raise RequestTooLarge(
+                    f"{size} bytes exceeds the largest size class ({largest.size} bytes, "
+                    f"{largest.slot_size}-byte slots) and max_heap_bytes={self._heap.limit} "
+                    f"for heap fallbacks; use acquire_chain() for data that may be larger"
+                )
         raise RequestTooLarge(
-            f"{size} bytes exceeds the largest size class ({self._tiers[-1].size} bytes, "
-            f"{self._tiers[-1].slot_size}-byte slots) and on_exhausted='raise'; use "
+            f"{size} bytes exceeds the largest size class ({largest.size} bytes, "
+            f"{largest.slot_size}-byte slots) and on_exhausted='raise'; use "
             f"acquire_chain() for data that may be larger"
         )
+
+    def _check_chain(self, size: int, *, heap: bool) -> None:
+        """Raise ChainTooLarge when a ``size``-byte chain can never be served: its pieces
+        need more slot bytes than ``max_bytes`` (``heap`` False: only slots may serve it), or
+        it is larger than ``max_bytes`` and ``max_heap_bytes`` together (``heap`` True: heap
+        fallbacks may serve pieces too; each piece costs at least its size either way)."""
+        slot_sizes = self._slot_sizes
+        chunk = self._tiers[-1].size
+        full, rest = divmod(size, chunk)
+        need = full * slot_sizes[bisect_left(slot_sizes, chunk)]
+        if rest:
+            need += slot_sizes[bisect_left(slot_sizes, rest)]
+        if need <= self._max_bytes:
+            return
+        pieces = full + (1 if rest else 0)
+        if not heap:
+            raise ChainTooLarge(
+                f"a {size}-byte chain needs {need} bytes of slots ({pieces} pieces), more than "
+                f"the whole budget max_bytes={self._max_bytes}: it can never be served"
+            )
+        if size > self._max_bytes + self._heap.limit:
+            raise ChainTooLarge(
+                f"a {size}-byte chain is larger than the whole budget max_bytes="
+                f"{self._max_bytes} plus max_heap_bytes={self._heap.limit}: it can never be "
+                f"served"
+            )
 
     def acquire_chain(self, size: int, /) -> LeaseChain:
         """Lease ``size`` bytes (any size) as slots of the largest class, in order.
 
         Every lease but the last holds the largest class's nominal size.  Never makes one
-        giant allocation.  On failure nothing stays acquired.
+        giant allocation.  On failure nothing stays acquired; a chain larger than the whole
+        budget raises ChainTooLarge at once, taking nothing.
         """
         if size.__class__ is not int or size < 0:
             _bad_size(size)
+        self._check_chain(size, heap=self._policy == "heap")
         chunk = self._tiers[-1].size
         leases: list[Lease] = []
         try:
@@ -412,8 +487,10 @@ class BufferPool(_PoolBase):
             waiter = Waiter(fut, size, loop, site)
             tier.waiters.append(waiter)
             self._waiting += 1
+            self._loop_waiters[loop] = self._loop_waiters.get(loop, 0) + 1
             self._slow_release = True
-            self._ensure_poller(loop)
+            if self._silent_returns():
+                self._want_poll(loop)
         got_it = False
         try:
             async with asyncio.timeout(timeout):
@@ -430,6 +507,11 @@ class BufferPool(_PoolBase):
         finally:
             with self._lock:
                 self._waiting -= 1
+                left = self._loop_waiters[loop] - 1
+                if left:
+                    self._loop_waiters[loop] = left
+                else:
+                    del self._loop_waiters[loop]
                 if not self._waiting:
                     self._slow_release = self._scrub
                 try:
@@ -452,10 +534,12 @@ class BufferPool(_PoolBase):
         Chains of several slots take them one at a time while holding the ones they have, so
         such chains wait one after another (FIFO, see ``ChainTurn``): two of them each holding
         part of what the other needs would otherwise wait for each other forever.  When the
-        slots are free this arms no timer and waits for nothing.
+        slots are free this arms no timer and waits for nothing.  A chain whose pieces need
+        more slot bytes than ``max_bytes`` raises ChainTooLarge at once, waiting for nothing.
         """
         if size.__class__ is not int or size < 0:
             _bad_size(size)
+        self._check_chain(size, heap=False)
         chunk = self._tiers[-1].size
         several = size > chunk
         loop = asyncio.get_running_loop()
@@ -519,7 +603,7 @@ class BufferPool(_PoolBase):
         if tier.in_use > tier.high_water:
             tier.high_water = tier.in_use
         tier.requested_bytes += size
-        return Lease(self, tier, buf, None, size, site)  # the view is made on first use
+        return new_lease(self, tier, buf, size, site)  # the view is made on first use
 
     def _serve_waiters(self) -> None:
         """Hand free slots to waiting coroutines, oldest first per class.  Lock held.
@@ -558,32 +642,63 @@ class BufferPool(_PoolBase):
                 waiters.popleft()
                 w.hand(self._pooled_lease(got[0], got[1], w.size, w.site))
 
-    def _ensure_poller(self, loop: asyncio.AbstractEventLoop) -> None:
-        if loop not in self._pollers:
-            self._pollers.add(loop)
-            loop.call_later(WAITER_POLL_INTERVAL, self._poll, loop)
+    def _silent_returns(self) -> bool:
+        """Whether a slot may come back with no call to report it (lock held): a quarantined
+        one (its last view dies) or a leaked lease queued by a finalizer.  O(classes)."""
+        return bool(self._pending_leaks) or any(t.quarantine for t in self._tiers)
+
+    def _want_poll(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Arm ``loop``'s poll unless armed (lock held; any thread)."""
+        if loop in self._pollers:
+            return
+        self._pollers.add(loop)
+        try:
+            loop.call_soon_threadsafe(self._arm_poll, loop)
+        except RuntimeError:  # its loop is closed
+            self._pollers.discard(loop)
+
+    def _want_polls(self) -> None:
+        """A slot went to quarantine while coroutines wait (lock held): poll on their loops."""
+        for loop in self._loop_waiters:
+            self._want_poll(loop)
+
+    def _arm_poll(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.call_later(WAITER_POLL_INTERVAL, self._poll, loop)
 
     def _poll(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Periodic recheck while coroutines wait: quarantined and leaked slots free up
-        without a release call, so nothing else would wake the waiters.  A round that raises
+        """Periodic recheck while coroutines wait on ``loop`` and a slot may come back with no
+        call to report it (``_silent_returns``); stops when either ends.  O(classes +
+        quarantined) per round, whatever the number of waiters.  A round that raises
         (reported by the loop's exception handler) does not stop the polling."""
         try:
             with self._lock:
                 self._serve_waiters()
         finally:
             with self._lock:
-                waiting = any(w.loop is loop for t in self._tiers for w in t.waiters)
-                if waiting and not loop.is_closed():
+                if (
+                    self._loop_waiters.get(loop)
+                    and self._silent_returns()
+                    and not loop.is_closed()
+                ):
                     loop.call_later(WAITER_POLL_INTERVAL, self._poll, loop)
                 else:
                     self._pollers.discard(loop)
 
+    def _serve_now(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A leak was queued while coroutines wait on ``loop`` (scheduled by ``_on_leak``):
+        serve them now, and poll if what came back is still viewed."""
+        with self._lock:
+            self._serve_waiters()
+            if self._loop_waiters.get(loop) and self._silent_returns():
+                self._want_poll(loop)
+
     # ------------------------------------------------------------------ release
     def _retain(self, lease: Lease) -> None:
         with self._lock:
-            if lease._refcount <= 0:
+            rc = lease.refcount
+            if rc <= 0:
                 raise LeaseReleasedError(f"{lease!r}: retain() after the lease was released")
-            lease._refcount += 1
+            set_refcount(lease, rc + 1)
 
     def _release(self, lease: Lease) -> None:
         lease.release()
@@ -593,6 +708,8 @@ class BufferPool(_PoolBase):
         (lock held): park or hand over."""
         if holders(buf) > 2:  # this frame's ``buf`` and the caller's: anything more is a view
             tier.quarantine.append(buf)
+            if self._waiting:
+                self._want_polls()  # its last view's death is reported by nobody
             return
         if self._scrub:
             buf[:] = tier.zeros
@@ -606,8 +723,16 @@ class BufferPool(_PoolBase):
 
         The queue keeps the lease alive (resurrects it) instead of taking its slot now: in a
         garbage cycle the GC finalizes objects in no particular order, so another finalizer
-        of the same collection may still release this lease; ``_drain_leaks`` decides."""
+        of the same collection may still release this lease; ``_drain_leaks`` decides.
+        Coroutines waiting for a slot are woken to drain it (no pool state is touched here:
+        ``call_soon_threadsafe`` on their loops)."""
         self._pending_leaks.append((lease, False))
+        if self._waiting:
+            for loop in tuple(self._loop_waiters):
+                try:
+                    loop.call_soon_threadsafe(self._serve_now, loop)
+                except RuntimeError:  # its loop is closed
+                    pass
 
     def _defer_release(self, lease: Lease) -> None:
         """``lease.release()`` called while this thread holds our lock (from a finalizer the
@@ -633,20 +758,20 @@ class BufferPool(_PoolBase):
             finally:
                 self._draining = False
         for lease in leaked:
-            if lease._refcount <= 0:
+            if lease.refcount <= 0:
                 continue  # released by a finalizer of the same collection after all
-            tier, buf = lease._tier, lease._buf
-            lease._refcount = 0
-            lease._buf = None
-            lease._view = None
+            tier: Tier | None = lease._tier
+            buf = detach(lease)
             self._leaked += 1
             if tier is None:
-                self._heap_in_use -= 1
+                self._heap.returned(buf)  # type: ignore[arg-type]
             else:
                 tier.in_use -= 1
                 tier.quarantine.append(buf)  # type: ignore[arg-type]
-            reports.append((lease._size, lease._site))
+            reports.append((len(lease), lease._site))
         self._leak_reports.extend(reports)
+        if leaked and self._waiting and self._silent_returns():
+            self._want_polls()  # leaked slots wait in quarantine for their views
         return reports
 
     def _collect_leaks(self) -> int:
@@ -669,12 +794,22 @@ class BufferPool(_PoolBase):
 
     # ------------------------------------------------------------------ maintenance
     def reclaim(self) -> int:
-        """Move quarantined slots whose views have all died back to the free lists now."""
+        """Move quarantined slots whose views have all died back to the free lists now (and
+        stop counting released heap buffers whose views have died); returns slots moved."""
         self._collect_leaks()
         with self._lock:
-            moved = sum(t.reclaim(self._scrub) for t in self._tiers)
-            if moved and self._waiting:
-                self._serve_waiters()
+            return self._reclaim_locked()
+
+    def _reclaim_locked(self) -> int:
+        """``reclaim`` under the lock: O(quarantined); serves waiters when slots came back."""
+        moved = 0
+        for t in self._tiers:
+            if t.quarantine:
+                moved += t.reclaim(self._scrub)
+        if self._heap.viewed:
+            self._heap.reclaim()
+        if moved and self._waiting:
+            self._serve_waiters()
         return moved
 
     def trim(self, *, keep_initial: bool = True) -> int:
@@ -697,9 +832,15 @@ class BufferPool(_PoolBase):
         return freed
 
     def stats(self) -> PoolStats:
-        """Snapshot of counters; also reports pending leaks (LeakWarning)."""
+        """Snapshot of counters; also reports pending leaks (LeakWarning).
+
+        Exact at the moment of the call: quarantined slots whose last view has died are
+        reclaimed first (O(quarantined)), so ``quarantined`` counts only slots some view
+        still holds, and ``free`` every slot ready to hand out."""
         self._collect_leaks()
         with self._lock:
+            self._reclaim_locked()
+            heap = self._heap
             tiers = tuple(
                 TierStats(
                     size=t.size,
@@ -718,7 +859,7 @@ class BufferPool(_PoolBase):
                 for t in self._tiers
             )
             hits = sum(t.hits for t in tiers)
-            misses = sum(t.misses for t in tiers) + self._oversize
+            misses = sum(t.misses for t in tiers) + heap.oversize
             leased = sum(t.leased_bytes for t in tiers)
             requested = sum(t.requested_bytes for t in tiers)
             return PoolStats(
@@ -728,9 +869,11 @@ class BufferPool(_PoolBase):
                 hits=hits,
                 misses=misses,
                 spills=sum(t.spills for t in tiers),
-                heap_fallbacks=self._heap_fallbacks,
-                heap_in_use=self._heap_in_use,
-                oversize=self._oversize,
+                heap_fallbacks=heap.fallbacks,
+                heap_in_use=heap.in_use,
+                heap_bytes=heap.bytes,
+                max_heap_bytes=heap.limit,
+                oversize=heap.oversize,
                 quarantined=sum(t.quarantined for t in tiers),
                 leaked=self._leaked,
                 waiting=self._waiting + self._chain_turn.waiting,
@@ -771,7 +914,6 @@ if speedups is not None:
     speedups.setup(
         released_error=LeaseReleasedError,
         py_release=release_locked,
-        py_truncate=PyLease.truncate,
         bad_size=_bad_size,
         pkg_dir=_PKG_DIR,
         site_depth=SITE_DEPTH,

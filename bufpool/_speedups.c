@@ -40,8 +40,7 @@
 /* ------------------------------------------------------------------ module state */
 
 static PyObject *LeaseReleasedError = NULL; /* bufpool.LeaseReleasedError */
-static PyObject *py_release = NULL;         /* bufpool._lease.PyLease.release */
-static PyObject *py_truncate = NULL;        /* bufpool._lease.PyLease.truncate */
+static PyObject *py_release = NULL;         /* bufpool._lease.release_locked */
 static PyObject *bad_size = NULL;           /* bufpool._pool._bad_size */
 static PyObject *pkg_dir = NULL;            /* bufpool._leak._PKG_DIR */
 static Py_ssize_t site_depth = 6;           /* bufpool._leak.SITE_DEPTH */
@@ -545,44 +544,32 @@ lease_error(Lease *self, const char *fmt)
     return NULL;
 }
 
+/* The same message as bufpool._lease.PyLease.__new__: a lease made by hand would be an owner
+ * of memory the pool never counted (its release drove heap_in_use negative). */
+#define LEASE_NEW_MSG \
+    "bufpool.Lease cannot be created directly: leases come from BufferPool.acquire(), " \
+    "acquire_async(), acquire_chain() and acquire_chain_async()"
+
 static PyObject *
 lease_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"pool", "tier", "buf", "view", "size", "site", NULL};
-    PyObject *pool, *tier, *buf, *view, *site;
-    Py_ssize_t size;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOnO:Lease", kwlist, &pool, &tier, &buf,
-                                     &view, &size, &site)) {
-        return NULL;
+    PyErr_SetString(PyExc_TypeError, LEASE_NEW_MSG);
+    return NULL;
+}
+
+/* 1 when the calling thread holds ``pool``'s lock; else 0 with RuntimeError set.  The module
+ * functions that change a lease's state (below) are for the pool's locked sections only. */
+static int
+holds_pool_lock(PoolCore *pool, const char *what)
+{
+    if (pool != NULL && pool->lock != NULL && pool->lock->held
+        && pool->lock->owner == PyThread_get_thread_ident()) {
+        return 1;
     }
-    if (!PyObject_TypeCheck(pool, &PoolCoreType)) {
-        PyErr_SetString(PyExc_TypeError, "Lease: pool must be a BufferPool");
-        return NULL;
-    }
-    if (tier != Py_None && !PyObject_TypeCheck(tier, &TierCoreType)) {
-        PyErr_SetString(PyExc_TypeError, "Lease: tier must be a Tier or None");
-        return NULL;
-    }
-    if (!PyByteArray_Check(buf)) {
-        PyErr_SetString(PyExc_TypeError, "Lease: buf must be a bytearray");
-        return NULL;
-    }
-    if (view != Py_None && !PyMemoryView_Check(view)) {
-        PyErr_SetString(PyExc_TypeError, "Lease: view must be a memoryview or None");
-        return NULL;
-    }
-    Lease *self = (Lease *)type->tp_alloc(type, 0);
-    if (self == NULL) {
-        return NULL;
-    }
-    self->pool = (PoolCore *)Py_NewRef(pool);
-    self->tier = Py_NewRef(tier);
-    self->buf = Py_NewRef(buf);
-    self->view = view == Py_None ? NULL : Py_NewRef(view);
-    self->site = Py_NewRef(site);
-    self->size = size;
-    self->refcount = 1;
-    return (PyObject *)self;
+    PyErr_Format(PyExc_RuntimeError,
+                 "bufpool internal: %s changes lease state only inside its pool's locked "
+                 "sections", what);
+    return 0;
 }
 
 static int
@@ -858,22 +845,28 @@ PyDoc_STRVAR(lease_truncate_doc,
 static PyObject *
 lease_truncate(Lease *self, PyObject *arg)
 {
-    if (!PyLong_CheckExact(arg)) {
-        return PyObject_CallFunctionObjArgs(py_truncate, (PyObject *)self, arg, NULL);
-    }
-    if (is_none(self->buf) || self->view == Py_None) {
-        return lease_error(self, "%U: .view used after the lease was released");
-    }
-    Py_ssize_t n = PyLong_AsSsize_t(arg);
-    if (n == -1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return PyObject_CallFunctionObjArgs(py_truncate, (PyObject *)self, arg, NULL);
-    }
-    if (n < 0 || n > self->size) {
-        PyErr_Format(PyExc_ValueError, "truncate size must be within 0..%zd, got %zd",
-                     self->size, n);
+    /* As PyLease.truncate: the size through operator.index, then the released check, then
+     * the range (an int beyond Py_ssize_t is out of range, with its own value in the message). */
+    PyObject *index = PyNumber_Index(arg);
+    if (index == NULL) {
         return NULL;
     }
+    if (is_none(self->buf) || self->view == Py_None) {
+        Py_DECREF(index);
+        return lease_error(self, "%U: .view used after the lease was released");
+    }
+    Py_ssize_t n = PyLong_AsSsize_t(index);
+    if (n == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        n = -1; /* out of range either way; reported with the int itself */
+    }
+    if (n < 0 || n > self->size) {
+        PyErr_Format(PyExc_ValueError, "truncate size must be within 0..%zd, got %S",
+                     self->size, index);
+        Py_DECREF(index);
+        return NULL;
+    }
+    Py_DECREF(index);
     if (self->view != NULL) {
         PyObject *cut = PySequence_GetSlice(self->view, 0, n);
         if (cut == NULL) {
@@ -929,7 +922,46 @@ static PyMethodDef lease_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* The lease's internal state, readable (None for an empty field) and never writable: writes
+ * used to reach fields the C code trusts (``_size = -1`` made len() raise SystemError).  The
+ * pure-Python lease has the same read-only properties, with the same message. */
+static PyObject *
+field_or_none(PyObject *o)
+{
+    return Py_NewRef(o == NULL ? Py_None : o);
+}
+
+static PyObject *
+lease_get_internal(Lease *self, void *closure)
+{
+    switch ((int)(intptr_t)closure) {
+    case 0: return field_or_none((PyObject *)self->pool);
+    case 1: return field_or_none(self->tier);
+    case 2: return field_or_none(self->buf);
+    case 3: return field_or_none(self->view);
+    case 4: return field_or_none(self->site);
+    case 5: return PyLong_FromSsize_t(self->size);
+    default: return PyLong_FromSsize_t(self->refcount);
+    }
+}
+
+static const char *internal_names[] = {"_pool", "_tier", "_buf", "_view", "_site", "_size",
+                                       "_refcount"};
+
+static int
+lease_set_internal(Lease *self, PyObject *value, void *closure)
+{
+    PyErr_Format(PyExc_AttributeError, "Lease.%s is internal state of the pool and read-only",
+                 internal_names[(int)(intptr_t)closure]);
+    return -1;
+}
+
+#define INTERNAL(name, i) \
+    {name, (getter)lease_get_internal, (setter)lease_set_internal, NULL, (void *)(intptr_t)(i)}
+
 static PyGetSetDef lease_getset[] = {
+    INTERNAL("_pool", 0), INTERNAL("_tier", 1), INTERNAL("_buf", 2), INTERNAL("_view", 3),
+    INTERNAL("_site", 4), INTERNAL("_size", 5), INTERNAL("_refcount", 6),
     {"view", (getter)lease_get_view, NULL,
      "Writable memoryview of exactly ``len(self)`` bytes, format \"B\".\n\n"
      "Valid until the last ``release()``; raises LeaseReleasedError after it.", NULL},
@@ -942,16 +974,6 @@ static PyGetSetDef lease_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-static PyMemberDef lease_members[] = {
-    {"_pool", T_OBJECT, offsetof(Lease, pool), READONLY, NULL},
-    {"_tier", T_OBJECT, offsetof(Lease, tier), READONLY, NULL},
-    {"_buf", T_OBJECT, offsetof(Lease, buf), 0, NULL},
-    {"_view", T_OBJECT, offsetof(Lease, view), 0, NULL},
-    {"_site", T_OBJECT, offsetof(Lease, site), 0, NULL},
-    {"_size", T_PYSSIZET, offsetof(Lease, size), 0, NULL},
-    {"_refcount", T_PYSSIZET, offsetof(Lease, refcount), 0, NULL},
-    {NULL, 0, 0, 0, NULL},
-};
 
 static PySequenceMethods lease_as_sequence = {
     .sq_length = (lenfunc)lease_length,
@@ -978,7 +1000,6 @@ static PyTypeObject LeaseType = {
     .tp_as_sequence = &lease_as_sequence,
     .tp_methods = lease_methods,
     .tp_getset = lease_getset,
-    .tp_members = lease_members,
     .tp_weaklistoffset = offsetof(Lease, weaklist),
 };
 
@@ -1129,15 +1150,117 @@ static PyTypeObject PoolCoreType = {
 
 /* ------------------------------------------------------------------ module */
 
+/* ------------------------------------------------------------------ lease state (locked) */
+
+/* What the pure-Python locked sections (bufpool._lease.release_locked, the pool's retain, leak
+ * drain, slow acquire) do to a lease: the only ways to change its state from Python, each
+ * refused unless the caller holds the pool's lock. */
+
+static PyObject *
+mod_new_lease(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "new_lease(pool, tier, buf, size, site)");
+        return NULL;
+    }
+    PyObject *pool = args[0], *tier = args[1], *buf = args[2], *site = args[4];
+    if (!PyObject_TypeCheck(pool, &PoolCoreType)) {
+        PyErr_SetString(PyExc_TypeError, "new_lease: pool must be a BufferPool");
+        return NULL;
+    }
+    if (tier != Py_None && !PyObject_TypeCheck(tier, &TierCoreType)) {
+        PyErr_SetString(PyExc_TypeError, "new_lease: tier must be a Tier or None");
+        return NULL;
+    }
+    if (!PyByteArray_CheckExact(buf)) {
+        PyErr_SetString(PyExc_TypeError, "new_lease: buf must be a bytearray");
+        return NULL;
+    }
+    Py_ssize_t size = PyLong_AsSsize_t(args[3]);
+    if (size == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (size < 0 || size > PyByteArray_GET_SIZE(buf)) {
+        PyErr_SetString(PyExc_ValueError, "new_lease: size must be within 0..len(buf)");
+        return NULL;
+    }
+    if (!holds_pool_lock((PoolCore *)pool, "new_lease")) {
+        return NULL;
+    }
+    Lease *self = lease_alloc();
+    if (self == NULL) {
+        return NULL;
+    }
+    self->weaklist = NULL;
+    self->pool = (PoolCore *)Py_NewRef(pool);
+    self->tier = Py_NewRef(tier);
+    self->buf = Py_NewRef(buf);
+    self->view = NULL;
+    self->site = Py_NewRef(site);
+    self->size = size;
+    self->refcount = 1;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static Lease *
+locked_lease(PyObject *o, const char *what)
+{
+    if (!PyObject_TypeCheck(o, &LeaseType)) {
+        PyErr_Format(PyExc_TypeError, "%s: a bufpool.Lease is required", what);
+        return NULL;
+    }
+    Lease *self = (Lease *)o;
+    return holds_pool_lock(self->pool, what) ? self : NULL;
+}
+
+static PyObject *
+mod_lease_set_refcount(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "set_refcount(lease, n)");
+        return NULL;
+    }
+    Lease *self = locked_lease(args[0], "set_refcount");
+    if (self == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PyLong_AsSsize_t(args[1]);
+    if (n == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (n < 1 || self->refcount < 1) { /* only ever between two live counts */
+        PyErr_SetString(PyExc_ValueError, "set_refcount: a live lease's count stays >= 1");
+        return NULL;
+    }
+    self->refcount = n;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mod_lease_detach(PyObject *module, PyObject *lease)
+{
+    Lease *self = locked_lease(lease, "detach");
+    if (self == NULL) {
+        return NULL;
+    }
+    PyObject *buf = self->buf, *view = self->view;
+    self->refcount = 0;
+    self->buf = NULL;
+    self->view = NULL;
+    Py_XDECREF(view); /* the lease's own view dies here unless someone else holds it */
+    return buf == NULL ? Py_NewRef(Py_None) : buf; /* the lease's reference becomes ours */
+}
+
 static PyObject *
 mod_setup(PyObject *module, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"released_error", "py_release", "py_truncate", "bad_size",
-                             "pkg_dir", "site_depth", NULL};
-    PyObject *err, *rel, *trunc, *bad, *dir;
+    static char *kwlist[] = {"released_error", "py_release", "bad_size", "pkg_dir",
+                             "site_depth", NULL};
+    PyObject *err, *rel, *bad, *dir;
     Py_ssize_t depth;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOUn:setup", kwlist, &err, &rel, &trunc,
-                                     &bad, &dir, &depth)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOUn:setup", kwlist, &err, &rel, &bad,
+                                     &dir, &depth)) {
         return NULL;
     }
     if (depth < 0 || depth > MAX_SITE_DEPTH) {
@@ -1146,7 +1269,6 @@ mod_setup(PyObject *module, PyObject *args, PyObject *kwds)
     }
     Py_XSETREF(LeaseReleasedError, Py_NewRef(err));
     Py_XSETREF(py_release, Py_NewRef(rel));
-    Py_XSETREF(py_truncate, Py_NewRef(trunc));
     Py_XSETREF(bad_size, Py_NewRef(bad));
     Py_XSETREF(pkg_dir, Py_NewRef(dir));
     site_depth = depth;
@@ -1154,6 +1276,13 @@ mod_setup(PyObject *module, PyObject *args, PyObject *kwds)
 }
 
 static PyMethodDef module_methods[] = {
+    {"new_lease", (PyCFunction)(void (*)(void))mod_new_lease, METH_FASTCALL,
+     "new_lease(pool, tier, buf, size, site): a lease of ``buf`` (pool lock held)."},
+    {"set_refcount", (PyCFunction)(void (*)(void))mod_lease_set_refcount, METH_FASTCALL,
+     "set_refcount(lease, n): a live lease's owner count (pool lock held)."},
+    {"detach", (PyCFunction)mod_lease_detach, METH_O,
+     "detach(lease) -> slot: the lease's last release (pool lock held): count 0, its slot "
+     "handed to the caller, its view dropped."},
     {"setup", (PyCFunction)(void (*)(void))mod_setup, METH_VARARGS | METH_KEYWORDS,
      "Hand the module the pure-Python pieces it falls back to (called by bufpool._pool)."},
     {NULL, NULL, 0, NULL},

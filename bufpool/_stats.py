@@ -38,8 +38,10 @@ class PoolStats:
     spills: int
     heap_fallbacks: int  #: leases served from unpooled memory (policy "heap" or oversize)
     heap_in_use: int  #: live heap-backed leases
+    heap_bytes: int  #: bytes of heap leases alive or still viewed (bounded by max_heap_bytes)
+    max_heap_bytes: int  #: the heap fallbacks' budget
     oversize: int  #: requests above the largest class
-    quarantined: int  #: released slots waiting for their last view to die
+    quarantined: int  #: released slots some view still holds (exact when the snapshot is taken)
     leaked: int  #: leases garbage-collected without release
     waiting: int  #: acquire_async callers waiting for a slot (acquire_chain_async: or its turn)
     timeouts: int  #: acquire_async calls that ran out of time (a chain counts once)
@@ -64,6 +66,8 @@ class PoolStats:
             "spills": ("counter", "Requests served by a larger class"),
             "heap_fallbacks": ("counter", "Leases served from unpooled memory"),
             "heap_in_use": ("gauge", "Live heap-backed leases"),
+            "heap_bytes": ("gauge", "Bytes of heap leases alive or still viewed"),
+            "max_heap_bytes": ("gauge", "Byte budget of heap fallbacks"),
             "oversize": ("counter", "Requests above the largest class"),
             "quarantined": ("gauge", "Released slots still referenced by a view"),
             "leaked": ("counter", "Leases garbage-collected without release"),

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
+import bufpool
 import bufpool._pool
 from bufpool import BufferPool, Lease, PoolExhausted
 
@@ -143,20 +144,57 @@ async def test_release_from_another_thread_wakes_waiter(no_poller: None) -> None
     held = pool.acquire(1)
     task = asyncio.create_task(pool.acquire_async(1, timeout=30))
     await asyncio.sleep(0.01)
-    loop = asyncio.get_running_loop()
 
     def later() -> None:
         time.sleep(0.05)  # the loop is asleep in its selector by now
         held.release()
 
     t = threading.Thread(target=later)
-    start = loop.time()
     t.start()
+    # Within 10 s: before the 30 s timeout and the 60 s poll, so woken by the handover (no
+    # clock reading to compare: a busy machine may take seconds to run the thread).
     lease = await asyncio.wait_for(task, 10)
-    assert loop.time() - start < 2  # woken by the handover, not by a poll or the timeout
     t.join(5)
     assert lease.pooled
     lease.release()
+
+
+@pytest.mark.asyncio
+async def test_waiters_arm_no_poll_while_nothing_is_quarantined() -> None:
+    # Every slot that can come back then comes back through a call (release, trim) that
+    # serves the waiters itself: no 2 ms poll per loop while thousands wait.
+    pool = tight_pool()
+    held = pool.acquire(100)
+    tasks = [asyncio.create_task(pool.acquire_async(100, timeout=30)) for _ in range(200)]
+    await asyncio.sleep(0)
+    assert pool.stats().waiting == 200
+    loop = asyncio.get_running_loop()
+    assert loop not in pool._pollers
+    view = held.view
+    held.release()  # quarantined: its view's death is reported by nobody, so now we poll
+    assert loop in pool._pollers
+    del view
+    first = await asyncio.wait_for(tasks[0], 10)  # the poll found it free
+    first.release()  # a plain release: handed to the next waiter at once
+    for task in tasks[1:]:
+        (await asyncio.wait_for(task, 10)).release()
+    assert pool.stats().waiting == 0 and pool.stats().in_use == 0
+
+
+@pytest.mark.asyncio
+async def test_a_leaked_lease_wakes_a_waiter_without_the_poller(no_poller: None) -> None:
+    pool = tight_pool()
+    holder = [pool.acquire(100)]
+    task = asyncio.create_task(pool.acquire_async(100, timeout=30))
+    await asyncio.sleep(0)
+    assert asyncio.get_running_loop() not in pool._pollers  # nothing quarantined
+    holder.clear()  # the lease is collected unreleased: its finalizer schedules a round
+    lease = await asyncio.wait_for(task, 10)
+    assert lease.pooled
+    lease.release()
+    with pytest.warns(bufpool.LeakWarning, match="100-byte lease"):
+        st = pool.stats()
+    assert st.leaked == 1 and st.in_use == 0 and st.tiers[0].free == 1
 
 
 def release_in_thread(lease: Lease) -> None:
@@ -233,6 +271,21 @@ async def test_chain_async_waits_and_times_out_cleanly() -> None:
     assert pool.stats().in_use == 2  # the failed chain took nothing
     chain.release()
     assert pool.stats().in_use == 0
+
+
+@pytest.mark.asyncio
+async def test_chain_larger_than_the_whole_budget_fails_at_once_holding_nothing() -> None:
+    pool = BufferPool(classes=(65536,), initial_slots=2, max_bytes=2 * 65536, on_exhausted="heap")
+    held = pool.acquire(10)  # whatever is held, the chain could never fit
+    # No timeout at all: before, this waited forever holding the one slot it could take.
+    task = asyncio.create_task(pool.acquire_chain_async(2 * 65536 + 1))
+    with pytest.raises(bufpool.ChainTooLarge, match=r"131073-byte chain .*max_bytes=131072"):
+        await asyncio.wait_for(task, 10)
+    st = pool.stats()
+    assert st.in_use == 1 and st.waiting == 0 and st.timeouts == 0 and st.heap_in_use == 0
+    held.release()
+    chain = await pool.acquire_chain_async(2 * 65536, timeout=1)  # what fits is served
+    chain.release()
 
 
 def slot_accounting_adds_up(pool: BufferPool) -> None:

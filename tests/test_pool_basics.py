@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 import bufpool
@@ -173,10 +175,31 @@ def test_chain_zero_and_context_manager() -> None:
 
 
 def test_chain_failure_releases_what_it_took() -> None:
-    pool = BufferPool(initial_slots=0, max_bytes=2 * 65536, on_exhausted="raise")
-    with pytest.raises(bufpool.PoolExhausted):
-        pool.acquire_chain(3 * 65536)
-    assert pool.stats().in_use == 0
+    pool = BufferPool(initial_slots=0, max_bytes=3 * 65536, on_exhausted="raise")
+    held = pool.acquire(65536)
+    with pytest.raises(bufpool.PoolExhausted) as info:
+        pool.acquire_chain(3 * 65536)  # possible in the budget, not while ``held`` lives
+    assert not isinstance(info.value, bufpool.ChainTooLarge)
+    assert pool.stats().in_use == 1
+    held.release()
+    pool.acquire_chain(3 * 65536).release()
+
+
+@pytest.mark.parametrize("policy", ["raise", "spill", "heap"])
+def test_chain_larger_than_the_whole_budget_fails_at_once_holding_nothing(policy: str) -> None:
+    pool = BufferPool(
+        initial_slots=0, max_bytes=2 * 65536, max_heap_bytes=65536, on_exhausted=policy  # type: ignore[arg-type]
+    )
+    # 2 x 64 KiB + 1 byte: the last piece needs a 64-byte slot beyond the budget.
+    size = 2 * 65536 + 1 if policy != "heap" else 3 * 65536 + 1
+    with pytest.raises(bufpool.ChainTooLarge, match=f"a {size}-byte chain .*max_bytes=131072"):
+        pool.acquire_chain(size)
+    st = pool.stats()
+    assert st.in_use == 0 and st.heap_in_use == 0 and st.misses == 0  # nothing was tried
+    assert issubclass(bufpool.ChainTooLarge, bufpool.RequestTooLarge)
+    assert issubclass(bufpool.ChainTooLarge, bufpool.PoolExhausted)  # as it failed before
+    # The largest chain that fits is still served.
+    pool.acquire_chain(size - 1 if policy != "heap" else 2 * 65536).release()
 
 
 def test_public_names_exported() -> None:
@@ -190,7 +213,8 @@ def test_public_names_exported() -> None:
 
 
 def test_failed_heap_fallback_counts_no_phantom_lease() -> None:
-    pool = BufferPool(classes=(64,), initial_slots=0, max_bytes=0)  # every request -> heap
+    # Every request goes to the heap, which has no bound here.
+    pool = BufferPool(classes=(64,), initial_slots=0, max_bytes=0, max_heap_bytes=sys.maxsize)
     with pytest.raises(MemoryError):
         pool.acquire(2**62)  # oversize, served from the heap: the allocation fails
     st = pool.stats()

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
 import bufpool
 from bufpool import BufferPool, LeakWarning
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def leak_one(pool: BufferPool, size: int = 100) -> None:
@@ -159,3 +165,57 @@ async def test_paranoid_leak_of_a_lease_that_waited_names_its_acquisition_site()
         assert bufpool.report_leaks() == 1
     text = str(rec[0].message)
     assert "leak_after_waiting" in text and "test_pool_leaks.py" in text, text
+
+
+# An application (not a test suite) that leaks a lease and then asks for stats.
+_LEAKY_APP = """
+import gc, bufpool
+pool = bufpool.BufferPool()
+def leak():
+    pool.acquire(100)
+leak()
+gc.collect()
+pool.stats()
+print("finished")
+"""
+
+
+def run_app(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    # The core of this run (BUFPOOL_NO_EXTENSIONS) passes on; no warning settings of ours do.
+    full = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "BUFPOOL_LEAKS")}
+    full["PYTHONPATH"] = os.pathsep.join([str(ROOT), full.get("PYTHONPATH", "")])
+    full.update(env)
+    return subprocess.run(
+        [sys.executable, *args, "-c", _LEAKY_APP],
+        env=full, capture_output=True, text=True, timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        ((), {"BUFPOOL_LEAKS": "error"}),
+        (("-W", "error::bufpool.LeakWarning"), {}),  # applied by bufpool when imported
+        ((), {"PYTHONWARNINGS": "error::bufpool.LeakWarning"}),
+        (("-W", "error:bufpool:ResourceWarning"), {}),  # CPython's own form, no help needed
+    ],
+)
+def test_leaks_are_errors_in_an_application_when_switched_on(
+    args: tuple[str, ...], env: dict[str, str]
+) -> None:
+    out = run_app(*args, **env)
+    assert out.returncode == 1, out.stderr
+    assert "bufpool._errors.LeakWarning: bufpool: a 100-byte lease was garbage-collected" in (
+        out.stderr
+    )
+    assert "finished" not in out.stdout
+
+
+def test_leaks_are_not_errors_by_default_and_a_bad_switch_says_so() -> None:
+    out = run_app()
+    assert out.returncode == 0 and "finished" in out.stdout, out.stderr
+    out = run_app(BUFPOOL_LEAKS="loud")
+    assert out.returncode == 0 and "finished" in out.stdout, out.stderr
+    assert "BUFPOOL_LEAKS='loud' ignored: unknown action 'loud'" in out.stderr
+    out = run_app(BUFPOOL_LEAKS="ignore", PYTHONWARNINGS="error::ResourceWarning")
+    assert out.returncode == 0 and "finished" in out.stdout, out.stderr  # the env var wins

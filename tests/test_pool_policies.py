@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -59,11 +60,54 @@ def test_heap_policy_serves_unpooled_and_counts() -> None:
     assert pool.stats().heap_in_use == 0
 
 
-def test_default_policy_never_fails_a_plain_acquire() -> None:
-    pool = BufferPool(max_bytes=0, initial_slots=0)
-    lease = pool.acquire(100)
-    assert not lease.pooled and len(lease.view) == 100
-    lease.release()
+def test_default_policy_serves_the_heap_within_max_heap_bytes_then_raises() -> None:
+    # The default budget of heap fallbacks is max_bytes again: a loop of acquires past the
+    # slot budget stops at twice max_bytes instead of growing without bound.
+    pool = BufferPool(classes=(4096,), initial_slots=0, max_bytes=4 * 4096)
+    assert pool.on_exhausted == "heap" and pool.max_heap_bytes == 4 * 4096
+    leases = [pool.acquire(4096) for _ in range(8)]
+    assert [x.pooled for x in leases] == [True] * 4 + [False] * 4
+    with pytest.raises(PoolExhausted, match=r"max_bytes=16384.*max_heap_bytes=16384 \(16384"):
+        pool.acquire(4096)
+    st = pool.stats()
+    assert (st.in_use, st.heap_in_use, st.heap_bytes, st.heap_fallbacks) == (4, 4, 16384, 4)
+    # A released heap lease whose view lives on still counts: that memory is still alive.
+    kept = leases[4].view
+    for lease in leases:
+        lease.release()
+    assert pool.stats().heap_bytes == 4096
+    with pytest.raises(PoolExhausted):
+        BufferPool(classes=(64,), initial_slots=0, max_bytes=0).acquire(10)
+    del kept
+    st = pool.stats()
+    assert st.heap_bytes == 0 and st.heap_in_use == 0 and st.in_use == 0
+
+
+def test_heap_budget_bounds_oversize_requests_too() -> None:
+    pool = BufferPool(classes=(64,), initial_slots=0, max_bytes=0, max_heap_bytes=1000)
+    with pytest.raises(RequestTooLarge, match=r"1001 bytes exceeds .*max_heap_bytes=1000"):
+        pool.acquire(1001)  # can never fit
+    a = pool.acquire(600)
+    with pytest.raises(PoolExhausted, match=r"600-byte heap lease .*max_heap_bytes=1000 \(600"):
+        pool.acquire(600)  # fits once ``a`` is gone
+    a.release()
+    pool.acquire(600).release()
+    st = pool.stats()
+    assert st.oversize == 4 and st.heap_fallbacks == 2 and st.heap_bytes == 0
+
+
+def test_unbounded_heap_on_request() -> None:
+    pool = BufferPool(classes=(64,), initial_slots=0, max_bytes=0, max_heap_bytes=sys.maxsize)
+    leases = [pool.acquire(100_000) for _ in range(3)]
+    assert pool.stats().heap_bytes == 300_000
+    for lease in leases:
+        lease.release()
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "1"])
+def test_max_heap_bytes_is_validated(bad: object) -> None:
+    with pytest.raises(ValueError, match="max_heap_bytes must be a non-negative int or None"):
+        BufferPool(max_heap_bytes=bad)  # type: ignore[arg-type]
 
 
 def test_oversize_heap_is_counted() -> None:

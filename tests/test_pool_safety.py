@@ -72,6 +72,37 @@ def test_live_view_keeps_slot_quarantined_with_old_bytes(keep: str) -> None:
     assert st.quarantined == 0 and st.tiers[0].free == 1
 
 
+@pytest.mark.parametrize("keep", ["view", "slice", "exported", "leaked"])
+def test_stats_see_the_slot_free_as_soon_as_its_last_view_dies_without_reclaim(
+    keep: str,
+) -> None:
+    # The echo example printed "quarantined": 15 at shutdown with no connection left: stats
+    # counted slots whose views had died until someone called reclaim().
+    pool = one_slot_pool()
+    lease = pool.acquire(100)
+    held: memoryview
+    if keep in ("view", "leaked"):
+        held = lease.view
+    elif keep == "slice":
+        held = lease.view[3:9]
+    else:
+        held = memoryview(lease.view).toreadonly()
+    if keep == "leaked":
+        del lease
+        gc.collect()
+        with pytest.warns(bufpool.LeakWarning, match="100-byte lease"):
+            st = pool.stats()
+    else:
+        lease.release()
+        del lease
+        st = pool.stats()
+    assert (st.quarantined, st.tiers[0].free, st.in_use) == (1, 0, 0)
+    del held  # no reclaim(), no release(), no miss: only the next snapshot
+    st = pool.stats()
+    assert (st.quarantined, st.tiers[0].quarantined, st.tiers[0].free) == (0, 0, 1)
+    assert st.tiers[0].slots == 1 and st.leaked == (1 if keep == "leaked" else 0)
+
+
 def test_quarantined_slot_is_reclaimed_on_miss_without_explicit_call() -> None:
     pool = one_slot_pool(on_exhausted="raise")
     lease = pool.acquire(100)

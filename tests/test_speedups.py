@@ -143,6 +143,9 @@ show("truncate", lambda: (len(a), a.tobytes(), bytes(a.view)))
 show("truncate too far", lambda: a.truncate(5))
 show("truncate negative", lambda: a.truncate(-1))
 show("truncate float", lambda: a.truncate(1.5))
+show("truncate str", lambda: a.truncate("1"))
+show("truncate huge", lambda: a.truncate(2**70))
+show("truncate subclass", lambda: (a.truncate(MyInt(4)), len(a)))
 a.release()
 show("after release", lambda: (a.refcount, a.released, a.capacity, len(a), repr(a)))
 show("release again", lambda: a.release())
@@ -156,6 +159,15 @@ for how in ("copy.copy", "copy.deepcopy", "pickle.dumps", "lambda x: pickle.dump
             "lambda x: pickle.dumps(x, 1)", "lambda x: x.__reduce__()",
             "lambda x: x.__reduce_ex__(4)"):
     show(how, lambda: eval(how)(b))
+for name in ("_pool", "_tier", "_buf", "_view", "_site", "_size", "_refcount"):
+    show(f"write {name}", lambda: setattr(b, name, -1))
+    show(f"del {name}", lambda: delattr(b, name))
+show("internals", lambda: (b._size, b._refcount, b._view, type(b._buf).__name__, b._site is None))
+show("hand-built", lambda: bufpool.Lease(pool, None, bytearray(10), None, 10, None))
+show("new", lambda: bufpool.Lease.__new__(bufpool.Lease))
+from bufpool._lease import detach, set_refcount
+show("detach unlocked", lambda: detach(b))
+show("set_refcount unlocked", lambda: set_refcount(b, 3))
 z = pool.acquire(0)
 show("bool(zero)", lambda: (bool(z), len(z.view)))
 z.release()
@@ -170,11 +182,19 @@ show("reclaim", lambda: pool.reclaim())
 with pool.acquire(500) as e:
     show("with", lambda: (e.refcount, e.pooled, len(e)))
 show("with after", lambda: e.released)
-heap_pool = BufferPool(classes=(64,), initial_slots=0, max_bytes=0)
+heap_pool = BufferPool(classes=(64,), initial_slots=0, max_bytes=0, max_heap_bytes=100)
 h = heap_pool.acquire(10)
 show("heap", lambda: (repr(h), h.pooled, h.capacity, len(h.view)))
+show("heap budget", lambda: heap_pool.acquire(91))
+show("heap oversize", lambda: heap_pool.acquire(101))
+hv = h.view
 h.release()
 show("heap release again", lambda: h.release())
+show("heap viewed", lambda: (heap_pool.stats().heap_bytes, heap_pool.stats().heap_in_use))
+del hv
+show("heap view gone", lambda: heap_pool.stats().heap_bytes)
+show("chain too large", lambda: pool.acquire_chain(5000))
+show("heap chain too large", lambda: heap_pool.acquire_chain(201))
 
 def leak():
     pool.acquire(7)
@@ -309,18 +329,66 @@ def test_view_is_a_slot_view_made_on_first_use() -> None:
 needs_c = pytest.mark.skipif(bufpool.IMPLEMENTATION != "c", reason="compiled types only")
 
 
-@needs_c
-def test_lease_fields_the_c_code_casts_are_read_only() -> None:
-    # ``lease._tier = obj`` used to make release() and repr() read ``obj`` as a Tier (segfault).
-    pool = BufferPool()
+INTERNALS = ("_pool", "_tier", "_buf", "_view", "_site", "_size", "_refcount")
+
+
+@pytest.mark.parametrize("name", INTERNALS)
+@pytest.mark.parametrize("value", [-1, -(2**40), 10**6, None, "x", bytearray(10**5)])
+def test_writes_to_lease_internals_are_refused(name: str, value: object) -> None:
+    # Writes used to reach state the cores trust: ``_size = -1`` made len() raise SystemError
+    # and tobytes() SystemError (compiled); the pure core's tobytes() returned bytes past the
+    # lease's length; ``_tier = obj`` once segfaulted the compiled release.
+    pool = BufferPool(classes=(64,), initial_slots=1, max_bytes=64, on_exhausted="raise")
     lease = pool.acquire(10)
-    with pytest.raises(AttributeError):
-        lease._tier = "not a tier"  # type: ignore[misc]
-    with pytest.raises(AttributeError):
-        lease._pool = None  # type: ignore[misc]
+    lease.view[:] = b"0123456789"
+    before = getattr(lease, name)
+    with pytest.raises(AttributeError, match=f"Lease.{name} is internal state of the pool and "):
+        setattr(lease, name, value)
+    with pytest.raises(AttributeError, match="read-only"):
+        delattr(lease, name)
+    assert getattr(lease, name) is before or getattr(lease, name) == before
+    del before  # ``_buf`` and ``_view`` are the slot and its view: they keep it quarantined
+    assert len(lease) == 10 and lease.tobytes() == b"0123456789" and len(lease.view) == 10
     assert "10 B in 64-byte class" in repr(lease)
     lease.release()
-    assert pool.stats().in_use == 0
+    st = pool.stats()
+    assert st.in_use == 0 and st.heap_in_use == 0 and st.tiers[0].free == 1
+
+
+def test_a_hand_built_lease_is_refused() -> None:
+    # ``bufpool.Lease(...)`` released used to drive heap_in_use to -1 on both cores.
+    pool = BufferPool()
+    msg = r"bufpool\.Lease cannot be created directly: leases come from BufferPool\.acquire\(\)"
+    with pytest.raises(TypeError, match=msg):
+        bufpool.Lease(pool, None, bytearray(10), None, 10, None)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=msg):
+        bufpool.Lease()  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=msg):
+        bufpool.Lease.__new__(bufpool.Lease)
+    st = pool.stats()
+    assert st.heap_in_use == 0 and st.in_use == 0 and st.heap_fallbacks == 0
+
+
+def test_lease_state_changes_only_under_the_pool_lock() -> None:
+    # The functions the locked sections use are the only ways to change a lease's state; each
+    # refuses to run for a caller that does not hold the pool lock.
+    from bufpool._lease import detach, new_lease, set_refcount
+
+    pool = BufferPool(classes=(64,), initial_slots=1, max_bytes=64)
+    lease = pool.acquire(10)
+    tier = pool._tiers[0]
+    for call in (
+        lambda: detach(lease),
+        lambda: set_refcount(lease, 5),
+        lambda: new_lease(pool, None, bytearray(10), 10, None),
+        lambda: new_lease(pool, tier, bytearray(64), 10, None),
+    ):
+        with pytest.raises(RuntimeError, match="only inside its pool's locked sections"):
+            call()
+    assert lease.refcount == 1 and len(lease) == 10
+    lease.release()
+    st = pool.stats()
+    assert st.in_use == 0 and st.heap_in_use == 0 and st.tiers[0].free == 1
 
 
 def test_weakref_callback_on_the_view_runs_pool_code_during_release() -> None:
