@@ -247,13 +247,16 @@ async def _admit(
     request: web.Request, settings: Settings, owner: RequestLeases, nbytes: int,
     length: int | None,
 ) -> BodyTicket:
-    """Admit the body (``nbytes`` reserved) into the budget; 503 after ``acquire_timeout``."""
+    """Admit the body (``nbytes`` reserved) into the budget; 503 after ``acquire_timeout``,
+    408 when the client sends too little while it waits for admission."""
     adm = settings.admission
     assert adm is not None
     try:
-        ticket = await adm.reserve(request.content, request.protocol, nbytes)
+        ticket = await adm.reserve(request.content, request.protocol, nbytes, length)
     except AdmissionTimeout as exc:
         raise _exhausted(settings, length, exc) from None
+    except BodyCut as exc:
+        raise _timed_out(exc) from None
     owner.ticket = ticket
     return ticket
 
@@ -302,7 +305,7 @@ async def _read_sized(
         need = slot_bytes(settings.pool, length)
     adm = settings.admission
     assert adm is not None
-    ticket = adm.reserve_now(request._payload, request._protocol, need)  # hot path, no await
+    ticket = adm.reserve_now(request._payload, request._protocol, need, length)  # hot path
     if ticket is None:
         ticket = await _admit(request, settings, owner, need, length)
     else:
