@@ -19,7 +19,7 @@ body.  Every lease a request took is released when it ends, after its response w
 see ``docs/aiohttp.md``.
 """
 
-from ._admission import AdmissionStats, BodyCut
+from ._admission import EVIDENCE_BYTES, AdmissionStats, BodyCut
 from ._body import PooledBody, read_body
 from ._endpoint import PROMETHEUS_CONTENT_TYPE
 from ._errors import BodyAlreadyRead, BodyNotContiguous, NotSetUp
@@ -55,6 +55,7 @@ __all__ = [
     "DEFAULT_PREEMPT_AFTER",
     "DEFAULT_PREEMPT_IDLE",
     "DEFAULT_SEND_TIMEOUT",
+    "EVIDENCE_BYTES",
     "HEADER_REUSE_SUPPORTED",
     "POOL_KEY",
     "PROMETHEUS_CONTENT_TYPE",

@@ -30,9 +30,10 @@ cuts the body (its stream raises :class:`BodyCut`, answered 408); no write progr
 pooled reply for ``send_timeout`` s aborts the connection.  Under pressure (a body waited
 ``preempt_after`` s for memory) these deadlines shrink to ``preempt_idle`` s: every body with
 no byte for that long, or below ``body_min_rate`` with that grace, is cut (those holding the
-most unfilled reservation first), and stalled pooled replies are aborted.  A body that keeps
-sending at ``body_min_rate`` or more is never cut.  See ``docs/aiohttp.md`` for the anchors
-(nginx, Apache, Envoy, Go).
+most unfilled reservation first), and stalled pooled replies are aborted.  Under pressure the
+rate is also judged per ``preempt_idle`` window (bytes that arrived before do not buy time
+later).  A body that keeps sending at ``body_min_rate`` or more is never cut.  See
+``docs/aiohttp.md`` for the anchors (nginx, Apache, Envoy, Go).
 
 Quiet for ``idle_trim_after`` s: ``pool.trim()`` and glibc ``malloc_trim(0)`` give memory back.
 
@@ -54,6 +55,7 @@ import bisect
 import ctypes
 import ctypes.util
 import logging
+import select
 import struct
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -143,6 +145,8 @@ class BodyTicket:
         "fd",
         "fut",
         "last",
+        "mark",
+        "mark_at",
         "need",
         "queued_at",
         "reader",
@@ -150,6 +154,7 @@ class BodyTicket:
         "seen",
         "shown",
         "size",
+        "slow",
         "state",
         "stream",
         "timer",
@@ -174,6 +179,10 @@ class BodyTicket:
         self.shown = 0  #: body bytes seen while waiting for the evidence
         self.fd = -1  #: the connection's socket, for FIONREAD (-1: none)
         self.timer: asyncio.Timeout | None = None  #: acquire_timeout, started at evidence
+        #: ``received`` at ``mark_at``: the rate over the last preempt_idle window
+        self.mark = 0
+        self.mark_at = 0.0
+        self.slow = False  #: the last whole window was below body_min_rate
 
     def progress(self, n: int) -> None:
         """``n`` body bytes arrived (the same as ``ticket.received += n``: the periodic
@@ -437,15 +446,17 @@ class Admission:
             await self._wait(ticket, nbytes, self._waiters)
         return ticket
 
-    def _evidence(self, ticket: BodyTicket) -> bool:
-        """Update ``ticket.shown``/``need`` from the stream and the kernel's receive queue;
-        True if the client sent a byte since the last look."""
+    def _evidence(self, ticket: BodyTicket, kernel: bool = True) -> bool:
+        """Update ``ticket.shown``/``need`` from the stream and (``kernel``) the socket's
+        receive queue; True if the client sent a byte since the last look."""
         stream: Any = ticket.stream
         shown = getattr(stream, "total_bytes", None)
-        if shown is None or stream.is_eof():
-            ticket.need = 0
+        if shown is None or stream.is_eof() or stream.exception() is not None:
+            ticket.need = 0  # (a failed stream: reading it raises the failure at once)
             return True
-        if ticket.fd >= 0 and _FIONREAD is not None:
+        if not kernel:
+            pass  # poll found nothing readable: the kernel's queue is empty
+        elif ticket.fd >= 0 and _FIONREAD is not None:
             try:
                 shown += struct.unpack("i", fcntl.ioctl(ticket.fd, _FIONREAD, _ZERO))[0]
             except OSError:  # closed meanwhile: the stream's own error ends the wait
@@ -497,6 +508,8 @@ class Admission:
             self._arm_poll()
         else:
             queue.append(ticket)
+            if queue is self._waiters:
+                self._serve()  # evident only now (the kernel's queue): it may fit at once
         self._arm()
         reader = ticket.reader
         paused = _pause(reader)
@@ -598,6 +611,7 @@ class Admission:
         rate = self.body_min_rate
         grace = self.body_grace
         promoted = False
+        events = _readable([t.fd for t in self._unready])
         for t in list(self._unready):
             fut = t.fut
             if fut is None or fut.done():
@@ -606,7 +620,14 @@ class Admission:
             if lag > EVIDENCE_POLL:  # this process did not run: not the client's doing
                 t.last += lag
                 t.queued_at += lag
-            if self._evidence(t):
+            ev = _POLL_ALL if events is None else events.get(t.fd, 0)
+            if ev & _POLL_GONE:
+                # The client hung up (or half-closed): let aiohttp read what is left and
+                # see the end; the stream then ends or fails, and the body is let through
+                # to meet that at once.
+                _resume(t.reader)
+                t.need = 0
+            elif self._evidence(t, bool(ev & select.POLLIN)):
                 t.last = now
             if not t.need:
                 del self._unready[t]
@@ -681,14 +702,23 @@ class Admission:
             for t in self.bodies:
                 t.last += lag
                 t.admitted_at += lag
+                t.mark_at += lag
             for w in self.sends:
                 w.last += lag
         timeout = self.body_timeout
         rate = self.body_min_rate
         grace = self.body_grace
+        window = self.preempt_idle
         for t in list(self.bodies):
             if t.state != READING:
                 continue
+            if t.mark_at < t.admitted_at:  # admitted, or back from a wait: a new window
+                t.mark_at = t.admitted_at
+                t.mark = t.received
+            elif rate and now - t.mark_at >= window:
+                t.slow = t.received - t.mark < rate * (now - t.mark_at)
+                t.mark = t.received
+                t.mark_at = now
             if t.received != t.seen:
                 t.seen = t.received
                 t.last = now
@@ -747,7 +777,7 @@ class Admission:
         stalled = [
             t for t in self.bodies if t.state == READING and (
                 now - t.last >= idle
-                or (rate and now > t.admitted_at + idle + t.received / rate)
+                or (rate and (t.slow or now > t.admitted_at + idle + t.received / rate))
             )
         ]
         # Under pressure every body deadline shrinks to preempt_idle (Envoy's reduce_timeouts);
@@ -756,8 +786,9 @@ class Admission:
         for t in stalled:
             self._cut(t, "preempted",
                       f"request body stalled under memory pressure: {t.received} bytes in "
-                      f"{now - t.admitted_at:.1f} s, none for {now - t.last:.1f} s "
-                      f"(preempt_idle={idle} s, body_min_rate={rate} bytes/s)")
+                      f"{now - t.admitted_at:.1f} s, none for {now - t.last:.1f} s"
+                      + (" or below body_min_rate over the last preempt_idle" if t.slow else "")
+                      + f" (preempt_idle={idle} s, body_min_rate={rate} bytes/s)")
 
     def _idle_trim(self) -> None:
         """Runs ``idle_trim_after`` s after a check found nothing tracked: trims if nothing
@@ -807,6 +838,22 @@ class Admission:
             idle_trims=c["idle_trims"],
             idle_trimmed_bytes=c["idle_trimmed_bytes"],
         )
+
+
+_POLL_GONE: Final = getattr(select, "POLLRDHUP", 0) | select.POLLERR | select.POLLHUP
+_POLL_ALL: Final = select.POLLIN
+
+
+def _readable(fds: list[int]) -> dict[int, int] | None:
+    """``poll`` events of the sockets ``fds`` (one system call), or None without poll."""
+    if not hasattr(select, "poll"):
+        return None
+    p = select.poll()
+    mask = select.POLLIN | _POLL_GONE
+    for fd in fds:
+        if fd >= 0:
+            p.register(fd, mask)
+    return dict(p.poll(0))
 
 
 def _socket_fd(reader: FlowControl | None) -> int:
