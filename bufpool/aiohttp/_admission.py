@@ -148,6 +148,7 @@ class BodyTicket:
         "mark",
         "mark_at",
         "need",
+        "paused",
         "queued_at",
         "reader",
         "received",
@@ -177,7 +178,8 @@ class BodyTicket:
         #: Evidence still missing: body bytes to see before admission (0: evident).
         self.need = 0
         self.shown = 0  #: body bytes seen while waiting for the evidence
-        self.fd = -1  #: the connection's socket, for FIONREAD (-1: none)
+        self.fd = -1  #: the connection's plain TCP socket, for FIONREAD (-1: none, or TLS)
+        self.paused = False  #: this ticket paused the connection's reading
         self.timer: asyncio.Timeout | None = None  #: acquire_timeout, started at evidence
         #: ``received`` at ``mark_at``: the rate over the last preempt_idle window
         self.mark = 0
@@ -512,7 +514,11 @@ class Admission:
                 self._serve()  # evident only now (the kernel's queue): it may fit at once
         self._arm()
         reader = ticket.reader
-        paused = _pause(reader)
+        # Paused at once, unless it waits for evidence and its bytes could not be seen
+        # while paused (TLS: they would sit decrypted-to-be in the TLS layer, not in the
+        # kernel): then aiohttp reads until the evidence is in its stream (at most its own
+        # 2 x read_bufsize high-water mark) and the connection is paused on promotion.
+        ticket.paused = _pause(reader) if queue is not None or ticket.fd >= 0 else False
         try:
             async with asyncio.timeout(
                 self.acquire_timeout if queue is not None else None
@@ -548,7 +554,8 @@ class Admission:
         finally:
             ticket.fut = None
             ticket.timer = None
-            if paused:
+            if ticket.paused:
+                ticket.paused = False
                 _resume(reader)
 
     def release(self, ticket: BodyTicket) -> None:
@@ -631,6 +638,8 @@ class Admission:
                 t.last = now
             if not t.need:
                 del self._unready[t]
+                if not t.paused:
+                    t.paused = _pause(t.reader)
                 t.queued_at = now  # pressure counts from here
                 if t.timer is not None and self.acquire_timeout is not None:
                     t.timer.reschedule(now + self.acquire_timeout)
@@ -857,9 +866,10 @@ def _readable(fds: list[int]) -> dict[int, int] | None:
 
 
 def _socket_fd(reader: FlowControl | None) -> int:
-    """The connection's socket descriptor (-1 if there is none to look at)."""
+    """The connection's socket descriptor (-1 if there is none, or its bytes are TLS records
+    that the TLS layer reads ahead of the application)."""
     transport = getattr(reader, "transport", None)
-    if transport is None or _FIONREAD is None:
+    if transport is None or _FIONREAD is None or transport.get_extra_info("ssl_object"):
         return -1
     sock = transport.get_extra_info("socket")
     try:
