@@ -24,6 +24,7 @@ from _helpers_aiohttp import (
     served,
     wait_for,
 )
+from _tls_helpers import make_certs
 from aiohttp import web
 
 import bufpool
@@ -147,6 +148,50 @@ async def test_declared_bodies_that_send_nothing_hold_no_budget_and_delay_nobody
             await attackers.close()
         # a head that hangs up while it waits leaves the queue (its stream sees the close)
         assert await wait_for(lambda: bpa.admission_stats(app).waiting == 0)
+    await assert_drained(pool)
+
+
+@pytest.mark.asyncio
+async def test_evidence_over_tls_is_seen_and_heads_still_hold_nothing(tmp_path: Any) -> None:
+    """Over TLS a waiting body's bytes would sit in the TLS layer if its reading were paused,
+    invisible to the evidence check: defaults, a TLS head that sends nothing holds no
+    reservation, and a TLS client that sends its head, waits until the server has it waiting
+    for evidence, then sends 64 KiB, is admitted and served (paused, it would wait 60 s)."""
+    certs = make_certs(["localhost"], tmp_path)
+    app = web.Application()
+    pool = bpa.setup(app)
+    app.router.add_post("/upload", _upload)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    conns: list[asyncio.StreamWriter] = []
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=certs.server_context("localhost"))
+        await site.start()
+        port = int(runner.addresses[0][1])
+
+        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            r, w = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=certs.client_context(), server_hostname="localhost"
+            )
+            conns.append(w)
+            return r, w
+
+        _hr, holder = await connect()
+        holder.write(_head("/upload", bpa.DEFAULT_MAX_BODY_SIZE))
+        reader, writer = await connect()
+        data = os.urandom(65536)
+        writer.write(_head("/upload", len(data)))
+        assert await wait_for(lambda: bpa.admission_stats(app).waiting_for_evidence == 2)
+        assert bpa.admission_stats(app).reserved_bytes == 0
+        writer.write(data)
+        status, _h, body = await asyncio.wait_for(read_response(reader), 10)
+        assert status == 200 and hashlib.sha256(data).hexdigest().encode() in body, body
+        stats = bpa.admission_stats(app)
+        assert stats.waiting_for_evidence == 1 and stats.admitted == 1, stats
+    finally:
+        for w in conns:
+            w.close()
+        await runner.cleanup()
     await assert_drained(pool)
 
 
