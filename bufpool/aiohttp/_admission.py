@@ -442,6 +442,11 @@ class Admission:
         ticket.need = need
         ticket.fd = _socket_fd(reader)
         self._evidence(ticket)
+        if not ticket.need and not self._waiters and not self._growers and (
+            self.reserved + nbytes <= self.budget
+        ):  # the bytes were in the kernel: admitted with no wait and no pause
+            self._admit(ticket, nbytes, self.loop.time())
+            return ticket
         if ticket.need:
             await self._wait(ticket, nbytes, None)
         else:
