@@ -9,7 +9,8 @@ Floor 3 (adapter).  Usage::
         body = await bufpool.aiohttp.read_body(request)   # PooledBody, valid until request end
         return bufpool.aiohttp.pooled_response(request, body)  # sent from pool memory
 
-Memory: bodies are admitted FIFO into a budget and leased slot by slot as bytes arrive;
+Memory: bodies are admitted into a budget once their client sent 16 KiB (or all) of them,
+FIFO among those, and leased slot by slot as bytes arrive;
 stalled or trickling bodies are cut (408) by deadlines, and under memory pressure the stalled
 bodies and unsent replies holding the most go first; idle memory is given back.
 

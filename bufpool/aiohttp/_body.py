@@ -8,8 +8,9 @@ about 2x for ``await request.read()`` (bytearray growth, then a copy to ``bytes`
 Layout: a body up to the pool's largest class (64 KiB by default) is one lease; a larger one is
 a LeaseChain of largest-class slots, never one giant allocation.
 
-Memory: a body is first admitted into the application's body budget (``_admission``: FIFO, its
-whole Content-Length reserved, or 64 KiB steps for a body of unknown length), then leased slot
+Memory: a body is first admitted into the application's body budget (``_admission``: once its
+client sent ``EVIDENCE_BYTES`` or all of it, FIFO among those, its whole Content-Length
+reserved, or 64 KiB steps for a body of unknown length), then leased slot
 by slot as its bytes arrive, so the process holds what clients actually sent.  Without a
 Content-Length the first lease grows through the classes (its bytes copied, at most 64 KiB in
 all) and further slots are appended.
