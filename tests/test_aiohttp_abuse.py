@@ -24,6 +24,7 @@ from _helpers_aiohttp import (
     served,
     wait_for,
 )
+from _tls_helpers import make_certs
 from aiohttp import web
 
 import bufpool
@@ -45,14 +46,15 @@ class Attackers:
         self.conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self.tasks: list[asyncio.Task[None]] = []
 
-    async def hold(self, length: int) -> None:
+    async def hold(self, length: int, first: int = 0) -> None:
+        """Declare ``length`` bytes, send ``first`` of them, then nothing."""
         reader, writer = await raw_connect(self.port)
-        writer.write(_head("/upload", length))
+        writer.write(_head("/upload", length) + b"x" * first)
         self.conns.append((reader, writer))
 
-    async def trickle(self, length: int) -> None:
+    async def trickle(self, length: int, first: int = 0) -> None:
         reader, writer = await raw_connect(self.port)
-        writer.write(_head("/upload", length))
+        writer.write(_head("/upload", length) + b"x" * first)
         self.conns.append((reader, writer))
 
         async def drip() -> None:
@@ -113,10 +115,92 @@ def _fill_budget(budget: int, max_body: int) -> list[int]:
 
 
 @pytest.mark.asyncio
+async def test_declared_bodies_that_send_nothing_hold_no_budget_and_delay_nobody() -> None:
+    """Header-only holders and 1 B / 100 ms tricklers connect first and declare three times
+    the body budget of a default ``setup(app)``.  They wait for their evidence (16 KiB or
+    the whole body) holding no reservation; legitimate 1 MiB and 16 KiB uploads that come
+    after them are admitted ahead of them: all served while every attacker still waits,
+    with no preemption needed (the old FIFO let them in and cut them in 1 s waves)."""
+    app = web.Application()
+    pool = bpa.setup(app)
+    app.router.add_post("/upload", _upload)
+    async with served(app) as client:
+        budget = bpa.admission_stats(app).budget
+        sizes = _fill_budget(budget, bpa.DEFAULT_MAX_BODY_SIZE) * 3
+        attackers = Attackers(client.port)  # type: ignore[arg-type]
+        try:
+            for i, size in enumerate(sizes):
+                await (attackers.hold(size) if i % 2 else attackers.trickle(size))
+            assert await wait_for(
+                lambda: bpa.admission_stats(app).waiting_for_evidence == len(sizes)
+            )
+            assert bpa.admission_stats(app).reserved_bytes == 0
+            jobs = [_legit_upload(client, MiB, i) for i in range(20)]
+            jobs += [_legit_upload(client, 16384, 100 + i) for i in range(10)]
+            results = await asyncio.gather(*jobs)
+            assert [r[0] for r in results] == [200] * 30 and all(r[2] for r in results)
+            stats = bpa.admission_stats(app)
+            # every attacker still waits, unadmitted: the uploads went past them
+            assert stats.waiting_for_evidence == len(sizes), stats
+            assert stats.admitted == 30 and stats.cut_preempted == 0, stats
+            assert stats.reserved_bytes == 0 and stats.bodies == 0, stats
+        finally:
+            await attackers.close()
+        # a head that hangs up while it waits leaves the queue (its stream sees the close)
+        assert await wait_for(lambda: bpa.admission_stats(app).waiting == 0)
+    await assert_drained(pool)
+
+
+@pytest.mark.asyncio
+async def test_evidence_over_tls_is_seen_and_heads_still_hold_nothing(tmp_path: Any) -> None:
+    """Over TLS a waiting body's bytes would sit in the TLS layer if its reading were paused,
+    invisible to the evidence check: defaults, a TLS head that sends nothing holds no
+    reservation, and a TLS client that sends its head, waits until the server has it waiting
+    for evidence, then sends 64 KiB, is admitted and served (paused, it would wait 60 s)."""
+    certs = make_certs(["localhost"], tmp_path)
+    app = web.Application()
+    pool = bpa.setup(app)
+    app.router.add_post("/upload", _upload)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    conns: list[asyncio.StreamWriter] = []
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=certs.server_context("localhost"))
+        await site.start()
+        port = int(runner.addresses[0][1])
+
+        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            r, w = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=certs.client_context(), server_hostname="localhost"
+            )
+            conns.append(w)
+            return r, w
+
+        _hr, holder = await connect()
+        holder.write(_head("/upload", bpa.DEFAULT_MAX_BODY_SIZE))
+        reader, writer = await connect()
+        data = os.urandom(65536)
+        writer.write(_head("/upload", len(data)))
+        assert await wait_for(lambda: bpa.admission_stats(app).waiting_for_evidence == 2)
+        assert bpa.admission_stats(app).reserved_bytes == 0
+        writer.write(data)
+        status, _h, body = await asyncio.wait_for(read_response(reader), 10)
+        assert status == 200 and hashlib.sha256(data).hexdigest().encode() in body, body
+        stats = bpa.admission_stats(app)
+        assert stats.waiting_for_evidence == 1 and stats.admitted == 1, stats
+    finally:
+        for w in conns:
+            w.close()
+        await runner.cleanup()
+    await assert_drained(pool)
+
+
+@pytest.mark.asyncio
 async def test_holders_and_tricklers_cannot_starve_uploads_with_the_defaults() -> None:
-    """Header-only holders and 1 B / 100 ms tricklers declare the whole body budget of a
-    default ``setup(app)`` (64 MiB pool, 8 MiB bodies, 60 s body_timeout).  Legitimate 1 MiB
-    and 16 KiB uploads arrive while they run: every one served, each within 10 s (the
+    """Holders that send their 16 KiB of evidence and then nothing, and tricklers (1 B per
+    100 ms after it), are admitted and hold the whole body budget of a default
+    ``setup(app)`` (64 MiB pool, 8 MiB bodies, 60 s body_timeout).  Legitimate 1 MiB and
+    16 KiB uploads arrive while they run: every one served, each within 10 s (the
     preemption path cuts the stalled bodies that hold the most; the 60 s deadline would be
     far too late), the attackers get 408 naming the pressure, nothing stays leased."""
     app = web.Application()
@@ -127,8 +211,9 @@ async def test_holders_and_tricklers_cannot_starve_uploads_with_the_defaults() -
         assert stats.budget > 60 * MiB
         sizes = _fill_budget(stats.budget, bpa.DEFAULT_MAX_BODY_SIZE)
         attackers = Attackers(client.port)  # type: ignore[arg-type]
+        first = bpa.EVIDENCE_BYTES
         for i, size in enumerate(sizes):
-            await (attackers.hold(size) if i % 2 else attackers.trickle(size))
+            await (attackers.hold(size, first) if i % 2 else attackers.trickle(size, first))
         assert await wait_for(lambda: bpa.admission_stats(app).bodies == len(sizes))
         assert bpa.admission_stats(app).budget - bpa.admission_stats(app).reserved_bytes < 16384
         # The attack has run for preempt_idle when the uploads come (loop time only moves
@@ -203,12 +288,13 @@ async def test_a_steady_slow_upload_is_never_cut_under_pressure() -> None:
     async with served(app) as client:
         data = os.urandom(budget)
         reader, writer = await raw_connect(client.port)  # type: ignore[arg-type]
-        writer.write(_head("/upload", budget))
+        first = bpa.EVIDENCE_BYTES  # what admits it
+        writer.write(_head("/upload", budget) + data[:first])
         await writer.drain()
         assert await wait_for(lambda: bpa.admission_stats(app).bodies == 1)
         waiting = asyncio.ensure_future(_legit_upload(client, budget, 1))
         assert await wait_for(lambda: bpa.admission_stats(app).waiting == 1)
-        for i in range(0, budget, 8192):
+        for i in range(first, budget, 8192):
             writer.write(data[i : i + 8192])
             await writer.drain()
             await asyncio.sleep(0.05)  # the client's pace
@@ -432,10 +518,13 @@ async def test_bodies_of_unknown_length_never_deadlock_on_growth() -> None:
         b = await raw_connect(client.port)  # type: ignore[arg-type]
         for _r, w in (a, b):
             w.write(_head("/upload", None, chunked=True))
-        assert await wait_for(lambda: bpa.admission_stats(app).reserved_bytes == 2 * slot)
+        # heads alone reserve nothing: they wait for their evidence (a first 64 KiB chunk)
+        assert await wait_for(lambda: bpa.admission_stats(app).waiting_for_evidence == 2)
+        assert bpa.admission_stats(app).reserved_bytes == 0
         piece = b"p" * slot
         for _r, w in (a, b):
             w.write(_chunk(piece))
+        assert await wait_for(lambda: bpa.admission_stats(app).reserved_bytes == 2 * slot)
         for expected in (3, 4):
             w = (a, b)[expected - 3][1]
             w.write(_chunk(piece))
@@ -519,9 +608,10 @@ async def test_the_middleware_form_composes_by_hand() -> None:
 
 @pytest.mark.asyncio
 async def test_admission_is_fifo_and_a_leaving_waiter_lets_the_next_in() -> None:
-    """Budget four 64 KiB slots, a holder keeps two.  A (three slots) waits; B (one slot)
-    would fit but queues behind A: first come, first served, so A is never starved by
-    smaller bodies.  A's wait runs out (503): B is admitted at once, before its own timeout
+    """Budget four 64 KiB slots, a holder keeps two.  A (three slots, its body sent) waits;
+    B (one slot) would fit but queues behind A: among bodies whose bytes are here, first
+    come, first served, so A is never starved by smaller bodies.  A's wait runs out (503):
+    B is admitted at once, before its own timeout
     and while the holder still holds."""
     slot = 65536
     pool = bufpool.BufferPool(max_bytes=4 * slot, initial_slots=0, on_exhausted="raise")
@@ -538,8 +628,11 @@ async def test_admission_is_fifo_and_a_leaving_waiter_lets_the_next_in() -> None
         first = asyncio.ensure_future(client.post("/hold", data=b"h" * 2 * slot))
         assert await wait_for(lambda: bpa.admission_stats(app).reserved_bytes == 2 * slot)
         a = await raw_connect(client.port)  # type: ignore[arg-type]
-        a[1].write(_head("/upload", 3 * slot))
-        assert await wait_for(lambda: bpa.admission_stats(app).waiting == 1)
+        a[1].write(_head("/upload", 3 * slot) + b"a" * 3 * slot)
+        assert await wait_for(
+            lambda: (bpa.admission_stats(app).waiting,
+                     bpa.admission_stats(app).waiting_for_evidence) == (1, 0)
+        )
         b = await raw_connect(client.port)  # type: ignore[arg-type]
         b[1].write(_head("/upload", 1000) + b"b" * 1000)
         assert await wait_for(lambda: bpa.admission_stats(app).waiting == 2)

@@ -9,7 +9,8 @@ Floor 3 (adapter).  Usage::
         body = await bufpool.aiohttp.read_body(request)   # PooledBody, valid until request end
         return bufpool.aiohttp.pooled_response(request, body)  # sent from pool memory
 
-Memory: bodies are admitted FIFO into a budget and leased slot by slot as bytes arrive;
+Memory: bodies are admitted into a budget once their client sent 16 KiB (or all) of them,
+FIFO among those, and leased slot by slot as bytes arrive;
 stalled or trickling bodies are cut (408) by deadlines, and under memory pressure the stalled
 bodies and unsent replies holding the most go first; idle memory is given back.
 
@@ -19,7 +20,7 @@ body.  Every lease a request took is released when it ends, after its response w
 see ``docs/aiohttp.md``.
 """
 
-from ._admission import AdmissionStats, BodyCut
+from ._admission import EVIDENCE_BYTES, AdmissionStats, BodyCut
 from ._body import PooledBody, read_body
 from ._endpoint import PROMETHEUS_CONTENT_TYPE
 from ._errors import BodyAlreadyRead, BodyNotContiguous, NotSetUp
@@ -56,6 +57,7 @@ __all__ = [
     "DEFAULT_PREEMPT_AFTER",
     "DEFAULT_PREEMPT_IDLE",
     "DEFAULT_SEND_TIMEOUT",
+    "EVIDENCE_BYTES",
     "HEADER_REUSE_SUPPORTED",
     "POOL_KEY",
     "PROMETHEUS_CONTENT_TYPE",

@@ -2,11 +2,16 @@
 
 Operations (each O(1) unless noted):
 
-* ``reserve_now(stream, reader, n)`` / ``await reserve(...)``: admit a body that will hold
-  ``n`` bytes of pool slots.  FIFO: a body is admitted only when its whole reservation fits
-  in the budget next to every body admitted before it, so admitted bodies can always finish
-  (no two bodies each hold part of what the other needs).  While a body waits, its
-  connection's reading is paused, so aiohttp buffers nothing more for it (TCP backpressure).
+* ``reserve_now(stream, reader, n, length)`` / ``await reserve(...)``: admit a body that will
+  hold ``n`` bytes of pool slots.  Evidence first: a body is admitted only once its client
+  has sent ``min(length, EVIDENCE_BYTES)`` body bytes (counted in aiohttp's stream plus the
+  socket's kernel receive queue, ``FIONREAD``) or the whole body; until then it waits
+  without any reservation (a head that declares 8 MiB and sends nothing pins nothing).
+  Among bodies with evidence, FIFO: a body is admitted only when its whole reservation fits
+  next to every body admitted before it, so admitted bodies can always finish (no two
+  bodies each hold part of what the other needs).  While a body waits, its connection's
+  reading is paused, so aiohttp buffers nothing more for it (TCP backpressure; the bytes
+  wait in the kernel, where the evidence check sees them).
 * ``grow_now(ticket, n)`` / ``await grow(...)``: enlarge an admitted body's reservation
   (bodies of unknown length).  Growth goes before new admissions; a growth that only other
   waiting bodies could satisfy fails at once (``GrowthRefused``) instead of deadlocking.
@@ -15,23 +20,30 @@ Operations (each O(1) unless noted):
 * ``release(ticket)``: the body's memory is back; waiters are served in order.
 * ``watch_send(transport, n)``: a pooled reply of ``n`` bytes is being written.
 
+Bodies waiting for evidence are looked at every ``EVIDENCE_POLL`` s (O(such waiters), one
+``ioctl`` each); the same ``body_timeout`` and ``body_min_rate`` deadlines apply to them from
+their head (408), and ``acquire_timeout`` starts only once they have shown their evidence.
+
 Deadlines (checked every ``tick`` seconds while anything is tracked, O(tracked) per check):
 no body byte for ``body_timeout`` s, or slower than ``body_min_rate`` after ``body_grace`` s,
 cuts the body (its stream raises :class:`BodyCut`, answered 408); no write progress on a
 pooled reply for ``send_timeout`` s aborts the connection.  Under pressure (a body waited
 ``preempt_after`` s for memory) these deadlines shrink to ``preempt_idle`` s: every body with
 no byte for that long, or below ``body_min_rate`` with that grace, is cut (those holding the
-most unfilled reservation first), and stalled pooled replies are aborted.  A body that keeps
-sending at ``body_min_rate`` or more is never cut.  See ``docs/aiohttp.md`` for the anchors
-(nginx, Apache, Envoy, Go).
+most unfilled reservation first), and stalled pooled replies are aborted.  Under pressure the
+rate is also judged per ``preempt_idle`` window (bytes that arrived before do not buy time
+later).  A body that keeps sending at ``body_min_rate`` or more is never cut.  See
+``docs/aiohttp.md`` for the anchors (nginx, Apache, Envoy, Go).
 
 Quiet for ``idle_trim_after`` s: ``pool.trim()`` and glibc ``malloc_trim(0)`` give memory back.
 
 Another receive path (e.g. a BufferedProtocol below aiohttp's parser) uses it the same way as
 ``read_body``: ``adm = app[SETTINGS_KEY].admission``; ``t = adm.reserve_now(stream, reader,
-slot_bytes(pool, length)) or await adm.reserve(...)`` (``stream.set_exception`` receives a
-:class:`BodyCut`; ``reader.pause_reading``/``resume_reading`` hold the socket while it
-waits); ``t.received += n`` as bytes land; ``t.begin_wait()``/``t.end_wait()`` around a wait
+slot_bytes(pool, length), length) or await adm.reserve(...)`` (``stream.set_exception``
+receives a :class:`BodyCut`; ``stream.total_bytes``/``is_eof()`` and the socket of
+``reader.transport`` give the evidence, a stream without them counts as evident;
+``reader.pause_reading``/``resume_reading`` hold the socket while it waits);
+``t.received += n`` as bytes land; ``t.begin_wait()``/``t.end_wait()`` around a wait
 for a pool slot; ``t.done()`` when the body is complete; ``adm.release(t)`` once its memory
 is released.
 """
@@ -43,13 +55,17 @@ import bisect
 import ctypes
 import ctypes.util
 import logging
+import select
+import struct
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from .._pool import BufferPool
 
 __all__ = [
+    "EVIDENCE_BYTES",
+    "EVIDENCE_POLL",
     "Admission",
     "AdmissionStats",
     "AdmissionTimeout",
@@ -63,6 +79,22 @@ __all__ = [
 log = logging.getLogger("bufpool.aiohttp")
 
 WAITING, READING, DONE, CUT, RELEASED = range(5)
+
+#: Body bytes a client must have sent (or its whole body, if smaller) before its body is
+#: admitted into the budget (16 KiB: about one initial TCP congestion window, so a client
+#: sending at line rate shows it within one round trip of its head).
+EVIDENCE_BYTES: Final = 16384
+#: Seconds between looks at bodies that wait for their evidence (only while there are any).
+EVIDENCE_POLL: Final = 0.02
+
+try:
+    import fcntl
+    import termios
+
+    _FIONREAD: int | None = termios.FIONREAD
+except ImportError:  # not POSIX: the kernel queue is not looked at
+    _FIONREAD = None
+_ZERO = b"\0\0\0\0"
 
 
 class BodyStream(Protocol):
@@ -110,15 +142,23 @@ class BodyTicket:
     __slots__ = (
         "adm",
         "admitted_at",
+        "fd",
         "fut",
         "last",
+        "mark",
+        "mark_at",
+        "need",
+        "paused",
         "queued_at",
         "reader",
         "received",
         "seen",
+        "shown",
         "size",
+        "slow",
         "state",
         "stream",
+        "timer",
         "want",
     )
 
@@ -135,6 +175,16 @@ class BodyTicket:
         self.last = 0.0  #: when a body byte last arrived (or admission)
         self.queued_at = 0.0
         self.fut: asyncio.Future[None] | None = None
+        #: Evidence still missing: body bytes to see before admission (0: evident).
+        self.need = 0
+        self.shown = 0  #: body bytes seen while waiting for the evidence
+        self.fd = -1  #: the connection's plain TCP socket, for FIONREAD (-1: none, or TLS)
+        self.paused = False  #: this ticket paused the connection's reading
+        self.timer: asyncio.Timeout | None = None  #: acquire_timeout, started at evidence
+        #: ``received`` at ``mark_at``: the rate over the last preempt_idle window
+        self.mark = 0
+        self.mark_at = 0.0
+        self.slow = False  #: the last whole window was below body_min_rate
 
     def progress(self, n: int) -> None:
         """``n`` body bytes arrived (the same as ``ticket.received += n``: the periodic
@@ -201,6 +251,7 @@ class AdmissionStats:
     bodies: int  #: admitted bodies not yet released
     waiting: int  #: bodies waiting for admission, growth or a slot
     waiting_bytes: int  #: what the admission/growth waiters ask for
+    waiting_for_evidence: int  #: of ``waiting``: bodies whose client has not sent enough yet
     admitted: int
     admission_timeouts: int  #: 503 after acquire_timeout
     growth_refused: int  #: 503: unknown-length body could not grow
@@ -228,8 +279,8 @@ class AdmissionStats:
 
 
 _GAUGES = frozenset(
-    {"budget", "reserved_bytes", "bodies", "waiting", "waiting_bytes", "replies_sending",
-     "reply_bytes_pinned"}
+    {"budget", "reserved_bytes", "bodies", "waiting", "waiting_bytes", "waiting_for_evidence",
+     "replies_sending", "reply_bytes_pinned"}
 )
 
 
@@ -299,6 +350,10 @@ class Admission:
         self._waiters: deque[BodyTicket] = deque()
         self._growers: deque[BodyTicket] = deque()
         self._slot_waiters: set[BodyTicket] = set()
+        #: Bodies waiting for their evidence (no reservation, not in the FIFO yet).
+        self._unready: dict[BodyTicket, None] = {}
+        self._poll_handle: asyncio.TimerHandle | None = None
+        self._next_poll = 0.0
         self.sends: set[SendWatch] = set()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._handle: asyncio.TimerHandle | None = None
@@ -321,18 +376,26 @@ class Admission:
         loop = asyncio.get_running_loop()
         if loop is not self.loop:  # first use, or the app runs again on another loop
             self.loop = loop
-            self._handle = self._trim_handle = None
+            self._handle = self._trim_handle = self._poll_handle = None
         return loop
 
     def reserve_now(
-        self, stream: BodyStream, reader: FlowControl | None, nbytes: int
+        self, stream: BodyStream, reader: FlowControl | None, nbytes: int,
+        length: int | None = None,
     ) -> BodyTicket | None:
-        """Admit a body of ``nbytes`` reserved bytes now, or None (then ``reserve``)."""
+        """Admit a body of ``nbytes`` reserved bytes (``length`` body bytes, None: unknown)
+        now, or None (then ``reserve``): the budget has room, nobody with evidence waits
+        ahead, and aiohttp's stream already holds the body's evidence."""
         loop = self.loop
         if loop is not asyncio.get_running_loop():
             loop = self._bind()
         if self._waiters or self._growers or self.reserved + nbytes > self.budget:
             return None
+        shown = getattr(stream, "total_bytes", None)
+        if shown is not None and shown < (
+            EVIDENCE_BYTES if length is None or length > EVIDENCE_BYTES else length
+        ) and not stream.is_eof():  # type: ignore[attr-defined]
+            return None  # reserve() looks at the kernel's queue too
         # The hot path of every pooled request: _admit written out.
         ticket = BodyTicket(self, stream, reader)
         self.reserved += nbytes
@@ -361,16 +424,55 @@ class Admission:
         self._arm()
 
     async def reserve(
-        self, stream: BodyStream, reader: FlowControl | None, nbytes: int
+        self, stream: BodyStream, reader: FlowControl | None, nbytes: int,
+        length: int | None = None,
     ) -> BodyTicket:
-        """Admit a body of ``nbytes`` reserved bytes, waiting in FIFO order with the
-        connection's reading paused; AdmissionTimeout after ``acquire_timeout`` s."""
-        ticket = self.reserve_now(stream, reader, nbytes)
+        """Admit a body of ``nbytes`` reserved bytes (``length`` body bytes, None: unknown).
+
+        Waits, with the connection's reading paused, first for the body's evidence (no
+        reservation meanwhile; BodyCut after ``body_timeout`` without a byte or below
+        ``body_min_rate`` after ``body_grace``), then in FIFO order among bodies with
+        evidence; AdmissionTimeout ``acquire_timeout`` s after the evidence.
+        """
+        ticket = self.reserve_now(stream, reader, nbytes, length)
         if ticket is not None:
             return ticket
         ticket = BodyTicket(self, stream, reader)
-        await self._wait(ticket, nbytes, self._waiters)
+        need = EVIDENCE_BYTES if length is None else min(length, EVIDENCE_BYTES)
+        ticket.need = need
+        ticket.fd = _socket_fd(reader)
+        self._evidence(ticket)
+        if not ticket.need and not self._waiters and not self._growers and (
+            self.reserved + nbytes <= self.budget
+        ):  # the bytes were in the kernel: admitted with no wait and no pause
+            self._admit(ticket, nbytes, self.loop.time())
+            return ticket
+        if ticket.need:
+            await self._wait(ticket, nbytes, None)
+        else:
+            await self._wait(ticket, nbytes, self._waiters)
         return ticket
+
+    def _evidence(self, ticket: BodyTicket, kernel: bool = True) -> bool:
+        """Update ``ticket.shown``/``need`` from the stream and (``kernel``) the socket's
+        receive queue; True if the client sent a byte since the last look."""
+        stream: Any = ticket.stream
+        shown = getattr(stream, "total_bytes", None)
+        if shown is None or stream.is_eof() or stream.exception() is not None:
+            ticket.need = 0  # (a failed stream: reading it raises the failure at once)
+            return True
+        if not kernel:
+            pass  # poll found nothing readable: the kernel's queue is empty
+        elif ticket.fd >= 0 and _FIONREAD is not None:
+            try:
+                shown += struct.unpack("i", fcntl.ioctl(ticket.fd, _FIONREAD, _ZERO))[0]
+            except OSError:  # closed meanwhile: the stream's own error ends the wait
+                pass
+        moved = shown != ticket.shown
+        ticket.shown = shown
+        if shown >= ticket.need:
+            ticket.need = 0
+        return bool(moved)
 
     def grow_now(self, ticket: BodyTicket, nbytes: int) -> bool:
         """Add ``nbytes`` to an admitted body's reservation now if it fits."""
@@ -397,29 +499,49 @@ class Admission:
         self._slot_waiters.discard(ticket)
         await self._wait(ticket, nbytes, self._growers)
 
-    async def _wait(self, ticket: BodyTicket, nbytes: int, queue: deque[BodyTicket]) -> None:
+    async def _wait(
+        self, ticket: BodyTicket, nbytes: int, queue: deque[BodyTicket] | None
+    ) -> None:
+        """Wait in ``queue`` (None: for the evidence first, then in ``_waiters``)."""
         loop = self.loop
         fut: asyncio.Future[None] = loop.create_future()
         ticket.fut = fut
         ticket.want = nbytes
         was = ticket.state
         ticket.state = WAITING
-        ticket.queued_at = loop.time()
-        queue.append(ticket)
+        ticket.queued_at = ticket.last = loop.time()
+        if queue is None:
+            self._unready[ticket] = None
+            self._arm_poll()
+        else:
+            queue.append(ticket)
+            if queue is self._waiters:
+                self._serve()  # evident only now (the kernel's queue): it may fit at once
         self._arm()
         reader = ticket.reader
-        paused = _pause(reader)
+        # Paused at once, unless it waits for evidence and its bytes could not be seen
+        # while paused (TLS: they would sit decrypted-to-be in the TLS layer, not in the
+        # kernel): then aiohttp reads until the evidence is in its stream (at most its own
+        # 2 x read_bufsize high-water mark) and the connection is paused on promotion.
+        ticket.paused = _pause(reader) if queue is not None or ticket.fd >= 0 else False
         try:
-            async with asyncio.timeout(self.acquire_timeout):
+            async with asyncio.timeout(
+                self.acquire_timeout if queue is not None else None
+            ) as timer:
+                ticket.timer = timer
                 await fut
         except BaseException as exc:
-            granted = fut.done() and not fut.cancelled()
+            granted = fut.done() and not fut.cancelled() and fut.exception() is None
             if not granted:
                 fut.cancel()
-                try:
-                    queue.remove(ticket)
-                except ValueError:
-                    pass
+                self._unready.pop(ticket, None)
+                for q in (self._waiters, self._growers):
+                    try:
+                        q.remove(ticket)
+                    except ValueError:
+                        pass
+                if isinstance(exc, BodyCut):
+                    raise
                 ticket.state = was if queue is self._growers else RELEASED
                 self._serve()  # those behind it may fit now
                 if isinstance(exc, TimeoutError):
@@ -436,7 +558,9 @@ class Admission:
                 raise
         finally:
             ticket.fut = None
-            if paused:
+            ticket.timer = None
+            if ticket.paused:
+                ticket.paused = False
                 _resume(reader)
 
     def release(self, ticket: BodyTicket) -> None:
@@ -484,6 +608,68 @@ class Admission:
             self._admit(t, t.want, now)
             t.fut.set_result(None)
 
+    def _arm_poll(self) -> None:
+        if self._poll_handle is None:
+            self._next_poll = self.loop.time() + EVIDENCE_POLL
+            self._poll_handle = self.loop.call_later(EVIDENCE_POLL, self._poll)
+
+    def _poll(self) -> None:
+        """Look at the bodies waiting for evidence: promote those that showed it (to the
+        end of the FIFO, whose ``acquire_timeout`` starts now), cut those past a deadline."""
+        self._poll_handle = None
+        now = self.loop.time()
+        lag = now - self._next_poll
+        timeout = self.body_timeout
+        rate = self.body_min_rate
+        grace = self.body_grace
+        promoted = False
+        events = _readable([t.fd for t in self._unready])
+        for t in list(self._unready):
+            fut = t.fut
+            if fut is None or fut.done():
+                self._unready.pop(t, None)
+                continue
+            if lag > EVIDENCE_POLL:  # this process did not run: not the client's doing
+                t.last += lag
+                t.queued_at += lag
+            ev = _POLL_ALL if events is None else events.get(t.fd, 0)
+            if ev & _POLL_GONE:
+                # The client hung up (or half-closed): let aiohttp read what is left and
+                # see the end; the stream then ends or fails, and the body is let through
+                # to meet that at once.
+                _resume(t.reader)
+                t.need = 0
+            elif self._evidence(t, bool(ev & select.POLLIN)):
+                t.last = now
+            if not t.need:
+                del self._unready[t]
+                if not t.paused:
+                    t.paused = _pause(t.reader)
+                t.queued_at = now  # pressure counts from here
+                if t.timer is not None and self.acquire_timeout is not None:
+                    t.timer.reschedule(now + self.acquire_timeout)
+                self._waiters.append(t)
+                promoted = True
+            elif timeout is not None and now - t.last > timeout:
+                self._cut_waiting(t, "body_timeout",
+                                  f"no request body bytes for body_timeout={timeout} s "
+                                  f"({t.shown} bytes received)")
+            elif rate and now > t.queued_at + grace + t.shown / rate:
+                self._cut_waiting(t, "min_rate",
+                                  f"request body slower than body_min_rate={rate:g} bytes/s "
+                                  f"after body_grace={grace:g} s ({t.shown} bytes in "
+                                  f"{now - t.queued_at:.1f} s)")
+        if promoted:
+            self._serve()
+        if self._unready:
+            self._arm_poll()
+
+    def _cut_waiting(self, ticket: BodyTicket, reason: str, message: str) -> None:
+        del self._unready[ticket]
+        self._cut(ticket, reason, message)
+        assert ticket.fut is not None
+        ticket.fut.set_exception(BodyCut(reason, message))
+
     # ------------------------------------------------------------------ replies
     def watch_send(self, transport: asyncio.WriteTransport, nbytes: int) -> SendWatch:
         """Track a pooled reply of ``nbytes`` being written (write deadline, preemption).
@@ -530,14 +716,23 @@ class Admission:
             for t in self.bodies:
                 t.last += lag
                 t.admitted_at += lag
+                t.mark_at += lag
             for w in self.sends:
                 w.last += lag
         timeout = self.body_timeout
         rate = self.body_min_rate
         grace = self.body_grace
+        window = self.preempt_idle
         for t in list(self.bodies):
             if t.state != READING:
                 continue
+            if t.mark_at < t.admitted_at:  # admitted, or back from a wait: a new window
+                t.mark_at = t.admitted_at
+                t.mark = t.received
+            elif rate and now - t.mark_at >= window:
+                t.slow = t.received - t.mark < rate * (now - t.mark_at)
+                t.mark = t.received
+                t.mark_at = now
             if t.received != t.seen:
                 t.seen = t.received
                 t.last = now
@@ -571,7 +766,7 @@ class Admission:
                             f"({w.pinned()} pooled bytes unsent)")
         if self.preempt_after is not None:
             self._preempt(now)
-        if self.bodies or self._waiters or self._growers or self.sends:
+        if self.bodies or self._waiters or self._growers or self.sends or self._unready:
             self._arm()
         elif self._dirty and self.idle_trim_after is not None and self._trim_handle is None:
             self._trim_seen = self.activity
@@ -596,7 +791,7 @@ class Admission:
         stalled = [
             t for t in self.bodies if t.state == READING and (
                 now - t.last >= idle
-                or (rate and now > t.admitted_at + idle + t.received / rate)
+                or (rate and (t.slow or now > t.admitted_at + idle + t.received / rate))
             )
         ]
         # Under pressure every body deadline shrinks to preempt_idle (Envoy's reduce_timeouts);
@@ -605,14 +800,15 @@ class Admission:
         for t in stalled:
             self._cut(t, "preempted",
                       f"request body stalled under memory pressure: {t.received} bytes in "
-                      f"{now - t.admitted_at:.1f} s, none for {now - t.last:.1f} s "
-                      f"(preempt_idle={idle} s, body_min_rate={rate} bytes/s)")
+                      f"{now - t.admitted_at:.1f} s, none for {now - t.last:.1f} s"
+                      + (" or below body_min_rate over the last preempt_idle" if t.slow else "")
+                      + f" (preempt_idle={idle} s, body_min_rate={rate} bytes/s)")
 
     def _idle_trim(self) -> None:
         """Runs ``idle_trim_after`` s after a check found nothing tracked: trims if nothing
         was admitted or sent since (else waits another period)."""
         self._trim_handle = None
-        if self.bodies or self._waiters or self._growers or self.sends:
+        if self.bodies or self._waiters or self._growers or self.sends or self._unready:
             return  # busy again: the next quiet check re-arms this
         assert self.idle_trim_after is not None
         if self.activity != self._trim_seen:
@@ -628,10 +824,10 @@ class Admission:
 
     def close(self) -> None:
         """Stop the timers (application shutdown)."""
-        for handle in (self._handle, self._trim_handle):
+        for handle in (self._handle, self._trim_handle, self._poll_handle):
             if handle is not None:
                 handle.cancel()
-        self._handle = self._trim_handle = None
+        self._handle = self._trim_handle = self._poll_handle = None
 
     def stats(self) -> AdmissionStats:
         c = self.counts
@@ -640,8 +836,9 @@ class Admission:
             budget=self.budget,
             reserved_bytes=self.reserved,
             bodies=len(self.bodies),
-            waiting=len(waiting) + len(self._slot_waiters),
+            waiting=len(waiting) + len(self._slot_waiters) + len(self._unready),
             waiting_bytes=sum(t.want for t in waiting),
+            waiting_for_evidence=len(self._unready),
             admitted=self.admitted,
             admission_timeouts=c["admission_timeouts"],
             growth_refused=c["growth_refused"],
@@ -655,6 +852,35 @@ class Admission:
             idle_trims=c["idle_trims"],
             idle_trimmed_bytes=c["idle_trimmed_bytes"],
         )
+
+
+_POLL_GONE: Final = getattr(select, "POLLRDHUP", 0) | select.POLLERR | select.POLLHUP
+_POLL_ALL: Final = select.POLLIN
+
+
+def _readable(fds: list[int]) -> dict[int, int] | None:
+    """``poll`` events of the sockets ``fds`` (one system call), or None without poll."""
+    if not hasattr(select, "poll"):
+        return None
+    p = select.poll()
+    mask = select.POLLIN | _POLL_GONE
+    for fd in fds:
+        if fd >= 0:
+            p.register(fd, mask)
+    return dict(p.poll(0))
+
+
+def _socket_fd(reader: FlowControl | None) -> int:
+    """The connection's socket descriptor (-1 if there is none, or its bytes are TLS records
+    that the TLS layer reads ahead of the application)."""
+    transport = getattr(reader, "transport", None)
+    if transport is None or _FIONREAD is None or transport.get_extra_info("ssl_object"):
+        return -1
+    sock = transport.get_extra_info("socket")
+    try:
+        return int(sock.fileno()) if sock is not None else -1
+    except (AttributeError, OSError, ValueError):
+        return -1
 
 
 def _pause(reader: FlowControl | None) -> bool:

@@ -8,8 +8,9 @@ about 2x for ``await request.read()`` (bytearray growth, then a copy to ``bytes`
 Layout: a body up to the pool's largest class (64 KiB by default) is one lease; a larger one is
 a LeaseChain of largest-class slots, never one giant allocation.
 
-Memory: a body is first admitted into the application's body budget (``_admission``: FIFO, its
-whole Content-Length reserved, or 64 KiB steps for a body of unknown length), then leased slot
+Memory: a body is first admitted into the application's body budget (``_admission``: once its
+client sent ``EVIDENCE_BYTES`` or all of it, FIFO among those, its whole Content-Length
+reserved, or 64 KiB steps for a body of unknown length), then leased slot
 by slot as its bytes arrive, so the process holds what clients actually sent.  Without a
 Content-Length the first lease grows through the classes (its bytes copied, at most 64 KiB in
 all) and further slots are appended.
@@ -261,13 +262,16 @@ async def _admit(
     request: web.Request, settings: Settings, owner: RequestLeases, nbytes: int,
     length: int | None,
 ) -> BodyTicket:
-    """Admit the body (``nbytes`` reserved) into the budget; 503 after ``acquire_timeout``."""
+    """Admit the body (``nbytes`` reserved) into the budget; 503 after ``acquire_timeout``,
+    408 when the client sends too little while it waits for admission."""
     adm = settings.admission
     assert adm is not None
     try:
-        ticket = await adm.reserve(request.content, request.protocol, nbytes)
+        ticket = await adm.reserve(request.content, request.protocol, nbytes, length)
     except AdmissionTimeout as exc:
         raise _exhausted(settings, length, exc) from None
+    except BodyCut as exc:
+        raise _timed_out(exc) from None
     owner.ticket = ticket
     return ticket
 
@@ -316,7 +320,7 @@ async def _read_sized(
         need = slot_bytes(settings.pool, length)
     adm = settings.admission
     assert adm is not None
-    ticket = adm.reserve_now(request._payload, request._protocol, need)  # hot path, no await
+    ticket = adm.reserve_now(request._payload, request._protocol, need, length)  # hot path
     if ticket is None:
         ticket = await _admit(request, settings, owner, need, length)
     else:

@@ -88,7 +88,8 @@ def setup(
     retry_after
         Seconds put in the 503's Retry-After header.
     body_timeout
-        No body byte for this long: 408 (60 s, nginx ``client_body_timeout``).
+        No body byte for this long: 408 (60 s, nginx ``client_body_timeout``); also for a
+        body still waiting for its first ``EVIDENCE_BYTES`` (16 KiB) before admission.
     body_min_rate, body_grace
         Body slower than ``body_min_rate`` bytes/s on average once ``body_grace`` s passed:
         408 (500 B/s after 20 s, Apache ``mod_reqtimeout`` ``body=20,MinRate=500``).
@@ -97,7 +98,8 @@ def setup(
         (60 s, nginx ``send_timeout``).
     preempt_after, preempt_idle
         Once a body waited ``preempt_after`` s (0.5) for memory, admitted bodies with no byte
-        for ``preempt_idle`` s (1.0), or below ``body_min_rate`` with that grace, are cut
+        for ``preempt_idle`` s (1.0), or below ``body_min_rate`` with that grace or over the
+        last ``preempt_idle`` window, are cut
         (408), those holding the most unfilled reservation first, until the waiters fit; and
         pooled replies with no write progress for ``preempt_idle`` s are aborted (Envoy's
         overload manager).  None: no preemption.

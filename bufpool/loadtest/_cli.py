@@ -124,9 +124,10 @@ def add_loadtest_arguments(p: argparse.ArgumentParser) -> None:
     sc.add_argument(
         "--flood-idle",
         type=_non_negative_float,
-        default=5.0,
+        default=8.0,
         metavar="SECONDS",
-        help="flood: idle tail after the last reply, RSS still sampled (default 5)",
+        help="flood: idle tail after the last reply, RSS still sampled (default 8: past the "
+        "pooled server's 5 s idle trim)",
     )
     sc.add_argument(
         "--abuse-duration",

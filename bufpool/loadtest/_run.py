@@ -85,7 +85,7 @@ class Settings:
     #: flood: simultaneous uploads, bytes per upload, seconds of idle tail after the last reply.
     flood_clients: int = 96
     flood_body: int = 8 * 1024 * 1024
-    flood_idle: float = 5.0
+    flood_idle: float = 8.0
     #: abuse: measured seconds per run, attackers of each kind, legitimate connections, body
     #: bytes the stalling/trickling heads declare, reply bytes the non-readers ask for.
     abuse_duration: float = 3.0
