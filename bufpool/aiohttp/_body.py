@@ -190,6 +190,7 @@ async def read_body(request: web.Request) -> PooledBody:
     received = received_body(request)  # already in slots (zero_copy_receive)
     if received is not None and not received.streaming:
         owned = await received.take()  # no copy: the slots the kernel wrote into
+        owner.ticket = received.hand_over_ticket()  # its admission ends with the request
         if owned is not None:
             owner.items.append(owned)
         owner.body = body = PooledBody(owned, request)

@@ -18,8 +18,15 @@
   chunked, upgrades, parse errors, bare LF and heads longer than ``max_head_size`` hand the
   rest of the connection to it (``PASSTHROUGH``).  Answers are therefore aiohttp's own.
 
-Deadline: a body (or the rest of an abandoned one) must bring ``min_body_rate`` bytes/s over
-each ``body_timeout`` seconds, else 408 (and the connection closes).  Bounds: O(bytes) work;
+Memory and deadlines: the application's ``Admission`` (``AdmittedSlots``), exactly as for
+``read_body`` on aiohttp's parser: a body's slot reservation is admitted in FIFO order when its
+head is parsed (an ``Expect: 100-continue`` body's when the handler asks for it or its first
+byte arrives), reading paused while it waits; slots are leased as bytes arrive; the body is cut
+with 408 by ``body_timeout`` / ``body_min_rate`` / preemption (``setup()``'s defaults) and gets
+503 after ``acquire_timeout``.  A cut closes the connection lingering (``_LingeringClose``).
+Once a body is read as a stream it holds no pool memory and is aiohttp's ``StreamReader``; the
+unread rest of a body after its request is bounded by aiohttp's own lingering read
+(``lingering_time``) and close.  Bounds: O(bytes) work;
 head search resumes where it stopped (no rescans); memory per connection: the partial head
 (at most ``max_head_size``) and, per body, what arrived plus one slot.
 
@@ -43,7 +50,7 @@ from aiohttp.web_server import Server
 
 from ._chunked import ChunkScanner
 from ._compat import check_internals
-from ._received import PoolSlots, ReceivedBody, SlotSource
+from ._received import AdmittedSlots, ReceivedBody, SlotSource
 from ._settings import Settings
 
 __all__ = [
@@ -63,22 +70,14 @@ SCRATCH_SIZE: Final = 16 * 1024
 
 @dataclass(frozen=True, slots=True)
 class ReceiveOptions:
-    """Knobs of the zero-copy receive path.  Times in seconds, sizes in bytes."""
+    """Knobs of the zero-copy receive path, in bytes.  Its bodies' deadlines and memory are
+    ``setup()``'s (``body_timeout``, ``body_min_rate``, ``acquire_timeout`` ...)."""
 
-    #: Each period of this many seconds a body must bring ``min_body_rate * body_timeout``
-    #: bytes (a silent body fails after one period), else 408.
-    body_timeout: float = 5.0
-    #: Bytes per second a body must average over each ``body_timeout`` period.
-    min_body_rate: int = 500
     #: Longest head searched for its end; longer heads go to aiohttp's parser, which applies
     #: its own limits (max_line_size, max_field_size, max_headers).
     max_head_size: int = 64 * 1024
 
     def __post_init__(self) -> None:
-        if not self.body_timeout > 0:
-            raise ValueError(f"body_timeout must be > 0 seconds, got {self.body_timeout!r}")
-        if self.min_body_rate < 0:
-            raise ValueError(f"min_body_rate must be >= 0 bytes/s, got {self.min_body_rate!r}")
         if self.max_head_size < 1024:
             raise ValueError(f"max_head_size must be >= 1024 bytes, got {self.max_head_size!r}")
 
@@ -97,7 +96,7 @@ class ReceiveState:
     forwarded: int = 0
     #: Connections handed to aiohttp's parser for good (chunked, upgrade, parse error ...).
     passthrough: int = 0
-    #: Bodies failed by the deadline (408).
+    #: Fast-path bodies cut by the admission's deadlines or preemption (408).
     timeouts: int = 0
 
 
@@ -110,7 +109,7 @@ class _Context:
 
     __slots__ = (
         "largest", "limit", "loop", "max_body", "options", "scratch", "scratch_buf", "slots",
-        "state", "sweep", "timed",
+        "state",
     )
 
     def __init__(
@@ -126,21 +125,6 @@ class _Context:
         self.loop = loop
         self.scratch_buf = bytearray(SCRATCH_SIZE)
         self.scratch = memoryview(self.scratch_buf)
-        #: Connections with a body under way, checked by one sweep per body_timeout.
-        self.timed: set[ZeroCopyProtocol] = set()
-        self.sweep: asyncio.TimerHandle | None = None
-
-    def watch(self, conn: ZeroCopyProtocol) -> None:
-        self.timed.add(conn)
-        if self.sweep is None:
-            self.sweep = self.loop.call_later(self.options.body_timeout, self._sweep)
-
-    def _sweep(self) -> None:
-        self.sweep = None
-        for conn in list(self.timed):
-            conn._check()
-        if self.timed:
-            self.sweep = self.loop.call_later(self.options.body_timeout, self._sweep)
 
 
 class ZeroCopyServer(Server):
@@ -175,8 +159,8 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
     __slots__ = (
         "_batch", "_body", "_chunks", "_ctx", "_discard_left", "_fwd_left", "_fwd_payload",
         "_handler", "_into_slot",
-        "_live", "_mark", "_parser", "_paused", "_pending", "_scan", "_state", "_stream_paused",
-        "_timer", "_transport", "_waiting", "slots",
+        "_live", "_parser", "_paused", "_pending", "_scan", "_state", "_stream_paused",
+        "_transport", "_waiting", "slots",
     )
 
     def __init__(self, handler: RequestHandler, ctx: _Context) -> None:
@@ -208,8 +192,6 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         self._paused = False  # paused by this protocol (slot wait, verify, stream backlog)
         self._stream_paused = False
         self._waiting: set[asyncio.Task[None]] = set()
-        self._timer = False  # under the server's body sweep
-        self._mark: int | None = None
 
     # ------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -220,7 +202,6 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         self._handler.connection_lost(exc)
         self._state = DEAD
         self._transport = None
-        self._stop_timer()
         for task in self._waiting:
             task.cancel()
         lost = ConnectionResetError("Connection lost")
@@ -375,7 +356,6 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
                 self._discard_left -= k
                 if not self._discard_left:
                     self._state = HEAD
-                    self._stop_timer()
             elif state == VERIFY:
                 self._pause(True)
                 break
@@ -463,8 +443,8 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         self._deliver(msg, body)
         if batch is not None:
             batch.append((start, msg, body))
-        if not continued:
-            self._start_timer()
+        if not continued:  # (100-continue: admitted when wanted or its first byte arrives)
+            self._admit(body)
         return end
 
     def _deliver(self, msg: Any, payload: Any) -> None:
@@ -575,12 +555,16 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         """The current body's last byte arrived (it may still wait for a slot)."""
         self._body = None
         self._state = HEAD
-        self._stop_timer()
 
     # ------------------------------------------------------------ slots and flow control
+    def _admit(self, body: ReceivedBody) -> None:
+        """Admit ``body``'s reservation now, or wait for it in FIFO order (reading paused)."""
+        if not self.slots.admit_now(body):
+            self._want_slot(body)
+
     def _want_slot(self, body: ReceivedBody) -> None:
-        """No slot was free: pause reading (while ``body`` still arrives) and wait
-        (``SlotSource.lease_wait``)."""
+        """No admission yet or no slot free: pause reading (while ``body`` still arrives) and
+        wait (``SlotSource.admit``, then ``lease_wait``)."""
         if body is self._body:
             self._pause(True)
         if body.waiting:
@@ -591,16 +575,19 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         task.add_done_callback(self._waiting.discard)
 
     async def _wait_slot(self, body: ReceivedBody) -> None:
+        slots = self.slots
         try:
-            while body.needs_slot:
-                lease = await self.slots.lease_wait(body.next_slot_size())
+            if body.ticket is None and body.holds:
+                await slots.admit(body)
+            while body.needs_slot and body.ticket is not None:
+                lease = await slots.lease_wait(body, body.next_slot_size())
                 body.add_slot(lease)
         except web.HTTPException as exc:
             self._fail(body, exc)
             return
         finally:
             body.waiting = False
-        if self._state != DEAD:
+        if self._state != DEAD and not any(b.waiting for b in self._live):
             self._pause(False)
 
     def _pause(self, on: bool) -> None:
@@ -637,9 +624,16 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
 
     # Calls from ReceivedBody.
     def body_wanted(self, body: ReceivedBody) -> None:
-        """A handler waits for ``body`` (an Expect: 100-continue body starts its deadline)."""
-        if body is self._body and not self._timer:
-            self._start_timer()
+        """A handler waits for ``body`` with ``read_body`` (an Expect: 100-continue body is
+        admitted now, if its first byte did not do it already)."""
+        if body.ticket is None and not body.waiting and body.holds:
+            self._admit(body)
+
+    def body_cut(self, body: ReceivedBody, exc: BaseException) -> None:
+        """The admission cut ``body`` (a ``BodyCut`` naming the deadline): 408, and the
+        connection closes lingering."""
+        self._ctx.state.timeouts += 1
+        self._fail(body, web.HTTPRequestTimeout(text=str(exc)))
 
     def body_streaming(self, body: ReceivedBody) -> None:
         """``body`` became a plain stream: its overflow went into it, no slot is needed."""
@@ -654,61 +648,6 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
             self._state = DISCARD if self._discard_left else HEAD
             self._pause(False)
 
-    # ------------------------------------------------------------ body deadline
-    def _start_timer(self) -> None:
-        """Put this connection under the server's body sweep (no timer per request)."""
-        self._mark = None
-        if not self._timer:
-            self._timer = True
-            self._ctx.watch(self)
-
-    def _stop_timer(self) -> None:
-        if self._timer:
-            self._timer = False
-            self._ctx.timed.discard(self)
-
-    def _check(self) -> None:
-        """Called by the sweep every ``body_timeout`` seconds: did the body bring
-        ``min_body_rate`` bytes/s since the previous sweep?  (A body gets at least one full
-        period: it fails between one and two ``body_timeout`` after it stalled.)"""
-        state = self._state
-        opts = self._ctx.options
-        if state == BODY:
-            body = self._body
-            assert body is not None
-            got = body.received
-        elif state == DISCARD:
-            got = -self._discard_left
-        else:
-            self._stop_timer()
-            return
-        mark = self._mark
-        handler = self._handler
-        if (
-            mark is None
-            or self._paused  # held back by the server (slot wait): not the client's doing
-            or self._stream_paused  # the handler reads slower than the client sends
-            or handler._reading_paused
-            or handler._buffer_paused
-            or got - mark >= max(1, opts.min_body_rate * opts.body_timeout)
-        ):
-            self._mark = got  # progress (or we held it back ourselves): next period
-            return
-        self._stop_timer()
-        self._ctx.state.timeouts += 1
-        if state == DISCARD:
-            self._handler.force_close()
-            return
-        assert self._body is not None
-        body = self._body
-        self._fail(body, web.HTTPRequestTimeout(
-            text=(
-                f"request body stalled: {body.received} of {body.length} bytes arrived; a "
-                f"body must bring at least {opts.min_body_rate} bytes/s over each "
-                f"body_timeout={opts.body_timeout} s"
-            ),
-        ))
-
     def _fail(self, body: ReceivedBody, exc: BaseException) -> None:
         """``body`` cannot complete: its readers get ``exc`` (an HTTP status); what still
         arrives is dropped and the connection closes once the response went out, lingering
@@ -717,7 +656,6 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         if body is self._body:
             self._body = None
             self._state = DEAD
-            self._stop_timer()
             self._pause(False)
             transport = self._transport
             handler = self._handler
@@ -804,9 +742,7 @@ def install(app: web.Application, settings: Settings, options: ReceiveOptions) -
             return server
         probe = Server.__call__(server)
         ctx = _Context(
-            settings, state, PoolSlots(settings.pool, settings.acquire_timeout,
-                                       settings.retry_after),
-            probe._read_bufsize, server._loop,
+            settings, state, AdmittedSlots(settings), probe._read_bufsize, server._loop,
         )
         server.__class__ = ZeroCopyServer
         server._bufpool_receive = ctx  # type: ignore[attr-defined]

@@ -7,19 +7,24 @@ any ``StreamReader`` read (``request.read()``, ``request.content.*``, multipart,
 handlers) first turns what is held into ``bytes`` chunks (one copy, as aiohttp's parser makes)
 and from then on it behaves as aiohttp's own ``StreamReader``.
 
-``SlotSource`` is the one question the receive path asks about memory ("lease the next slot
-of this body"), kept small so an admission policy can answer it instead of the pool
-(``PoolSlots`` answers it simply: the pool, and ``acquire_timeout``).
+``SlotSource`` is what the receive path asks about memory: admit this body, lease its next
+slot.  ``AdmittedSlots`` answers with the application's ``Admission``, so a body received here
+follows the rules of ``read_body`` on aiohttp's parser: its whole slot reservation admitted in
+FIFO order (reading paused while it waits), slots leased inside it as bytes arrive, progress
+reported to its ticket (``body_timeout``, ``body_min_rate``, preemption: 408), 503 after
+``acquire_timeout``.
 
-Lifetime: slots belong to the ReceivedBody until ``take()`` (then to the request, released when
-it ends) or until the body fails, is abandoned (aiohttp calls ``set_exception`` after the
-response) or the connection is lost: all release at once.  Bounds: O(body bytes) work; memory
+Lifetime: slots and the ticket belong to the ReceivedBody until ``take()`` (then to the
+request, released when it ends) or until the body fails, is abandoned (aiohttp calls
+``set_exception`` after the response), is read as a stream (slots copied out, ticket
+released) or the connection is lost: all release at once.  Bounds: O(body bytes) work; memory
 held is what arrived plus at most one partly filled slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import hdrs, web
@@ -27,57 +32,128 @@ from aiohttp.streams import StreamReader
 
 from .._errors import PoolExhausted
 from .._lease import Lease, LeaseChain
-from .._pool import BufferPool
+from ._admission import AdmissionTimeout, BodyTicket, slot_bytes
+from ._settings import Settings
 
 if TYPE_CHECKING:
     from ._fastpath import ZeroCopyProtocol
 
-__all__ = ["PoolSlots", "ReceivedBody", "SlotSource"]
+__all__ = ["AdmittedSlots", "ReceivedBody", "SlotSource"]
 
 
 class SlotSource(Protocol):
-    """Where a body's slots come from: one slot at a time, as bytes arrive.
+    """Where a body's memory comes from: its admission into the body budget, then one slot
+    at a time, as bytes arrive.
 
-    ``lease_now`` answers at once (None: no room now, the caller pauses reading and asks
-    ``lease_wait``); ``lease_wait`` raises ``web.HTTPException`` (503) when no room comes.
+    ``admit_now`` answers at once (False: the caller pauses reading and awaits ``admit``);
+    ``lease_now`` answers at once (None: not admitted yet, or no slot free: the caller pauses
+    reading and awaits ``lease_wait``).  The waits raise ``web.HTTPException`` (503) when no
+    room comes in time.
     """
 
-    def lease_now(self, size: int, /) -> Lease | None: ...
+    def admit_now(self, body: ReceivedBody, /) -> bool: ...
 
-    async def lease_wait(self, size: int, /) -> Lease: ...
+    async def admit(self, body: ReceivedBody, /) -> None: ...
+
+    def lease_now(self, body: ReceivedBody, size: int, /) -> Lease | None: ...
+
+    async def lease_wait(self, body: ReceivedBody, size: int, /) -> Lease: ...
 
 
-class PoolSlots:
-    """``SlotSource`` over a BufferPool: a "raise" pool is asked synchronously first; a wait
-    lasts at most ``acquire_timeout`` seconds, then 503 with Retry-After."""
+class AdmittedSlots:
+    """``SlotSource`` backed by the application's ``Admission`` (the rules ``read_body``
+    follows on aiohttp's parser): a body's whole slot reservation is admitted in FIFO order
+    (``Admission.reserve``) before any slot is leased, slots are leased inside it as bytes
+    arrive, and a wait for a slot held outside the budget (pooled replies) is reported to the
+    ticket (``begin_wait``/``end_wait``).  Either wait lasts at most ``acquire_timeout``
+    seconds, then 503 with Retry-After.  The ticket is the body's (``ReceivedBody.ticket``)
+    until it is released with the body's memory."""
 
-    __slots__ = ("_pool", "_retry_after", "_sync", "_timeout")
+    __slots__ = ("_adm", "_largest", "_pool", "_retry_after", "_sizes", "_sync", "_timeout")
 
-    def __init__(self, pool: BufferPool, acquire_timeout: float | None, retry_after: int) -> None:
-        self._pool = pool
-        self._timeout = acquire_timeout
-        self._retry_after = retry_after
-        self._sync = pool.on_exhausted == "raise"
+    def __init__(self, settings: Settings) -> None:
+        assert settings.admission is not None
+        self._adm = settings.admission
+        self._pool = settings.pool
+        self._timeout = settings.acquire_timeout
+        self._retry_after = settings.retry_after
+        self._sizes = settings.slot_sizes
+        self._largest = settings.largest
+        self._sync = settings.pool.on_exhausted == "raise"
 
-    def lease_now(self, size: int, /) -> Lease | None:
-        if not self._sync:
-            return None
+    def reservation(self, length: int) -> int:
+        """Bytes of pool slots a body of ``length`` bytes is admitted for (as read_body)."""
+        if length <= self._largest:
+            sizes = self._sizes
+            return sizes[bisect_left(sizes, length)]
+        return slot_bytes(self._pool, length)
+
+    def admit_now(self, body: ReceivedBody, /) -> bool:
+        ticket = self._adm.reserve_now(_CutNotice(body), None, self.reservation(body.length))
+        if ticket is None:
+            return False
+        body.admitted(ticket)
+        return True
+
+    async def admit(self, body: ReceivedBody, /) -> None:
+        # reader=None: the receive path pauses its own reading while the body waits.
         try:
-            return self._pool.acquire(size)
-        except PoolExhausted:
-            return None
+            ticket = await self._adm.reserve(
+                _CutNotice(body), None, self.reservation(body.length)
+            )
+        except AdmissionTimeout as exc:
+            raise self._unavailable(f"{body.length} bytes of request body", exc) from None
+        body.admitted(ticket)
 
-    async def lease_wait(self, size: int, /) -> Lease:
+    def lease_now(self, body: ReceivedBody, size: int, /) -> Lease | None:
+        if body.ticket is None or not self._sync:
+            return None
+        pool = self._pool
+        try:
+            return pool.acquire(size)
+        except PoolExhausted:
+            pool.trim()  # free slots of other classes count against the pool's budget
+            try:
+                return pool.acquire(size)
+            except PoolExhausted:
+                return None
+
+    async def lease_wait(self, body: ReceivedBody, size: int, /) -> Lease:
+        lease = self.lease_now(body, size)
+        if lease is not None:
+            return lease
+        ticket = body.ticket
+        if ticket is not None:
+            ticket.begin_wait()  # held outside the budget: the server's wait, not the client's
         try:
             return await self._pool.acquire_async(size, timeout=self._timeout)
         except PoolExhausted as exc:
-            raise web.HTTPServiceUnavailable(
-                headers={hdrs.RETRY_AFTER: str(self._retry_after)},
-                text=(
-                    f"no buffer memory for the next {size} bytes of request body within "
-                    f"acquire_timeout={self._timeout} s; retry later ({exc})"
-                ),
-            ) from None
+            raise self._unavailable(f"the next {size} bytes of request body", exc) from None
+        finally:
+            if ticket is not None:
+                ticket.end_wait()
+
+    def _unavailable(self, what: str, exc: Exception) -> web.HTTPServiceUnavailable:
+        return web.HTTPServiceUnavailable(
+            headers={hdrs.RETRY_AFTER: str(self._retry_after)},
+            text=(
+                f"no buffer memory for {what} within acquire_timeout={self._timeout} s; "
+                f"retry later ({exc})"
+            ),
+        )
+
+
+class _CutNotice:
+    """The ticket's ``stream``: a cut (``BodyCut``) goes to the body's connection, which
+    answers 408 and closes (lingering)."""
+
+    __slots__ = ("body",)
+
+    def __init__(self, body: ReceivedBody) -> None:
+        self.body = body
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.body._conn.body_cut(self.body, exc)
 
 
 # Modes of a ReceivedBody.
@@ -106,6 +182,7 @@ class ReceivedBody(StreamReader):
         "_overflow",
         "length",
         "received",
+        "ticket",
         "waiting",
     )
 
@@ -125,8 +202,11 @@ class ReceivedBody(StreamReader):
         self._complete = False
         self._done: asyncio.Future[None] | None = None
         self._failure: BaseException | None = None
-        #: True while the protocol waits for a slot for this body.
+        #: True while the protocol waits for this body's admission or a slot.
         self.waiting = False
+        #: The body's admission into the budget (None before it, and once released or handed
+        #: to ``read_body`` with the slots).
+        self.ticket: BodyTicket | None = None
 
     # ------------------------------------------------------------ receiving (the protocol)
     @property
@@ -143,7 +223,7 @@ class ReceivedBody(StreamReader):
             last = leases[-1]
             if self._fill < len(last):
                 return last.view[self._fill : self._fill + self.remaining]
-        lease = self._conn.slots.lease_now(min(self.remaining, self._largest))
+        lease = self._conn.slots.lease_now(self, min(self.remaining, self._largest))
         if lease is None:
             return None
         leases.append(lease)
@@ -170,10 +250,37 @@ class ReceivedBody(StreamReader):
         self._fill += n
         self.received += n
         self.total_bytes += n
+        ticket = self.ticket
+        if ticket is not None:
+            ticket.received += n  # progress, seen by the admission's deadlines
         if self.received >= self.length:
+            if ticket is not None:
+                ticket.done()
             self._check_complete()
             return True
         return False
+
+    def admitted(self, ticket: BodyTicket) -> None:
+        """The body's reservation was admitted: it is the body's until released (at once
+        if the body no longer holds slots: streamed, failed or abandoned meanwhile)."""
+        if self._mode != HELD:
+            ticket.adm.release(ticket)
+            return
+        self.ticket = ticket
+        ticket.received = self.received
+        if self.received >= self.length:
+            ticket.done()
+
+    def release_ticket(self) -> None:
+        """Give the body's admission back (its slots were released or streamed)."""
+        ticket, self.ticket = self.ticket, None
+        if ticket is not None:
+            ticket.adm.release(ticket)
+
+    def hand_over_ticket(self) -> BodyTicket | None:
+        """The ticket goes with the slots ``take()`` handed over (the request releases it)."""
+        ticket, self.ticket = self.ticket, None
+        return ticket
 
     def bytes_arrived(self, data: bytes | bytearray | memoryview) -> bool:
         """Body bytes that arrived outside a slot (behind a head, into scratch): copied into
@@ -205,7 +312,12 @@ class ReceivedBody(StreamReader):
             src.release()
         self.received += n
         self.total_bytes += n
+        ticket = self.ticket
+        if ticket is not None:
+            ticket.received += n
         if self.received >= self.length:
+            if ticket is not None:
+                ticket.done()
             self._check_complete()
             return True
         return False
@@ -238,6 +350,7 @@ class ReceivedBody(StreamReader):
         if self._failure is None:
             self._failure = exc
         self._release_all()
+        self.release_ticket()
         self._mode = FAILED
         done = self._done
         if done is not None and not done.done():
@@ -305,6 +418,9 @@ class ReceivedBody(StreamReader):
         if self._overflow:
             StreamReader.feed_data(self, bytes(self._overflow))
             self._overflow = bytearray()
+        # No pool memory any more: from here on the body is aiohttp's StreamReader, as on
+        # aiohttp's own parser (where request.read() and streams are not admitted either).
+        self.release_ticket()
         self._conn.body_streaming(self)
         if self.received >= self.length:
             self._finish()
@@ -314,7 +430,6 @@ class ReceivedBody(StreamReader):
 
     async def _wait(self, func_name: str) -> None:
         if self._mode == HELD:
-            self._conn.body_wanted(self)  # an Expect: 100-continue body's clock starts
             self._to_stream()
             if self._buffer or self._eof:
                 return

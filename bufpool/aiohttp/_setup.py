@@ -121,8 +121,9 @@ def setup(
         multidict 7.2.1 (``bench/bench_headers.py``).
     zero_copy_receive
         True (or a ``ReceiveOptions``) receives plain Content-Length bodies straight into
-        pool slots (``_fastpath``; ``read_body`` then takes them without a copy); every other
-        request takes aiohttp's normal path.  Needs this ``app`` to be the one the runner
+        pool slots (``_fastpath``; ``read_body`` then takes them without a copy), under the
+        same admission and deadlines as ``read_body`` (above); every other request takes
+        aiohttp's normal path.  Needs this ``app`` to be the one the runner
         serves; checks aiohttp's internals at startup and logs one line if it stays off.
     """
     if not isinstance(max_body_size, int) or max_body_size < 0:

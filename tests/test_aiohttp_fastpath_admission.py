@@ -1,0 +1,247 @@
+"""The zero-copy receive path follows the body admission (``_admission``) of ``read_body``.
+
+Real servers on 127.0.0.1, both loops (conftest).  Every body here goes the fast path (checked
+with ``app[RECEIVE_KEY]``); after each test no lease is in use and no reservation is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+import bufpool
+import bufpool.aiohttp as bpa
+from tests._helpers_aiohttp import (
+    assert_drained,
+    make_app,
+    raw_connect,
+    read_response,
+    served_runner,
+    wait_for,
+)
+
+pytestmark = pytest.mark.asyncio
+
+MiB = 1 << 20
+
+
+def _data(size: int, seed: int) -> bytes:
+    return (hashlib.sha256(seed.to_bytes(4, "big")).digest() * (size // 32 + 1))[:size]
+
+
+def _head(length: int, path: str = "/upload") -> bytes:
+    return f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {length}\r\n\r\n".encode()
+
+
+async def _no_reservation_left(app: web.Application) -> None:
+    assert await wait_for(lambda: bpa.admission_stats(app).reserved_bytes == 0)
+    stats = bpa.admission_stats(app)
+    assert (stats.reserved_bytes, stats.bodies, stats.waiting) == (0, 0, 0), stats
+
+
+async def _post_all(port: int, bodies: list[bytes]) -> list[tuple[int, Any]]:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0)  # keep-alive (Connection: close bodies
+    ) as session:  # take aiohttp's parser)
+
+        async def one(body: bytes) -> tuple[int, Any]:
+            async with session.post(f"http://127.0.0.1:{port}/upload", data=body) as resp:
+                got = await resp.json() if resp.status == 200 else await resp.text()
+                return resp.status, got
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+async def test_flood_of_bodies_several_times_the_budget_is_served() -> None:
+    """32 x 1 MiB uploads at once against a 4 MiB pool (defaults otherwise): every body is
+    admitted whole in FIFO order before it leases, so admitted bodies always finish; all are
+    served byte-exact, no 503, no deadlock.  (Leasing slot by slot without admission fills
+    the pool with partial bodies that each wait for their next slot: nobody finishes.)"""
+    pool = bufpool.BufferPool(max_bytes=4 * MiB, on_exhausted="raise")
+    app = make_app(pool, max_body_size=MiB, zero_copy_receive=True)
+    bodies = [_data(MiB, i) for i in range(32)]
+    async with served_runner(app) as port:
+        results = await asyncio.wait_for(_post_all(port, bodies), 30)
+        assert [s for s, _ in results] == [200] * len(bodies), results
+        for (_, got), body in zip(results, bodies, strict=True):
+            assert got["size"] == len(body)
+            assert got["sha256"] == hashlib.sha256(body).hexdigest()
+        stats = bpa.admission_stats(app)
+        assert stats.admission_timeouts == 0 and stats.admitted >= len(bodies)
+        assert stats.cut_body_timeout + stats.cut_min_rate + stats.cut_preempted == 0
+        assert app[bpa.RECEIVE_KEY].fast >= len(bodies)
+        await _no_reservation_left(app)
+    await assert_drained(pool)
+
+
+async def test_pipelined_bodies_on_one_connection_reserve_in_turn() -> None:
+    """Six 512 KiB bodies pipelined in one write on one connection against a 1 MiB budget:
+    each is admitted in turn as the one before it is released; all served in order."""
+    pool = bufpool.BufferPool(max_bytes=MiB + 256 * 1024, on_exhausted="raise")
+    app = make_app(pool, max_body_size=512 * 1024, body_budget=MiB, zero_copy_receive=True)
+    bodies = [_data(512 * 1024, 50 + i) for i in range(6)]
+    async with served_runner(app) as port:
+        reader, writer = await raw_connect(port)
+        writer.write(b"".join(_head(len(b)) + b for b in bodies))
+        await writer.drain()
+        for body in bodies:
+            status, _headers, text = await asyncio.wait_for(read_response(reader), 20)
+            assert status == 200, text
+            assert b'"sha256": "%s"' % hashlib.sha256(body).hexdigest().encode() in text
+        writer.close()
+        assert app[bpa.RECEIVE_KEY].fast == len(bodies)
+        await _no_reservation_left(app)
+    await assert_drained(pool)
+
+
+class _Attackers:
+    """Raw connections that declare a body, then send nothing or 1 byte per 100 ms."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def hold(self, length: int) -> None:
+        reader, writer = await raw_connect(self.port)
+        writer.write(_head(length))
+        self.conns.append((reader, writer))
+
+    async def trickle(self, length: int) -> None:
+        await self.hold(length)
+        writer = self.conns[-1][1]
+
+        async def drip() -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while not writer.is_closing():
+                    writer.write(b"x")
+                    await writer.drain()
+                    await asyncio.sleep(0.1)  # the attacker's pace, not a synchronisation
+
+        self.tasks.append(asyncio.ensure_future(drip()))
+
+    async def answers(self) -> list[tuple[int, str]]:
+        """(status, text) per attacker; (0, "reset") when a trickler's next byte met the
+        closed socket and the reset discarded the 408 before it was read."""
+        out = []
+        for reader, _writer in self.conns:
+            try:
+                status, _h, body = await asyncio.wait_for(read_response(reader), 10)
+            except ConnectionResetError:
+                out.append((0, "reset"))
+                continue
+            out.append((status, body.decode(errors="replace")))
+        return out
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for _reader, writer in self.conns:
+            writer.close()
+
+
+async def test_holders_and_tricklers_cut_while_uploads_are_served_with_the_defaults() -> None:
+    """``setup(app, zero_copy_receive=True)`` defaults (64 MiB pool, 8 MiB bodies): header-only
+    holders and 1 B / 100 ms tricklers declare the whole body budget on the fast path.  Legit
+    1 MiB and 16 KiB uploads that arrive meanwhile wait for admission, which preempts the
+    stalled bodies: every upload is served within 10 s and each attacker gets 408 naming the
+    memory pressure, with the fast path's lingering close."""
+    app = web.Application()
+    pool = bpa.setup(app, zero_copy_receive=True)
+
+    async def upload(request: web.Request) -> web.Response:
+        body = await bpa.read_body(request)
+        return web.json_response({"size": len(body), "sha256": body.sha256()})
+
+    app.router.add_post("/upload", upload)
+    async with served_runner(app) as port:
+        budget = bpa.admission_stats(app).budget
+        sizes = [bpa.DEFAULT_MAX_BODY_SIZE] * (budget // bpa.DEFAULT_MAX_BODY_SIZE)
+        sizes.append((budget - sum(sizes)) // 65536 * 65536)  # less than 64 KiB left free
+        attackers = _Attackers(port)
+        for i, size in enumerate(sizes):
+            await (attackers.hold(size) if i % 2 else attackers.trickle(size))
+        assert await wait_for(lambda: bpa.admission_stats(app).bodies == len(sizes))
+        assert budget - bpa.admission_stats(app).reserved_bytes < 65536
+        await asyncio.sleep(bpa.DEFAULT_PREEMPT_IDLE + 0.1)  # attackers past preempt_idle
+        try:
+            bodies = [_data(MiB, i) for i in range(16)] + [_data(16384, i) for i in range(8)]
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            results = await asyncio.wait_for(_post_all(port, bodies), 20)
+            assert loop.time() - t0 <= 10.0
+            assert [s for s, _ in results] == [200] * len(bodies), results
+            for (_, got), body in zip(results, bodies, strict=True):
+                assert got["sha256"] == hashlib.sha256(body).hexdigest()
+            answers = await attackers.answers()
+            holders = answers[1::2]  # they send nothing more: their 408 always arrives
+            assert [s for s, _ in holders] == [408] * len(holders), answers
+            assert all("memory pressure" in text for _, text in holders), answers
+            assert all(s in (408, 0) for s, _ in answers), answers
+        finally:
+            await attackers.close()
+        stats = bpa.admission_stats(app)
+        assert stats.cut_preempted >= len(sizes)
+        assert app[bpa.RECEIVE_KEY].timeouts == len(sizes)
+        await _no_reservation_left(app)
+    await assert_drained(pool)
+
+
+async def test_body_timeout_and_min_rate_cut_fast_path_bodies_without_pressure() -> None:
+    """No memory pressure: a header-only holder meets ``body_timeout``, a trickler meets
+    ``body_min_rate`` after ``body_grace`` (setup()'s deadlines, shortened here); each 408
+    names its limit, the connection closes; a legitimate upload meanwhile is 200."""
+    pool = bufpool.BufferPool(max_bytes=8 * MiB, on_exhausted="raise")
+    app = make_app(pool, max_body_size=MiB, body_timeout=0.3, body_min_rate=2000,
+                   body_grace=0.4, preempt_after=None, zero_copy_receive=True)
+    async with served_runner(app) as port:
+        attackers = _Attackers(port)
+        await attackers.hold(MiB)
+        await attackers.trickle(MiB)
+        try:
+            (status,) = [s for s, _ in await _post_all(port, [_data(500_000, 7)])]
+            assert status == 200
+            (s1, t1), (s2, t2) = await attackers.answers()
+            with contextlib.suppress(ConnectionResetError):  # the server closed: EOF
+                assert await asyncio.wait_for(attackers.conns[0][0].read(), 10) == b""
+        finally:
+            await attackers.close()
+        assert s1 == 408 and "body_timeout=0.3 s" in t1, t1
+        assert s2 == 0 or (s2 == 408 and "body_min_rate=2000 bytes/s" in t2), t2
+        stats = bpa.admission_stats(app)
+        assert (stats.cut_body_timeout, stats.cut_min_rate, stats.cut_preempted) == (1, 1, 0)
+        assert app[bpa.RECEIVE_KEY].timeouts == 2
+        await _no_reservation_left(app)
+    await assert_drained(pool)
+
+
+async def test_admission_wait_that_cannot_end_in_time_gets_503() -> None:
+    """A body holds the whole budget (admitted, still sending nothing) and preemption is
+    later than ``acquire_timeout``: the next body's admission wait runs out, 503 +
+    Retry-After naming acquire_timeout; its connection closes, nothing stays reserved."""
+    pool = bufpool.BufferPool(max_bytes=4 * MiB, on_exhausted="raise")
+    app = make_app(pool, max_body_size=2 * MiB, body_budget=2 * MiB, acquire_timeout=0.2,
+                   zero_copy_receive=True)
+    async with served_runner(app) as port:
+        attackers = _Attackers(port)
+        await attackers.hold(2 * MiB)
+        try:
+            assert await wait_for(lambda: bpa.admission_stats(app).bodies == 1)
+            reader, writer = await raw_connect(port)
+            writer.write(_head(MiB) + b"w" * 1000)
+            status, headers, text = await asyncio.wait_for(read_response(reader), 10)
+            assert status == 503 and headers.get("retry-after") == "1"
+            assert b"acquire_timeout=0.2" in text
+            writer.close()
+        finally:
+            await attackers.close()
+        assert bpa.admission_stats(app).admission_timeouts == 1
+        await _no_reservation_left(app)
+    await assert_drained(pool)
