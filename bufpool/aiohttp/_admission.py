@@ -440,7 +440,8 @@ class Admission:
         ticket = BodyTicket(self, stream, reader)
         need = EVIDENCE_BYTES if length is None else min(length, EVIDENCE_BYTES)
         ticket.need = need
-        ticket.fd = _socket_fd(reader)
+        # (a receive path that pauses its own reading passes reader=None and an fd on its stream)
+        ticket.fd = _socket_fd(reader) if reader is not None else getattr(stream, "fd", -1)
         self._evidence(ticket)
         if not ticket.need and not self._waiters and not self._growers and (
             self.reserved + nbytes <= self.budget

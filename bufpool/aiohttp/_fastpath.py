@@ -444,6 +444,7 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         if batch is not None:
             batch.append((start, msg, body))
         if not continued:  # (100-continue: admitted when wanted or its first byte arrives)
+            body.ahead = min(len(buf) - end, length)  # evidence for the admission
             self._admit(body)
         return end
 

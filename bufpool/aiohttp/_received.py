@@ -155,6 +155,30 @@ class _CutNotice:
     def set_exception(self, exc: BaseException) -> None:
         self.body._conn.body_cut(self.body, exc)
 
+    # The admission's evidence check reads these, as it reads aiohttp's StreamReader: a body
+    # is admitted only once its client has shown bytes (here or in the kernel's queue).
+    @property
+    def total_bytes(self) -> int:
+        """Body bytes the connection has received for this body so far."""
+        body = self.body
+        return max(body.received, body.ahead)
+
+    def is_eof(self) -> bool:
+        return self.total_bytes >= self.body.length
+
+    def exception(self) -> BaseException | None:
+        return None
+
+    @property
+    def fd(self) -> int:
+        """The connection's socket, so the admission can count bytes still in the kernel."""
+        transport = self.body._conn._transport
+        sock = None if transport is None else transport.get_extra_info("socket")
+        try:
+            return int(sock.fileno()) if sock is not None else -1
+        except (AttributeError, OSError, ValueError):
+            return -1
+
 
 # Modes of a ReceivedBody.
 HELD = 0  # bytes in slots, nobody read them yet
@@ -180,6 +204,7 @@ class ReceivedBody(StreamReader):
         "_leases",
         "_mode",
         "_overflow",
+        "ahead",
         "length",
         "received",
         "ticket",
@@ -194,6 +219,8 @@ class ReceivedBody(StreamReader):
         self._conn = conn
         self.length = length
         self.received = 0
+        #: Body bytes that came in the same read as the head (known before they are fed).
+        self.ahead = 0
         self._largest = largest
         self._leases: list[Lease] = []
         self._fill = 0  # bytes in the last lease
