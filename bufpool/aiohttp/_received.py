@@ -164,7 +164,13 @@ class _CutNotice:
         return max(body.received, body.ahead)
 
     def is_eof(self) -> bool:
-        return self.total_bytes >= self.body.length
+        # Over TLS the bytes a paused connection holds sit in the TLS layer, where neither the
+        # body nor the kernel's queue shows them: no evidence wait there (FIFO + preemption).
+        body = self.body
+        transport = body._conn._transport
+        if transport is not None and transport.get_extra_info("ssl_object") is not None:
+            return True
+        return self.total_bytes >= body.length
 
     def exception(self) -> BaseException | None:
         return None
