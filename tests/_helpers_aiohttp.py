@@ -6,6 +6,7 @@ Everything runs for real: an aiohttp server on 127.0.0.1 (port 0) and a real cli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import socket
 from collections.abc import AsyncIterator
@@ -178,3 +179,60 @@ async def wait_for(predicate: Any, timeout: float = 10.0) -> bool:
             return bool(predicate())
         await asyncio.sleep(0.01)
     return True
+
+
+def post_head(path: str, length: int | None, *, chunked: bool = False) -> bytes:
+    """A POST request head declaring ``length`` body bytes (or chunked framing)."""
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {length}"
+    return f"POST {path} HTTP/1.1\r\nHost: t\r\n{framing}\r\n\r\n".encode()
+
+
+class Attackers:
+    """Raw connections that declare a body and then send nothing, or 1 byte per 100 ms."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def hold(self, length: int, first: int = 0) -> None:
+        """Declare ``length`` bytes, send ``first`` of them, then nothing."""
+        reader, writer = await raw_connect(self.port)
+        writer.write(post_head("/upload", length) + b"x" * first)
+        self.conns.append((reader, writer))
+
+    async def trickle(self, length: int, first: int = 0) -> None:
+        reader, writer = await raw_connect(self.port)
+        writer.write(post_head("/upload", length) + b"x" * first)
+        self.conns.append((reader, writer))
+
+        async def drip() -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while not writer.is_closing():
+                    writer.write(b"x")
+                    await writer.drain()
+                    await asyncio.sleep(0.1)  # the attacker's pace, not a synchronisation
+
+        self.tasks.append(asyncio.ensure_future(drip()))
+
+    async def statuses(self, timeout: float = 10.0) -> list[tuple[int, str]]:
+        """Each attacker's answer (status, text); the server closes the connection after.
+
+        A trickler whose next byte meets the closed socket gets a reset, which can discard
+        the 408 before it is read: that answer is (0, "reset")."""
+        out = []
+        for reader, _writer in self.conns:
+            try:
+                status, _headers, body = await asyncio.wait_for(read_response(reader), timeout)
+            except ConnectionResetError:
+                out.append((0, "reset"))
+                continue
+            out.append((status, body.decode(errors="replace")))
+        return out
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for _reader, writer in self.conns:
+            writer.close()

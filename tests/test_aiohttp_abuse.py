@@ -8,7 +8,6 @@ must be cut off with the status and message that name the limit, and nothing sta
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import socket
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 from _helpers_aiohttp import (
+    Attackers,
     assert_drained,
     lease_for,
     make_app,
@@ -36,57 +36,6 @@ MiB = 1 << 20
 def _head(path: str, length: int | None, *, chunked: bool = False) -> bytes:
     framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {length}"
     return f"POST {path} HTTP/1.1\r\nHost: t\r\n{framing}\r\n\r\n".encode()
-
-
-class Attackers:
-    """Raw connections that declare a body and then send nothing, or 1 byte per 100 ms."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        self.tasks: list[asyncio.Task[None]] = []
-
-    async def hold(self, length: int, first: int = 0) -> None:
-        """Declare ``length`` bytes, send ``first`` of them, then nothing."""
-        reader, writer = await raw_connect(self.port)
-        writer.write(_head("/upload", length) + b"x" * first)
-        self.conns.append((reader, writer))
-
-    async def trickle(self, length: int, first: int = 0) -> None:
-        reader, writer = await raw_connect(self.port)
-        writer.write(_head("/upload", length) + b"x" * first)
-        self.conns.append((reader, writer))
-
-        async def drip() -> None:
-            with contextlib.suppress(ConnectionError, OSError):
-                while not writer.is_closing():
-                    writer.write(b"x")
-                    await writer.drain()
-                    await asyncio.sleep(0.1)  # the attacker's pace, not a synchronisation
-
-        self.tasks.append(asyncio.ensure_future(drip()))
-
-    async def statuses(self, timeout: float = 10.0) -> list[tuple[int, str]]:
-        """Each attacker's answer (status, text); the server closes the connection after.
-
-        A trickler whose next byte meets the closed socket gets a reset, which can discard
-        the 408 before it is read: that answer is (0, "reset")."""
-        out = []
-        for reader, _writer in self.conns:
-            try:
-                status, _headers, body = await asyncio.wait_for(read_response(reader), timeout)
-            except ConnectionResetError:
-                out.append((0, "reset"))
-                continue
-            out.append((status, body.decode(errors="replace")))
-        return out
-
-    async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        for _reader, writer in self.conns:
-            writer.close()
 
 
 async def _legit_upload(client: Any, size: int, seed: int) -> tuple[int, float, bool]:

@@ -18,6 +18,7 @@ from aiohttp import web
 import bufpool
 import bufpool.aiohttp as bpa
 from tests._helpers_aiohttp import (
+    Attackers,
     assert_drained,
     make_app,
     raw_connect,
@@ -100,54 +101,6 @@ async def test_pipelined_bodies_on_one_connection_reserve_in_turn() -> None:
     await assert_drained(pool)
 
 
-class _Attackers:
-    """Raw connections that declare a body, then send nothing or 1 byte per 100 ms."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        self.tasks: list[asyncio.Task[None]] = []
-
-    async def hold(self, length: int, evidence: int = 0) -> None:
-        """Declare ``length`` body bytes, send ``evidence`` of them, then nothing."""
-        reader, writer = await raw_connect(self.port)
-        writer.write(_head(length) + b"e" * evidence)
-        self.conns.append((reader, writer))
-
-    async def trickle(self, length: int) -> None:
-        await self.hold(length)
-        writer = self.conns[-1][1]
-
-        async def drip() -> None:
-            with contextlib.suppress(ConnectionError, OSError):
-                while not writer.is_closing():
-                    writer.write(b"x")
-                    await writer.drain()
-                    await asyncio.sleep(0.1)  # the attacker's pace, not a synchronisation
-
-        self.tasks.append(asyncio.ensure_future(drip()))
-
-    async def answers(self) -> list[tuple[int, str]]:
-        """(status, text) per attacker; (0, "reset") when a trickler's next byte met the
-        closed socket and the reset discarded the 408 before it was read."""
-        out = []
-        for reader, _writer in self.conns:
-            try:
-                status, _h, body = await asyncio.wait_for(read_response(reader), 10)
-            except ConnectionResetError:
-                out.append((0, "reset"))
-                continue
-            out.append((status, body.decode(errors="replace")))
-        return out
-
-    async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        for _reader, writer in self.conns:
-            writer.close()
-
-
 async def test_holders_and_tricklers_hold_nothing_while_uploads_are_served_with_the_defaults(
 ) -> None:
     """``setup(app, zero_copy_receive=True)`` defaults (64 MiB pool, 8 MiB bodies): header-only
@@ -166,7 +119,7 @@ async def test_holders_and_tricklers_hold_nothing_while_uploads_are_served_with_
     async with served_runner(app) as port:
         budget = bpa.admission_stats(app).budget
         sizes = [bpa.DEFAULT_MAX_BODY_SIZE] * (budget // bpa.DEFAULT_MAX_BODY_SIZE + 4)
-        attackers = _Attackers(port)
+        attackers = Attackers(port)
         for i, size in enumerate(sizes):
             await (attackers.hold(size) if i % 2 else attackers.trickle(size))
         assert await wait_for(
@@ -201,13 +154,13 @@ async def test_body_timeout_and_min_rate_cut_fast_path_bodies_without_pressure()
     app = make_app(pool, max_body_size=MiB, body_timeout=0.3, body_min_rate=2000,
                    body_grace=0.4, preempt_after=None, zero_copy_receive=True)
     async with served_runner(app) as port:
-        attackers = _Attackers(port)
+        attackers = Attackers(port)
         await attackers.hold(MiB)
         await attackers.trickle(MiB)
         try:
             (status,) = [s for s, _ in await _post_all(port, [_data(500_000, 7)])]
             assert status == 200
-            (s1, t1), (s2, t2) = await attackers.answers()
+            (s1, t1), (s2, t2) = await attackers.statuses()
             with contextlib.suppress(ConnectionResetError):  # the server closed: EOF
                 assert await asyncio.wait_for(attackers.conns[0][0].read(), 10) == b""
         finally:
@@ -229,8 +182,8 @@ async def test_admission_wait_that_cannot_end_in_time_gets_503() -> None:
     app = make_app(pool, max_body_size=2 * MiB, body_budget=2 * MiB, acquire_timeout=0.2,
                    zero_copy_receive=True)
     async with served_runner(app) as port:
-        attackers = _Attackers(port)
-        await attackers.hold(2 * MiB, evidence=bpa.EVIDENCE_BYTES)
+        attackers = Attackers(port)
+        await attackers.hold(2 * MiB, first=bpa.EVIDENCE_BYTES)
         try:
             assert await wait_for(lambda: bpa.admission_stats(app).bodies == 1)
             reader, writer = await raw_connect(port)
