@@ -385,17 +385,19 @@ class Admission:
     ) -> BodyTicket | None:
         """Admit a body of ``nbytes`` reserved bytes (``length`` body bytes, None: unknown)
         now, or None (then ``reserve``): the budget has room, nobody with evidence waits
-        ahead, and aiohttp's stream already holds the body's evidence."""
+        ahead, and the body's evidence is in aiohttp's stream or the socket's kernel queue."""
         loop = self.loop
         if loop is not asyncio.get_running_loop():
             loop = self._bind()
         if self._waiters or self._growers or self.reserved + nbytes > self.budget:
             return None
         shown = getattr(stream, "total_bytes", None)
-        if shown is not None and shown < (
-            EVIDENCE_BYTES if length is None or length > EVIDENCE_BYTES else length
-        ) and not stream.is_eof():  # type: ignore[attr-defined]
-            return None  # reserve() looks at the kernel's queue too
+        if shown is not None:
+            need = EVIDENCE_BYTES if length is None or length > EVIDENCE_BYTES else length
+            if shown < need and not stream.is_eof() and not _queued_enough(  # type: ignore[attr-defined]
+                stream, reader, need - shown
+            ):
+                return None  # reserve() waits for the evidence
         # The hot path of every pooled request: _admit written out.
         ticket = BodyTicket(self, stream, reader)
         self.reserved += nbytes
@@ -869,6 +871,23 @@ def _readable(fds: list[int]) -> dict[int, int] | None:
         if fd >= 0:
             p.register(fd, mask)
     return dict(p.poll(0))
+
+
+def _queued_enough(stream: Any, reader: FlowControl | None, need: int) -> bool:
+    """True if the connection's kernel receive queue holds at least ``need`` bytes (one
+    ``ioctl``; the socket is the stream's ``fd`` or the reader's transport's)."""
+    if _FIONREAD is None:
+        return False
+    fd = getattr(stream, "fd", None)
+    if fd is None:
+        fd = _socket_fd(reader) if reader is not None else -1
+    if fd < 0:
+        return False
+    try:
+        queued: int = struct.unpack("i", fcntl.ioctl(fd, _FIONREAD, _ZERO))[0]
+    except OSError:
+        return False
+    return queued >= need
 
 
 def _socket_fd(reader: FlowControl | None) -> int:

@@ -49,6 +49,7 @@ from ._admission import (
 from ._errors import BodyAlreadyRead, BodyNotContiguous
 from ._fastpath import received_body
 from ._lifetime import RequestLeases, owner_of
+from ._received import ReceivedBody
 from ._settings import Settings
 
 __all__ = ["PooledBody", "read_body"]
@@ -173,6 +174,9 @@ async def read_body(request: web.Request) -> PooledBody:
     owner = owner_of(request)
     if owner.body is not None:
         return owner.body
+    received = received_body(request)  # already in slots (zero_copy_receive)
+    if received is not None and received.holds:  # the common case first
+        return await _take_received(request, owner, received)
     content = request.content
     if content.at_eof() and content.total_bytes:
         raise BodyAlreadyRead(
@@ -187,14 +191,8 @@ async def read_body(request: web.Request) -> PooledBody:
         # _read_streamed spin forever on a later bodiless POST.
         owner.body = body = PooledBody(None, request)
         return body
-    received = received_body(request)  # already in slots (zero_copy_receive)
     if received is not None and not received.streaming:
-        owned = await received.take()  # no copy: the slots the kernel wrote into
-        owner.ticket = received.hand_over_ticket()  # its admission ends with the request
-        if owned is not None:
-            owner.items.append(owned)
-        owner.body = body = PooledBody(owned, request)
-        return body
+        return await _take_received(request, owner, received)  # raises its failure
     headers = request.headers
     raw = headers.get(hdrs.CONTENT_LENGTH)  # validated by aiohttp's parser
     length = int(raw) if raw is not None else None
@@ -204,6 +202,19 @@ async def read_body(request: web.Request) -> PooledBody:
         owned = None if length == 0 else await _read_sized(request, settings, owner, length)
     else:
         owned = await _read_streamed(request, settings, owner)
+    if owned is not None:
+        owner.items.append(owned)
+    owner.body = body = PooledBody(owned, request)
+    return body
+
+
+async def _take_received(
+    request: web.Request, owner: RequestLeases, received: ReceivedBody
+) -> PooledBody:
+    """The body zero_copy_receive wrote into slots: taken without a copy (its admission
+    ticket goes with it and ends with the request)."""
+    owned = await received.take()
+    owner.ticket = received.hand_over_ticket()
     if owned is not None:
         owner.items.append(owned)
     owner.body = body = PooledBody(owned, request)

@@ -205,10 +205,10 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         for task in self._waiting:
             task.cancel()
         lost = ConnectionResetError("Connection lost")
-        for body in self._live:
+        live, self._live = self._live, []
+        for body in live:
             if not body.taken:
                 body.fail(lost)
-        self._live = []
         self._body = None
         self._pending = bytearray()
 
@@ -640,6 +640,15 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         """``body`` became a plain stream: its overflow went into it, no slot is needed."""
         if body is self._body and self._paused and self._state == BODY:
             self._pause(False)
+
+    def body_done(self, body: ReceivedBody) -> None:
+        """``body`` was taken by ``read_body`` or failed: the connection no longer tracks it
+        (so finished bodies do not outlive their requests)."""
+        live = self._live
+        for i in range(len(live) - 1, -1, -1):
+            if live[i] is body:
+                del live[i]
+                return
 
     def body_abandoned(self, body: ReceivedBody) -> None:
         """The request ended before its body did: drop the rest of it as it arrives."""

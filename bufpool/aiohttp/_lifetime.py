@@ -142,11 +142,11 @@ def owner_of(request: web.BaseRequest) -> RequestLeases:
     NotSetUp when ``setup()`` never saw the application, or when called (first) from a task
     other than the request's handler task without the middleware.
     """
-    try:
-        owned: RequestLeases = request[OWNED_KEY]
-    except KeyError:
-        return _own(request)
-    return owned
+    state = getattr(request, "_state", None)  # the request's dict (no KeyError per request)
+    owned: RequestLeases | None = (
+        state.get(OWNED_KEY) if type(state) is dict else request.get(OWNED_KEY)
+    )
+    return _own(request) if owned is None else owned
 
 
 def _own(request: web.BaseRequest) -> RequestLeases:

@@ -89,7 +89,9 @@ class AdmittedSlots:
         return slot_bytes(self._pool, length)
 
     def admit_now(self, body: ReceivedBody, /) -> bool:
-        ticket = self._adm.reserve_now(_CutNotice(body), None, self.reservation(body.length))
+        ticket = self._adm.reserve_now(
+            _CutNotice(body), None, self.reservation(body.length), body.length
+        )
         if ticket is None:
             return False
         body.admitted(ticket)
@@ -99,7 +101,7 @@ class AdmittedSlots:
         # reader=None: the receive path pauses its own reading while the body waits.
         try:
             ticket = await self._adm.reserve(
-                _CutNotice(body), None, self.reservation(body.length)
+                _CutNotice(body), None, self.reservation(body.length), body.length
             )
         except AdmissionTimeout as exc:
             raise self._unavailable(f"{body.length} bytes of request body", exc) from None
@@ -385,6 +387,7 @@ class ReceivedBody(StreamReader):
         self._release_all()
         self.release_ticket()
         self._mode = FAILED
+        self._conn.body_done(self)
         done = self._done
         if done is not None and not done.done():
             done.set_exception(exc)
@@ -413,6 +416,7 @@ class ReceivedBody(StreamReader):
             raise RuntimeError("the body was already read through request.content")
         leases, self._leases = self._leases, []
         self._mode = TAKEN
+        self._conn.body_done(self)
         StreamReader.feed_eof(self)
         if not leases:
             return None
