@@ -26,6 +26,9 @@ an aiohttp user writes without bufpool):
 Pool mode receives request bodies straight into pool slots (``zero_copy_receive``; env
 ``BUFPOOL_APP_ZERO_COPY_RECEIVE=0`` turns that off).
 
+After startup the server calls ``gc.freeze()`` (env ``BUFPOOL_APP_GC_FREEZE=0``: not), with
+or without the pool.
+
 Body over ``--max-body-size`` -> 413; body stalled, too slow, or preempted under memory
 pressure -> 408; no memory within the acquire timeout (60 s by default) -> 503 with
 Retry-After; malformed or truncated upload -> 400.
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import hashlib
 import os
 import sys
@@ -215,6 +219,11 @@ async def serve(app: web.Application, host: str, port: int) -> None:
     try:
         site = web.TCPSite(runner, host, port, backlog=1024)
         await site.start()
+        if _env_flag("BUFPOOL_APP_GC_FREEZE", True):
+            # Startup objects (imports, routes, the pool's slots) out of the collector's
+            # sight, in both modes alike: a full collection then scans only what requests
+            # made (see docs/aiohttp.md, "Garbage collector").
+            gc.freeze()
         bound_host, bound_port = runner.addresses[0][:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         sys.stdout.write(f"listening on http://{shown}:{bound_port}\n")

@@ -1,0 +1,124 @@
+"""The admission's evidence rule at its first look: bytes already in the kernel's queue count.
+
+A body whose head arrived with less than ``EVIDENCE_BYTES`` behind it, but whose next bytes
+already wait in the socket's receive queue, is admitted at once by ``reserve_now`` (no waiting
+task, no paused reading); one that has really shown nothing still reserves nothing.  Real
+sockets (a connected pair), both loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+import bufpool
+from bufpool.aiohttp._admission import EVIDENCE_BYTES, Admission, BodyCut
+
+MiB = 1 << 20
+
+
+class _Stream:
+    """What the fast path hands the admission: bytes shown so far and its socket."""
+
+    def __init__(self, fd: int, shown: int = 0) -> None:
+        self.fd = fd
+        self.total_bytes = shown
+        self.cut: BaseException | None = None
+
+    def is_eof(self) -> bool:
+        return False
+
+    def exception(self) -> BaseException | None:
+        return None
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.cut = exc
+
+
+def _admission() -> Admission:
+    pool = bufpool.BufferPool(max_bytes=8 * MiB, on_exhausted="raise")
+    return Admission(
+        pool, budget=4 * MiB, acquire_timeout=60, body_timeout=60, body_min_rate=500,
+        body_grace=20, send_timeout=60, preempt_after=0.5, preempt_idle=1.0,
+        idle_trim_after=None,
+    )
+
+
+async def _queued(sock: socket.socket, n: int) -> None:
+    """Wait until ``n`` bytes sit in ``sock``'s receive queue (MSG_PEEK, not a clock)."""
+    loop = asyncio.get_running_loop()
+    while len(sock.recv(n, socket.MSG_PEEK | socket.MSG_DONTWAIT)) < n:
+        fut = loop.create_future()
+        loop.add_reader(sock.fileno(), fut.set_result, None)
+        try:
+            await fut
+        finally:
+            loop.remove_reader(sock.fileno())
+
+
+@pytest.mark.asyncio
+async def test_bytes_waiting_in_the_kernel_are_evidence_at_the_first_look() -> None:
+    adm = _admission()
+    server, client = socket.socketpair()
+    server.setblocking(False)
+    try:
+        shown = 1000  # what came in the same read as the head
+        stream = _Stream(server.fileno(), shown)
+        # Nothing behind the head yet: no reservation, the caller waits for the evidence.
+        assert adm.reserve_now(stream, None, MiB, MiB) is None
+        assert adm.reserved == 0
+        # Not enough yet: 1000 shown + 10000 queued < 16 KiB.
+        client.sendall(b"x" * 10000)
+        await _queued(server, 10000)
+        assert adm.reserve_now(stream, None, MiB, MiB) is None
+        assert adm.reserved == 0
+        # The rest of the evidence is in the kernel: admitted now, no wait.
+        client.sendall(b"x" * (EVIDENCE_BYTES - shown - 10000))
+        await _queued(server, EVIDENCE_BYTES - shown)
+        ticket = adm.reserve_now(stream, None, MiB, MiB)
+        assert ticket is not None
+        assert adm.reserved == MiB
+        adm.release(ticket)
+        assert adm.reserved == 0
+        assert stream.cut is None
+    finally:
+        server.close()
+        client.close()
+        adm.close()
+
+
+@pytest.mark.asyncio
+async def test_a_small_body_needs_only_itself_as_evidence() -> None:
+    adm = _admission()
+    server, client = socket.socketpair()
+    server.setblocking(False)
+    try:
+        stream = _Stream(server.fileno(), 0)
+        assert adm.reserve_now(stream, None, 4096, 3000) is None
+        client.sendall(b"y" * 3000)  # the whole (small) body, still in the kernel
+        await _queued(server, 3000)
+        ticket = adm.reserve_now(stream, None, 4096, 3000)
+        assert ticket is not None and adm.reserved == 4096
+        adm.release(ticket)
+    finally:
+        server.close()
+        client.close()
+        adm.close()
+
+
+@pytest.mark.asyncio
+async def test_a_closed_socket_is_no_evidence() -> None:
+    adm = _admission()
+    server, client = socket.socketpair()
+    fd = server.fileno()
+    stream = _Stream(fd, 0)
+    server.close()
+    client.close()
+    try:
+        assert adm.reserve_now(stream, None, MiB, MiB) is None  # ioctl fails: not admitted
+        assert adm.reserved == 0
+        assert not isinstance(stream.cut, BodyCut)
+    finally:
+        adm.close()
