@@ -413,6 +413,29 @@ class Admission:
             self._handle = loop.call_later(self.tick, self._check)
         return ticket
 
+    def admit_whole(self, stream: BodyStream, nbytes: int, length: int) -> BodyTicket | None:
+        """Admit a body whose ``length`` bytes are all in memory already (nothing to wait
+        for, no deadline left): ``nbytes`` reserved now if the budget has room and nobody
+        waits ahead (FIFO), else None.  The ticket is DONE; release it as any other."""
+        loop = self.loop
+        if loop is not asyncio.get_running_loop():
+            loop = self._bind()
+        if self._waiters or self._growers or self.reserved + nbytes > self.budget:
+            return None
+        ticket = BodyTicket(self, stream, None)
+        self.reserved += nbytes
+        ticket.size = nbytes
+        ticket.received = length
+        ticket.state = DONE
+        self.bodies.add(ticket)
+        self.admitted += 1
+        self.activity += 1
+        self._dirty = True
+        if self._handle is None:  # the periodic check also schedules the idle trim
+            self._next_check = loop.time() + self.tick
+            self._handle = loop.call_later(self.tick, self._check)
+        return ticket
+
     def _admit(self, ticket: BodyTicket, nbytes: int, now: float) -> None:
         self.reserved += nbytes
         ticket.size = nbytes

@@ -443,9 +443,15 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         self._deliver(msg, body)
         if batch is not None:
             batch.append((start, msg, body))
-        if not continued:  # (100-continue: admitted when wanted or its first byte arrives)
-            body.ahead = min(len(buf) - end, length)  # evidence for the admission
-            self._admit(body)
+        if continued:  # admitted when wanted or when its first byte arrives
+            return end
+        ahead = len(buf) - end
+        if ahead >= length and self.slots.take_whole(body, memoryview(buf)[end : end + length]):
+            self._body = None  # the whole body came with its head: complete already
+            self._state = HEAD
+            return end + length
+        body.ahead = min(ahead, length)  # evidence for the admission
+        self._admit(body)
         return end
 
     def _deliver(self, msg: Any, payload: Any) -> None:

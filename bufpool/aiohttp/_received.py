@@ -47,7 +47,9 @@ class SlotSource(Protocol):
 
     ``admit_now`` answers at once (False: the caller pauses reading and awaits ``admit``);
     ``lease_now`` answers at once (None: not admitted yet, or no slot free: the caller pauses
-    reading and awaits ``lease_wait``).  The waits raise ``web.HTTPException`` (503) when no
+    reading and awaits ``lease_wait``).  ``take_whole`` is the common case in one step: a
+    body whose bytes all came with its head is admitted, leased and copied at once (False:
+    nothing done, take the steps above).  The waits raise ``web.HTTPException`` (503) when no
     room comes in time.
     """
 
@@ -56,6 +58,8 @@ class SlotSource(Protocol):
     async def admit(self, body: ReceivedBody, /) -> None: ...
 
     def lease_now(self, body: ReceivedBody, size: int, /) -> Lease | None: ...
+
+    def take_whole(self, body: ReceivedBody, data: memoryview, /) -> bool: ...
 
     async def lease_wait(self, body: ReceivedBody, size: int, /) -> Lease: ...
 
@@ -119,6 +123,24 @@ class AdmittedSlots:
                 return pool.acquire(size)
             except PoolExhausted:
                 return None
+
+    def take_whole(self, body: ReceivedBody, data: memoryview, /) -> bool:
+        n = len(data)
+        if not self._sync or n > self._largest:
+            return False
+        sizes = self._sizes
+        adm = self._adm
+        ticket = adm.admit_whole(_CutNotice(body), sizes[bisect_left(sizes, n)], n)
+        if ticket is None:
+            return False
+        try:
+            lease = self._pool.acquire(n)
+        except PoolExhausted:  # (trimming and waiting are the general path's)
+            adm.release(ticket)
+            return False
+        lease.view[:] = data
+        body.whole(lease, ticket)
+        return True
 
     async def lease_wait(self, body: ReceivedBody, size: int, /) -> Lease:
         lease = self.lease_now(body, size)
@@ -294,6 +316,15 @@ class ReceivedBody(StreamReader):
             self._check_complete()
             return True
         return False
+
+    def whole(self, lease: Lease, ticket: BodyTicket) -> None:
+        """All of the body arrived with its head and was copied into ``lease`` (admitted as
+        ``ticket``, already done): the body is complete."""
+        n = len(lease)
+        self._leases.append(lease)
+        self._fill = self.received = self.total_bytes = n
+        self.ticket = ticket
+        self._complete = True
 
     def admitted(self, ticket: BodyTicket) -> None:
         """The body's reservation was admitted: it is the body's until released (at once
