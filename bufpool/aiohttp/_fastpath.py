@@ -64,8 +64,10 @@ __all__ = [
 
 log = logging.getLogger("bufpool.aiohttp")
 
-#: Bytes of the per-server scratch buffer heads (and bytes behind them) are received into.
-SCRATCH_SIZE: Final = 16 * 1024
+#: Bytes of the per-server scratch buffer heads (and bytes behind them) are received into:
+#: a body of up to 16 KiB behind a head of up to 4 KiB arrives whole in one read, and is
+#: then admitted and copied into its slot in one step.
+SCRATCH_SIZE: Final = 20 * 1024
 
 
 @dataclass(frozen=True, slots=True)
