@@ -387,7 +387,7 @@ class Admission:
         now, or None (then ``reserve``): the budget has room, nobody with evidence waits
         ahead, and the body's evidence is in aiohttp's stream or the socket's kernel queue."""
         loop = self.loop
-        if loop is not asyncio.get_running_loop():
+        if loop is None or not loop.is_running():  # (no getpid() per request)
             loop = self._bind()
         if self._waiters or self._growers or self.reserved + nbytes > self.budget:
             return None
@@ -418,7 +418,7 @@ class Admission:
         for, no deadline left): ``nbytes`` reserved now if the budget has room and nobody
         waits ahead (FIFO), else None.  The ticket is DONE; release it as any other."""
         loop = self.loop
-        if loop is not asyncio.get_running_loop():
+        if loop is None or not loop.is_running():  # (no getpid() per request)
             loop = self._bind()
         if self._waiters or self._growers or self.reserved + nbytes > self.budget:
             return None
@@ -704,7 +704,7 @@ class Admission:
         ``watch.finished`` at the end; the watch drops itself once the transport drained.
         """
         loop = self.loop
-        if loop is not asyncio.get_running_loop():
+        if loop is None or not loop.is_running():  # (no getpid() per request)
             loop = self._bind()
         watch = SendWatch(transport, nbytes, -1.0)  # the next check starts its clock
         self.sends.add(watch)

@@ -158,7 +158,7 @@ def _own(request: web.BaseRequest) -> RequestLeases:
             "bufpool.aiohttp.setup(app, ...) was never called for this request's application "
             "(call it before the application starts)"
         ) from None
-    task = asyncio.current_task()
+    task = asyncio.current_task(getattr(request, "_loop", None))  # (no getpid() per request)
     coro = task.get_coro() if task is not None else None
     if HANDLER_CODE is None or getattr(coro, "cr_code", None) is not HANDLER_CODE:
         raise NotSetUp(
