@@ -1,9 +1,10 @@
-"""The admission's evidence rule at its first look: bytes already in the kernel's queue count.
+"""The admission's shortcuts keep its rules: evidence at the first look, FIFO for whole bodies.
 
 A body whose head arrived with less than ``EVIDENCE_BYTES`` behind it, but whose next bytes
 already wait in the socket's receive queue, is admitted at once by ``reserve_now`` (no waiting
-task, no paused reading); one that has really shown nothing still reserves nothing.  Real
-sockets (a connected pair), both loops.
+task, no paused reading); one that has really shown nothing still reserves nothing.  A body
+that came whole with its head (``admit_whole``) never overtakes a body waiting in the FIFO.
+Real sockets (a connected pair), both loops.
 """
 
 from __future__ import annotations
@@ -122,3 +123,34 @@ async def test_a_closed_socket_is_no_evidence() -> None:
         assert not isinstance(stream.cut, BodyCut)
     finally:
         adm.close()
+
+
+class _Whole(_Stream):
+    """A body that has shown all its bytes (evidence complete)."""
+
+    def is_eof(self) -> bool:
+        return True
+
+
+@pytest.mark.asyncio
+async def test_a_whole_small_body_does_not_overtake_a_waiting_one() -> None:
+    adm = _admission()  # budget 4 MiB
+    holder = adm.reserve_now(_Whole(-1), None, 3 * MiB, 3 * MiB)
+    assert holder is not None
+    # A 2 MiB body with its evidence waits in the FIFO (3 + 2 > 4 MiB).
+    waiter = asyncio.ensure_future(adm.reserve(_Whole(-1), None, 2 * MiB, 2 * MiB))
+    await asyncio.sleep(0)
+    assert not waiter.done() and adm.reserved == 3 * MiB
+    # 4 KiB would fit next to the holder, but the FIFO has a waiter: not admitted ahead of it.
+    assert adm.admit_whole(_Whole(-1), 4096, 3000) is None
+    adm.release(holder)
+    ticket = await asyncio.wait_for(waiter, 5)
+    assert adm.reserved == 2 * MiB
+    # Nobody waits any more: admitted at once, already done, released as any other.
+    whole = adm.admit_whole(_Whole(-1), 4096, 3000)
+    assert whole is not None and adm.reserved == 2 * MiB + 4096
+    assert whole.received == 3000
+    adm.release(whole)
+    adm.release(ticket)
+    assert adm.reserved == 0
+    adm.close()
