@@ -176,6 +176,8 @@ async def read_body(request: web.Request) -> PooledBody:
         return owner.body
     received = received_body(request)  # already in slots (zero_copy_receive)
     if received is not None and received.holds:  # the common case first
+        if received.complete:  # (no coroutine to wait with)
+            return _took(request, owner, received, received.take_now())
         return await _take_received(request, owner, received)
     content = request.content
     if content.at_eof() and content.total_bytes:
@@ -211,9 +213,15 @@ async def read_body(request: web.Request) -> PooledBody:
 async def _take_received(
     request: web.Request, owner: RequestLeases, received: ReceivedBody
 ) -> PooledBody:
-    """The body zero_copy_receive wrote into slots: taken without a copy (its admission
-    ticket goes with it and ends with the request)."""
-    owned = await received.take()
+    """The body zero_copy_receive wrote into slots: taken without a copy once whole (its
+    admission ticket goes with it and ends with the request)."""
+    return _took(request, owner, received, await received.take())
+
+
+def _took(
+    request: web.Request, owner: RequestLeases, received: ReceivedBody,
+    owned: Lease | LeaseChain | None,
+) -> PooledBody:
     owner.ticket = received.hand_over_ticket()
     if owned is not None:
         owner.items.append(owned)

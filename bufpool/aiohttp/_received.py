@@ -433,6 +433,11 @@ class ReceivedBody(StreamReader):
                 lease.release()
 
     # ------------------------------------------------------------ read_body
+    @property
+    def complete(self) -> bool:
+        """True once every body byte is in the slots (``take`` then returns at once)."""
+        return self._complete
+
     async def take(self) -> Lease | LeaseChain | None:
         """Wait for the whole body; hand its slots over (no copy).  The caller owns them."""
         if self._mode == HELD and not self._complete:
@@ -440,6 +445,10 @@ class ReceivedBody(StreamReader):
                 self._done = self._loop.create_future()
             self._conn.body_wanted(self)
             await asyncio.shield(self._done)
+        return self.take_now()
+
+    def take_now(self) -> Lease | LeaseChain | None:
+        """``take`` for a body that is ``complete`` (or failed: raises its failure)."""
         if self._mode == FAILED:
             assert self._failure is not None
             raise self._failure
