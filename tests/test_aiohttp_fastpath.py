@@ -435,3 +435,41 @@ async def test_queued_bodies_released_when_client_leaves() -> None:
         await asyncio.sleep(0)
         gate.set()
     await assert_drained(pool)
+
+
+
+async def test_a_keep_alive_connection_tracks_only_bodies_in_flight() -> None:
+    """Bodies taken by read_body, read as a stream, or left unread leave the connection's
+    list of live bodies when their request ends: a long keep-alive connection does not
+    accumulate them."""
+    seen: list[int] = []
+
+    async def take(request: web.Request) -> web.Response:
+        return web.Response(text=str(len(await bpa.read_body(request))))
+
+    async def live(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        seen.append(len(request.transport.get_protocol()._live))  # type: ignore[attr-defined]
+        return web.Response(text="ok")
+
+    app, pool = fast_app()
+    app.router.add_post("/take", take)
+    app.router.add_post("/stream", _read_all)
+    app.router.add_post("/ignore", _ignore)
+    app.router.add_get("/live", live)
+    async with served_runner(app) as port:
+        reader, writer = await raw_connect(port)
+        try:
+            body = b"z" * 3000
+            for path in ("/take", "/stream", "/ignore") * 20:
+                head = f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n\r\n"
+                writer.write(head.encode() + body)
+                status, _, _ = await read_response(reader)
+                assert status == 200
+            writer.write(b"GET /live HTTP/1.1\r\nHost: t\r\n\r\n")
+            status, _, _ = await read_response(reader)
+            assert status == 200
+        finally:
+            writer.close()
+    assert seen == [0]
+    await assert_drained(pool)

@@ -180,7 +180,8 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         )
         self._state = HEAD
         self._body: ReceivedBody | None = None
-        self._live: list[ReceivedBody] = []
+        #: Bodies that may still hold slots (insertion-ordered; taken and failed ones leave).
+        self._live: dict[ReceivedBody, None] = {}
         #: (start, message, payload) queued during the current ``_feed`` (see _passthrough).
         self._batch: list[tuple[int, Any, Any]] | None = None
         self._pending = bytearray()
@@ -207,7 +208,7 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         for task in self._waiting:
             task.cancel()
         lost = ConnectionResetError("Connection lost")
-        live, self._live = self._live, []
+        live, self._live = self._live, {}
         for body in live:
             if not body.taken:
                 body.fail(lost)
@@ -286,9 +287,9 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
                 return False
             if declared < nbytes - end:
                 return False
-        self._batch = []
+        # (One head, and no bytes after its body: no later request in this read can fail,
+        # so nothing would be taken back; no batch.)
         i = self._start_message(data, 0, end)
-        self._batch = None
         if i < nbytes and self._state == BODY:
             body = self._body
             assert body is not None
@@ -436,10 +437,7 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
             return end
         ctx = self._ctx
         body = ReceivedBody(self, length, ctx.largest, ctx.limit, ctx.loop)
-        live = self._live
-        if len(live) >= 8:
-            live[:] = [b for b in live if b.holds]
-        live.append(body)
+        self._live[body] = None
         self._body = body
         self._state = BODY
         self._deliver(msg, body)
@@ -652,11 +650,7 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
     def body_done(self, body: ReceivedBody) -> None:
         """``body`` was taken by ``read_body`` or failed: the connection no longer tracks it
         (so finished bodies do not outlive their requests)."""
-        live = self._live
-        for i in range(len(live) - 1, -1, -1):
-            if live[i] is body:
-                del live[i]
-                return
+        self._live.pop(body, None)
 
     def body_abandoned(self, body: ReceivedBody) -> None:
         """The request ended before its body did: drop the rest of it as it arrives."""

@@ -406,6 +406,7 @@ class ReceivedBody(StreamReader):
         self._complete = True
         if self._mode == STREAM:
             StreamReader.feed_eof(self)
+            self._conn.body_done(self)  # a whole stream holds nothing a disconnect must fail
         done = self._done
         if done is not None and not done.done():
             done.set_result(None)

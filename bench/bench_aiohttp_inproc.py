@@ -1,0 +1,173 @@
+"""Per-request CPU of the example app in one process, without sockets: pooled vs plain.
+
+Feeds ``POST /process`` requests (one at a time, keep-alive) into the server's protocol as
+the event loop would (``get_buffer``/``buffer_updated`` for the pooled server's zero-copy
+receive path, ``data_received`` for plain aiohttp) and waits, on an event set by the
+transport's ``write``, for each reply.  The transport is a stand-in that accepts every write
+at once, so what is measured is the Python (and C-extension) work per request of aiohttp and
+bufpool, free of kernel and scheduling noise; the same loop runs both servers, interleaved.
+
+    python bench/bench_aiohttp_inproc.py                   # 1k, 16k, 256k bodies; uvloop
+    python bench/bench_aiohttp_inproc.py --sizes 1k --rounds 5 --requests 20000
+    python bench/bench_aiohttp_inproc.py --loop asyncio
+
+Prints, per body size, microseconds of CPU per request for each server (the median of the
+rounds and their min-max) and the ratio pooled / plain per round.  Kernel costs (copies into
+the socket, page faults of fresh buffers) are not in these figures: the harness
+(``python -m bufpool loadtest``) measures them end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import aiohttp_app  # noqa: E402
+
+
+class _Transport(asyncio.Transport):
+    """Accepts every write at once; ``replies`` counts the writes that end a response."""
+
+    def __init__(self, done: asyncio.Event) -> None:
+        super().__init__()
+        self._done = done
+        self.written = 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8080)}.get(
+            name, default
+        )
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def write(self, data: Any) -> None:
+        self.written += len(data)
+        self._done.set()
+
+    def writelines(self, chunks: Any) -> None:
+        for chunk in chunks:
+            self.written += len(chunk)
+        self._done.set()
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (0, 0)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def _request(size: int) -> bytes:
+    head = f"POST /process HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Length: {size}\r\n\r\n"
+    return head.encode() + bytes((i * 7 + 13) % 251 for i in range(size))
+
+
+async def _run(pooled: bool, req: bytes, n: int) -> float:
+    """CPU microseconds per request over ``n`` requests (after a warm-up)."""
+    app = aiohttp_app.create_app(pooled=pooled)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    server: Any = runner.server
+    proto = server()
+    done = asyncio.Event()
+    transport = _Transport(done)
+    proto.connection_made(transport)
+    buffered = hasattr(proto, "get_buffer")
+
+    async def one() -> None:
+        done.clear()
+        if buffered:
+            view = memoryview(req)
+            while view:
+                buf = proto.get_buffer(-1)
+                k = min(len(buf), len(view))
+                buf[:k] = view[:k]
+                proto.buffer_updated(k)
+                view = view[k:]
+        else:
+            proto.data_received(req)
+        await done.wait()
+        await asyncio.sleep(0)  # let the handler task end (its done-callbacks run)
+
+    try:
+        for _ in range(min(2000, n)):
+            await one()
+        gc.collect()
+        t0 = time.process_time()
+        for _ in range(n):
+            await one()
+        return (time.process_time() - t0) / n * 1e6
+    finally:
+        proto.connection_lost(None)
+        await runner.cleanup()
+
+
+def _size(text: str) -> int:
+    units = {"k": 1024, "m": 1024 * 1024}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="1k,16k,256k", help="body sizes, comma-separated")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per size")
+    p.add_argument("--requests", type=int, default=10000, help="requests per round")
+    p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    args = p.parse_args(argv)
+
+    async def bench() -> None:
+        for text in args.sizes.split(","):
+            req = _request(_size(text))
+            pooled: list[float] = []
+            plain: list[float] = []
+            for _ in range(args.rounds):
+                plain.append(await _run(False, req, args.requests))
+                pooled.append(await _run(True, req, args.requests))
+            ratios = [a / b for a, b in zip(pooled, plain, strict=True)]
+            print(
+                f"body {text}: plain {statistics.median(plain):.1f} us/request "
+                f"({min(plain):.1f}-{max(plain):.1f}), pooled {statistics.median(pooled):.1f} "
+                f"({min(pooled):.1f}-{max(pooled):.1f}); pooled/plain "
+                f"{statistics.median(ratios):.2f}x (rounds {' '.join(f'{r:.2f}' for r in ratios)})"
+            )
+
+    if args.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(bench())
+    else:
+        asyncio.run(bench())
+
+
+if __name__ == "__main__":
+    main()
