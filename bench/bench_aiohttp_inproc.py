@@ -31,7 +31,7 @@ from typing import Any
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import aiohttp_app  # noqa: E402
+import aiohttp_app
 
 
 class _Transport(asyncio.Transport):
