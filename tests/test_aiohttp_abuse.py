@@ -226,6 +226,35 @@ async def test_body_timeout_and_min_rate_answer_408_without_pressure() -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("first", [1024, bpa.EVIDENCE_BYTES], ids=["waiting", "admitted"])
+async def test_a_client_still_sending_when_cut_reads_the_whole_408(first: int) -> None:
+    """aiohttp's own parser (``read_body``): a body cut below body_min_rate while its client
+    keeps sending, either still waiting for its evidence (1 KiB sent) or admitted (16 KiB).
+    The client goes on sending for a while after the cut and only then reads: it gets the
+    whole 408 naming the limit, then the server's FIN.  A plain close would have met those
+    bytes with a reset that loses the 408 (it did, on both loops, before the lingering
+    close); the half-closed connection drops them instead."""
+    pool = bufpool.BufferPool(max_bytes=8 * MiB, on_exhausted="raise")
+    app = make_app(pool, max_body_size=MiB, body_min_rate=1_000_000, body_grace=0.2,
+                   preempt_after=None)
+    async with served(app) as client:
+        reader, writer = await raw_connect(client.port)  # type: ignore[arg-type]
+        writer.write(_head("/upload", MiB) + b"x" * first)
+        await writer.drain()
+        assert await wait_for(lambda: bpa.admission_stats(app).cut_min_rate == 1)
+        for _ in range(20):  # still uploading after the cut (the client's pace)
+            writer.write(b"y" * 4096)
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        status, headers, body = await asyncio.wait_for(read_response(reader), 10)
+        assert status == 408 and "body_min_rate=1e+06 bytes/s" in body.decode(), body
+        assert headers.get("connection", "").lower() == "close", headers
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # FIN after the 408
+        writer.close()
+    await assert_drained(pool)
+
+
+@pytest.mark.asyncio
 async def test_a_steady_slow_upload_is_never_cut_under_pressure() -> None:
     """Preemption cuts only bodies that stall or trickle below body_min_rate.  A 256 KiB
     upload sent 8 KiB every 50 ms (about 160 KB/s, 1.6 s in all) holds the whole budget while
