@@ -32,7 +32,11 @@ pooled reply for ``send_timeout`` s aborts the connection.  Under pressure (a bo
 no byte for that long, or below ``body_min_rate`` with that grace, is cut (those holding the
 most unfilled reservation first), and stalled pooled replies are aborted.  Under pressure the
 rate is also judged per ``preempt_idle`` window (bytes that arrived before do not buy time
-later).  A body that keeps sending at ``body_min_rate`` or more is never cut.  See
+later).  Sooner still, while any body waits (however briefly), a body that did not move
+after its admission (below ``body_min_rate`` beyond the bytes that admitted it, for
+``preempt_after`` s from the check that first saw it) is cut: the client that sends its
+evidence and then stalls or trickles.  A body that keeps sending at ``body_min_rate`` or
+more is never cut.  See
 ``docs/aiohttp.md`` for the anchors (nginx, Apache, Envoy, Go).
 
 Quiet for ``idle_trim_after`` s: ``pool.trim()`` and glibc ``malloc_trim(0)`` give memory back.
