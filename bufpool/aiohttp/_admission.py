@@ -852,12 +852,13 @@ class Admission:
             if elapsed >= after and t.received - base < max(1.0, rate * elapsed):
                 unmoved.append((t, elapsed))
         unmoved.sort(key=lambda te: te[0].size - te[0].received, reverse=True)
+        floor = f"body_min_rate={rate:g} bytes/s" if rate else "no byte"
         for t, elapsed in unmoved:
             self._cut(t, "preempted",
                       f"request body did not move after its admission, under memory pressure: "
                       f"{max(0, t.received - t.base)} bytes in {elapsed:.1f} s after the "
-                      f"{t.base} that admitted it (below body_min_rate={rate:g} bytes/s "
-                      f"since admission, preempt_after={after} s)")
+                      f"{t.base} that admitted it (below {floor} since admission, "
+                      f"preempt_after={after} s)")
 
     def _idle_trim(self) -> None:
         """Runs ``idle_trim_after`` s after a check found nothing tracked: trims if nothing
