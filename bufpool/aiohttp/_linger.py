@@ -51,11 +51,11 @@ class LingeringClose:
         if transport.is_closing():
             return
         try:
-            if transport.can_write_eof():
+            if transport.can_write_eof():  # (TLS cannot: it stays open, reading, instead)
                 transport.write_eof()
-                # Dropped input must keep flowing: a paused socket would fill its receive
-                # queue, and that queue is what makes the final close a reset.
-                transport.resume_reading()
+            # Dropped input must keep flowing: a paused socket would fill its receive queue,
+            # and that queue is what makes the final close a reset.
+            transport.resume_reading()
         except (OSError, RuntimeError, NotImplementedError):
             transport.close()
             return
