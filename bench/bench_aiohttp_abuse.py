@@ -14,9 +14,15 @@ pinning
     Header-only holders and 1 B / 100 ms tricklers declare bodies that fill the whole body
     budget (8 MiB each), then legitimate uploads (1 MiB and 16 KiB) run.  Reported: the
     share answered 200 within 10 s.  Target: >= 95% (plain: 100%).
+stall
+    The same attackers, but each first sends 16 KiB of its body (the evidence that gets a
+    body admitted) before it stalls or trickles, and reconnects as soon as it is cut off;
+    the legitimate uploads start one every 100 ms, so some meet stallers that were just
+    admitted.  Reported: the share served within 10 s, the median and slowest upload.
 
     python bench/bench_aiohttp_abuse.py                       # 96 clients, 2 rounds, uvloop
     python bench/bench_aiohttp_abuse.py --clients 128 --rounds 3 --loop asyncio
+    python bench/bench_aiohttp_abuse.py --only stall --rounds 3   # the attacks alone
 """
 
 from __future__ import annotations
@@ -111,9 +117,13 @@ async def _budget(server: Server) -> int:
         return int((await resp.json())["aiohttp"]["budget"])
 
 
-async def pinning(server: Server, legit: int) -> dict[str, Any]:
-    """Attackers that fill the body budget and reconnect whenever they are cut off, while
-    ``legit`` uploads (half 1 MiB, half 16 KiB) run; share served within 10 s each."""
+async def pinning(
+    server: Server, legit: int, first: int = 0, stagger: float = 0.0
+) -> dict[str, Any]:
+    """Attackers that fill the body budget and reconnect whenever they are cut off, each
+    sending ``first`` body bytes before it stalls or trickles, while ``legit`` uploads (half
+    1 MiB, half 16 KiB, the i-th starting ``i * stagger`` s in) run; share served within
+    10 s each, median and slowest seconds."""
     loop = asyncio.get_running_loop()
     budget = await _budget(server)
     sizes = [BODY] * (budget // BODY)
@@ -128,7 +138,7 @@ async def pinning(server: Server, legit: int) -> dict[str, Any]:
         head = f"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n\r\n"
         while not stop.is_set():
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            writer.write(head.encode())
+            writer.write(head.encode() + b"x" * first)
             try:
                 while not stop.is_set():
                     if trickle:
@@ -151,8 +161,9 @@ async def pinning(server: Server, legit: int) -> dict[str, Any]:
     served = 0
     times: list[float] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        async def one(size: int) -> None:
+        async def one(size: int, delay: float) -> None:
             nonlocal served
+            await asyncio.sleep(delay)  # arrivals spread over the attack
             t0 = loop.time()
             try:
                 async with asyncio.timeout(10):
@@ -165,17 +176,36 @@ async def pinning(server: Server, legit: int) -> dict[str, Any]:
             times.append(loop.time() - t0)
 
         kinds = [MIB if i % 2 else 16384 for i in range(legit)]
-        await asyncio.gather(*[one(s) for s in kinds])
+        await asyncio.gather(*[one(s, i * stagger) for i, s in enumerate(kinds)])
     stop.set()
     await asyncio.gather(*attackers, return_exceptions=True)
-    return {"served": served / legit, "max_s": max(times), "cuts": cuts,
-            "attackers": len(sizes)}
+    return {"served": served / legit, "max_s": max(times), "p50_s": statistics.median(times),
+            "cuts": cuts, "attackers": len(sizes)}
 
 
 async def run(args: argparse.Namespace) -> None:
-    print(f"# shared 2-core VM; loop={args.loop}, {args.clients} x 8 MiB, idle {args.idle} s")
-    ratios: dict[str, list[float]] = {"peak": [], "after_minus_plain": [], "served": []}
+    what = "stall only" if args.only else f"{args.clients} x 8 MiB, idle {args.idle} s"
+    print(f"# shared 2-core VM; loop={args.loop}, {what}")
+    ratios: dict[str, list[float]] = {"peak": [], "after_minus_plain": [], "served": [],
+                                      "stall_served": [], "stall_p50": [], "stall_max": []}
     for rnd in range(args.rounds):
+        if args.only in (None, "stall"):
+            for pooled in (False, True):
+                server = Server(pooled, args.loop)
+                try:
+                    p = await pinning(server, args.legit, first=16384, stagger=0.1)
+                finally:
+                    server.stop()
+                name = "pooled" if pooled else "plain "
+                print(f"round {rnd} stall   {name}: legit served {p['served']:.0%}, median "
+                      f"{p['p50_s']:.2f} s, slowest {p['max_s']:.2f} s ({p['attackers']} "
+                      f"attackers, cut {p['cuts']} times)", flush=True)
+                if pooled:
+                    ratios["stall_served"].append(p["served"])
+                    ratios["stall_p50"].append(p["p50_s"])
+                    ratios["stall_max"].append(p["max_s"])
+        if args.only == "stall":
+            continue
         res: dict[bool, dict[str, Any]] = {}
         for pooled in (False, True):
             server = Server(pooled, args.loop)
@@ -206,6 +236,11 @@ async def run(args: argparse.Namespace) -> None:
     def span(xs: list[float], fmt: str) -> str:
         return f"median {format(statistics.median(xs), fmt)} (min {format(min(xs), fmt)}, " \
                f"max {format(max(xs), fmt)})"
+    if ratios["stall_served"]:
+        print(f"stall legit served with pool: {span(ratios['stall_served'], '.0%')}; median "
+              f"s {span(ratios['stall_p50'], '.2f')}; slowest s {span(ratios['stall_max'], '.2f')}")
+    if args.only == "stall":
+        return
     print(f"flood peak RSS growth pooled/plain: {span(ratios['peak'], '.3f')}  (target <= 0.25)")
     print(f"flood RSS after idle, pooled - plain MiB: {span(ratios['after_minus_plain'], '.0f')}"
           "  (target <= 24)")
@@ -219,6 +254,8 @@ def main() -> None:
     p.add_argument("--idle", type=float, default=15.0)
     p.add_argument("--legit", type=int, default=30)
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    p.add_argument("--only", choices=("stall",), default=None,
+                   help="run only this scenario (default: all)")
     args = p.parse_args()
     if args.loop == "uvloop":
         import uvloop

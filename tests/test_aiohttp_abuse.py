@@ -188,6 +188,53 @@ async def test_holders_and_tricklers_cannot_starve_uploads_with_the_defaults() -
     await assert_drained(pool)
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("zero_copy", [False, True], ids=["read_body", "fast_path"])
+async def test_evidence_then_silence_is_cut_as_soon_as_uploads_wait(zero_copy: bool) -> None:
+    """The cheapest attacker once a head must show EVIDENCE_BYTES: raw sockets that declare
+    8 MiB, send exactly 16 KiB, then nothing, enough of them to hold the whole body budget
+    of a default ``setup(app)``.  Legitimate 1 MiB and 16 KiB uploads come right after they
+    are admitted: every one is served with an exact digest, the stallers get 408 from the
+    rule that cuts a body which did not move after its admission (the message says so and
+    names preempt_after and body_min_rate), and nothing stays leased.
+
+    The rule needs no preempt_idle of silence and no preempt_after of pressure first: a
+    staller is cut preempt_after (0.5 s) after the check that first saw it reading, so the
+    uploads wait about 0.5-0.75 s (1.0 s before; 0.1 s when the stallers were admitted long
+    before).  The 10 s bound is only a safety net for a busy machine; the message is what
+    tells the rules apart."""
+    app = web.Application()
+    pool = bpa.setup(app, zero_copy_receive=zero_copy)
+    app.router.add_post("/upload", _upload)
+    async with served(app) as client:
+        budget = bpa.admission_stats(app).budget
+        sizes = _fill_budget(budget, bpa.DEFAULT_MAX_BODY_SIZE)
+        attackers = Attackers(client.port)  # type: ignore[arg-type]
+        try:
+            for size in sizes:
+                await attackers.hold(size, bpa.EVIDENCE_BYTES)
+            assert await wait_for(lambda: bpa.admission_stats(app).bodies == len(sizes))
+            assert budget - bpa.admission_stats(app).reserved_bytes < 16384
+            jobs = [_legit_upload(client, MiB, i) for i in range(10)]
+            jobs += [_legit_upload(client, 16384, 100 + i) for i in range(5)]
+            results = await asyncio.gather(*jobs)
+            assert [r[0] for r in results] == [200] * 15 and all(r[2] for r in results), results
+            assert max(r[1] for r in results) <= 10.0, results
+            answers = await attackers.statuses()
+        finally:
+            await attackers.close()
+        assert [s for s, _ in answers] == [408] * len(sizes), answers
+        for _status, text in answers:
+            assert "did not move after its admission" in text, text
+            assert f"preempt_after={bpa.DEFAULT_PREEMPT_AFTER} s" in text, text
+            assert "body_min_rate=500 bytes/s" in text, text
+        stats = bpa.admission_stats(app)
+        assert stats.cut_preempted == len(sizes), stats
+        assert stats.admitted == len(sizes) + 15, stats
+        assert stats.bodies == 0 and stats.reserved_bytes == 0, stats
+    await assert_drained(pool)
+
+
 async def _upload(request: web.Request) -> web.Response:
     body = await bpa.read_body(request)
     return web.json_response({"size": len(body), "sha256": body.sha256()})
@@ -222,6 +269,35 @@ async def test_body_timeout_and_min_rate_answer_408_without_pressure() -> None:
         assert (stats.cut_body_timeout, stats.cut_min_rate, stats.cut_preempted) == (1, 1, 0)
         ok = await client.post("/upload", data=b"y" * 1000)
         assert ok.status == 200
+    await assert_drained(pool)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("first", [1024, bpa.EVIDENCE_BYTES], ids=["waiting", "admitted"])
+async def test_a_client_still_sending_when_cut_reads_the_whole_408(first: int) -> None:
+    """aiohttp's own parser (``read_body``): a body cut below body_min_rate while its client
+    keeps sending, either still waiting for its evidence (1 KiB sent) or admitted (16 KiB).
+    The client goes on sending for a while after the cut and only then reads: it gets the
+    whole 408 naming the limit, then the server's FIN.  A plain close would have met those
+    bytes with a reset that loses the 408 (it did, on both loops, before the lingering
+    close); the half-closed connection drops them instead."""
+    pool = bufpool.BufferPool(max_bytes=8 * MiB, on_exhausted="raise")
+    app = make_app(pool, max_body_size=MiB, body_min_rate=1_000_000, body_grace=0.2,
+                   preempt_after=None)
+    async with served(app) as client:
+        reader, writer = await raw_connect(client.port)  # type: ignore[arg-type]
+        writer.write(_head("/upload", MiB) + b"x" * first)
+        await writer.drain()
+        assert await wait_for(lambda: bpa.admission_stats(app).cut_min_rate == 1)
+        for _ in range(5):  # still uploading after the cut (the client's pace)
+            writer.write(b"y" * 4096)
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        status, headers, body = await asyncio.wait_for(read_response(reader), 10)
+        assert status == 408 and "body_min_rate=1e+06 bytes/s" in body.decode(), body
+        assert headers.get("connection", "").lower() == "close", headers
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # FIN after the 408
+        writer.close()
     await assert_drained(pool)
 
 

@@ -32,7 +32,11 @@ pooled reply for ``send_timeout`` s aborts the connection.  Under pressure (a bo
 no byte for that long, or below ``body_min_rate`` with that grace, is cut (those holding the
 most unfilled reservation first), and stalled pooled replies are aborted.  Under pressure the
 rate is also judged per ``preempt_idle`` window (bytes that arrived before do not buy time
-later).  A body that keeps sending at ``body_min_rate`` or more is never cut.  See
+later).  Sooner still, while any body waits (however briefly), a body that did not move
+after its admission (below ``body_min_rate`` beyond the bytes that admitted it, for
+``preempt_after`` s from the check that first saw it) is cut: the client that sends its
+evidence and then stalls or trickles.  A body that keeps sending at ``body_min_rate`` or
+more is never cut.  See
 ``docs/aiohttp.md`` for the anchors (nginx, Apache, Envoy, Go).
 
 Quiet for ``idle_trim_after`` s: ``pool.trim()`` and glibc ``malloc_trim(0)`` give memory back.
@@ -142,9 +146,11 @@ class BodyTicket:
     __slots__ = (
         "adm",
         "admitted_at",
+        "base",
         "fd",
         "fut",
         "last",
+        "looked",
         "mark",
         "mark_at",
         "need",
@@ -161,6 +167,13 @@ class BodyTicket:
         "timer",
         "want",
     )
+
+    #: Set by the first periodic check that sees the body reading (unset before, so that
+    #: admission pays nothing for them): ``base`` is what the body had received by then, at
+    #: least EVIDENCE_BYTES (what admitted it); ``looked`` how many seconds after admission
+    #: that check came.  Progress after admission is measured from there (``_cut_unmoved``).
+    base: int
+    looked: float
 
     def __init__(self, adm: Admission, stream: BodyStream, reader: FlowControl | None) -> None:
         self.adm = adm
@@ -752,6 +765,9 @@ class Admission:
         for t in list(self.bodies):
             if t.state != READING:
                 continue
+            if not hasattr(t, "base"):  # the first look since admission (see _cut_unmoved)
+                t.base = max(t.received, EVIDENCE_BYTES)
+                t.looked = now - t.admitted_at
             if t.mark_at < t.admitted_at:  # admitted, or back from a wait: a new window
                 t.mark_at = t.admitted_at
                 t.mark = t.received
@@ -801,8 +817,12 @@ class Admission:
     def _preempt(self, now: float) -> None:
         after = self.preempt_after
         assert after is not None
-        pressed = [t for t in (*self._growers, *self._waiters) if t.fut is not None
-                   and not t.fut.done() and now - t.queued_at >= after]
+        waiting = [t for t in (*self._growers, *self._waiters) if t.fut is not None
+                   and not t.fut.done()]
+        if not waiting and not self._slot_waiters:
+            return
+        self._cut_unmoved(now, after)
+        pressed = [t for t in waiting if now - t.queued_at >= after]
         slot_pressed = any(now - t.queued_at >= after for t in self._slot_waiters)
         if not pressed and not slot_pressed:
             return
@@ -829,6 +849,39 @@ class Admission:
                       f"{now - t.admitted_at:.1f} s, none for {now - t.last:.1f} s"
                       + (" or below body_min_rate over the last preempt_idle" if t.slow else "")
                       + f" (preempt_idle={idle} s, body_min_rate={rate} bytes/s)")
+
+    def _cut_unmoved(self, now: float, after: float) -> None:
+        """A body waits for memory (for any time): cut every admitted body that, in the
+        ``after`` (preempt_after) seconds or more since it was first looked at, received less
+        than ``body_min_rate`` bytes/s beyond what admitted it (nothing at all without a
+        rate), those holding the most unfilled reservation first.
+
+        The cheapest pinning attack once heads must show EVIDENCE_BYTES: send them, then
+        nothing, and hold the whole declared length.  Such a body has not moved since it was
+        admitted; an honest one moves at once (its bytes wait in the kernel while it waits,
+        or it is sending at line rate).  No ``preempt_after`` of pressure first and no
+        ``preempt_idle`` of silence: it waited its ``after`` already.  O(bodies).
+        """
+        rate = self.body_min_rate or 0.0
+        unmoved: list[tuple[BodyTicket, float]] = []
+        for t in self.bodies:
+            if t.state != READING:
+                continue
+            try:
+                base = t.base
+            except AttributeError:  # not looked at yet: its time starts at the first look
+                continue
+            elapsed = now - t.admitted_at - t.looked  # waits and server stalls excluded
+            if elapsed >= after and t.received - base < max(1.0, rate * elapsed):
+                unmoved.append((t, elapsed))
+        unmoved.sort(key=lambda te: te[0].size - te[0].received, reverse=True)
+        floor = f"body_min_rate={rate:g} bytes/s" if rate else "no byte"
+        for t, elapsed in unmoved:
+            self._cut(t, "preempted",
+                      f"request body did not move after its admission, under memory pressure: "
+                      f"{max(0, t.received - t.base)} bytes in {elapsed:.1f} s after the "
+                      f"{t.base} that admitted it (below {floor} since admission, "
+                      f"preempt_after={after} s)")
 
     def _idle_trim(self) -> None:
         """Runs ``idle_trim_after`` s after a check found nothing tracked: trims if nothing

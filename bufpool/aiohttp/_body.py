@@ -49,6 +49,7 @@ from ._admission import (
 from ._errors import BodyAlreadyRead, BodyNotContiguous
 from ._fastpath import received_body
 from ._lifetime import RequestLeases, owner_of
+from ._linger import close_lingering
 from ._received import ReceivedBody
 from ._settings import Settings
 
@@ -251,11 +252,12 @@ def _exhausted(settings: Settings, size: int | None, exc: Exception) -> web.HTTP
     )
 
 
-def _timed_out(exc: BodyCut) -> web.HTTPRequestTimeout:
-    """408 naming the deadline; the connection closes after it (the rest of the body is
-    never read)."""
+def _timed_out(exc: BodyCut, request: web.Request) -> web.HTTPRequestTimeout:
+    """408 naming the deadline; the connection closes after it, lingering (``_linger``: a
+    client still sending reads the 408 instead of a reset; the rest of the body is dropped)."""
     resp = web.HTTPRequestTimeout(text=str(exc))
     resp.force_close()
+    close_lingering(request.protocol)
     return resp
 
 
@@ -269,10 +271,10 @@ def _malformed(exc: BaseException) -> web.HTTPBadRequest:
     return web.HTTPBadRequest(text=f"malformed request body: {detail.strip()}")
 
 
-def _translate(exc: BaseException) -> BaseException | None:
+def _translate(exc: BaseException, request: web.Request) -> BaseException | None:
     """The HTTP status for an error met while reading a body, or None to let it pass."""
     if isinstance(exc, BodyCut):
-        return _timed_out(exc)
+        return _timed_out(exc, request)
     if isinstance(exc, _MALFORMED):
         return _malformed(exc)
     return None
@@ -291,7 +293,7 @@ async def _admit(
     except AdmissionTimeout as exc:
         raise _exhausted(settings, length, exc) from None
     except BodyCut as exc:
-        raise _timed_out(exc) from None
+        raise _timed_out(exc, request) from None
     owner.ticket = ticket
     return ticket
 
@@ -429,7 +431,7 @@ async def _fill(
             got += n
     except BaseException as exc:
         del view
-        status = _translate(exc)
+        status = _translate(exc, request)
         if status is not None:
             raise status from None
         raise
@@ -460,7 +462,7 @@ async def _read_streamed(
             try:
                 data, end_of_chunk = await readchunk()
             except BaseException as exc:
-                status = _translate(exc)
+                status = _translate(exc, request)
                 if status is not None:
                     raise status from None
                 raise

@@ -50,6 +50,7 @@ from aiohttp.web_server import Server
 
 from ._chunked import ChunkScanner
 from ._compat import check_internals
+from ._linger import LingeringClose as _LingeringClose
 from ._received import AdmittedSlots, ReceivedBody, SlotSource
 from ._settings import Settings
 
@@ -689,40 +690,6 @@ class _NullFlow:
 
     def resume_reading(self, resume_parser: bool = True) -> None:
         pass
-
-
-class _LingeringClose:
-    """The transport as the handler sees it after a body failed (408/503).
-
-    Closing a socket with unread input makes the kernel send a reset, and a client still
-    uploading then loses the error response it was sent.  ``close()`` here half-closes
-    (``write_eof``: FIN after the queued response) and closes for good when the peer ends its
-    side or after ``LINGER`` seconds (nginx's lingering close does the same); meanwhile the
-    protocol drops whatever arrives.  Everything else is the real transport's.
-    """
-
-    __slots__ = ("_loop", "_transport")
-
-    LINGER: Final = 2.0
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-    def close(self) -> None:
-        transport = self._transport
-        if transport.is_closing():
-            return
-        try:
-            if transport.can_write_eof():
-                transport.write_eof()
-        except (OSError, RuntimeError, NotImplementedError):
-            transport.close()
-            return
-        self._loop.call_later(self.LINGER, transport.close)
 
 
 def received_body(request: web.BaseRequest) -> ReceivedBody | None:

@@ -60,7 +60,9 @@ DEFAULT_SEND_TIMEOUT: Final = 60.0
 #: under pressure, ``reset_high_memory_stream`` resets the streams holding the most memory).
 #: Once a body has waited this many seconds for memory, admitted bodies and pooled replies
 #: that made no progress for DEFAULT_PREEMPT_IDLE seconds (or are below ``body_min_rate``
-#: with that grace instead of ``body_grace``) are cut, those holding the most first.
+#: with that grace instead of ``body_grace``) are cut, those holding the most first.  While
+#: any body waits, a body that did not move after its admission (below ``body_min_rate``
+#: beyond the bytes that admitted it) for DEFAULT_PREEMPT_AFTER seconds is cut at once.
 DEFAULT_PREEMPT_AFTER: Final = 0.5
 DEFAULT_PREEMPT_IDLE: Final = 1.0
 #: Seconds of quiet (no body admitted, no reply being sent) after which idle pool slots and

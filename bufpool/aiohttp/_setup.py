@@ -102,7 +102,9 @@ def setup(
         last ``preempt_idle`` window, are cut
         (408), those holding the most unfilled reservation first, until the waiters fit; and
         pooled replies with no write progress for ``preempt_idle`` s are aborted (Envoy's
-        overload manager).  None: no preemption.
+        overload manager).  While any body waits, a body that sent less than
+        ``body_min_rate`` beyond its first 16 KiB in the ``preempt_after`` s after its
+        admission is cut at once (evidence, then a stall).  None: no preemption.
     idle_trim_after
         Quiet for this long (5 s): ``pool.trim()`` and glibc ``malloc_trim(0)`` give idle
         memory back.  None: never.
