@@ -197,3 +197,48 @@ async def test_admission_wait_that_cannot_end_in_time_gets_503() -> None:
         assert bpa.admission_stats(app).admission_timeouts == 1
         await _no_reservation_left(app)
     await assert_drained(pool)
+
+
+async def test_a_body_held_by_aiohttps_pipelining_queue_is_not_charged_for_it() -> None:
+    """aiohttp stops reading a connection once 32 pipelined requests wait in its queue.  The
+    body that was arriving then must not meet ``body_timeout`` for that pause (the server's
+    doing, not the client's): 33 pipelined requests behind a slow first handler, the last
+    body half sent; after the handlers run it is sent in full and every request gets 200."""
+    gate = asyncio.Event()
+    pool = bufpool.BufferPool(max_bytes=8 * MiB, on_exhausted="raise")
+    app = make_app(pool, max_body_size=MiB, body_timeout=0.3, body_min_rate=None,
+                   preempt_after=None, zero_copy_receive=True)
+
+    async def slow(request: web.Request) -> web.Response:
+        body = await bpa.read_body(request)
+        await gate.wait()
+        return web.Response(text=str(len(body)))
+
+    app.router.add_post("/slow", slow)
+    last = _data(200_000, 9)
+    async with served_runner(app) as port:
+        reader, writer = await raw_connect(port)
+        try:
+            small = [_head(10, "/slow") + b"0123456789" for _ in range(32)]
+            writer.write(b"".join(small) + _head(len(last)) + last[:40_000])
+            await writer.drain()
+            # The queue filled and the last body is admitted (held): wait for that, then
+            # for several body_timeouts of the pause.
+            assert await wait_for(lambda: bpa.admission_stats(app).bodies >= 1)
+            await asyncio.sleep(1.2)  # 4 x body_timeout: a charged body would be cut
+            assert bpa.admission_stats(app).cut_body_timeout == 0
+            gate.set()
+            writer.write(last[40_000:])
+            await writer.drain()
+            for _ in range(32):
+                status, _h, text = await asyncio.wait_for(read_response(reader), 20)
+                assert (status, text) == (200, b"10")
+            status, _h, text = await asyncio.wait_for(read_response(reader), 20)
+            assert status == 200, text
+            assert b'"sha256": "%s"' % hashlib.sha256(last).hexdigest().encode() in text
+        finally:
+            gate.set()  # (the slow handlers end however the test went)
+            writer.close()
+        assert bpa.admission_stats(app).cut_body_timeout == 0
+        await _no_reservation_left(app)
+    await assert_drained(pool)

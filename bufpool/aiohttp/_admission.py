@@ -82,7 +82,7 @@ __all__ = [
 
 log = logging.getLogger("bufpool.aiohttp")
 
-WAITING, READING, DONE, CUT, RELEASED = range(5)
+WAITING, READING, DONE, CUT, RELEASED, HELD = range(6)
 
 #: Body bytes a client must have sent (or its whole body, if smaller) before its body is
 #: admitted into the budget (16 KiB: about one initial TCP congestion window, so a client
@@ -224,6 +224,21 @@ class BodyTicket:
             self.state = READING
             now = adm.loop.time()
             self.admitted_at += now - self.queued_at  # waiting was the server's doing
+            self.last = now
+
+    def hold(self) -> None:
+        """The server stopped reading this body's connection for its own reasons (e.g.
+        aiohttp's queue of pipelined requests is full): no body deadline runs meanwhile."""
+        if self.state == READING:
+            self.state = HELD
+            self.queued_at = self.adm.loop.time()
+
+    def unhold(self) -> None:
+        """Reading resumed: the deadlines go on, not counting the time held."""
+        if self.state == HELD:
+            self.state = READING
+            now = self.adm.loop.time()
+            self.admitted_at += now - self.queued_at  # the server's pause, not the client's
             self.last = now
 
     def __repr__(self) -> str:
@@ -764,6 +779,8 @@ class Admission:
         window = self.preempt_idle
         for t in list(self.bodies):
             if t.state != READING:
+                if t.state == HELD and not _still_held(t):
+                    t.unhold()
                 continue
             if not hasattr(t, "base"):  # the first look since admission (see _cut_unmoved)
                 t.base = max(t.received, EVIDENCE_BYTES)
@@ -947,6 +964,13 @@ def _readable(fds: list[int]) -> dict[int, int] | None:
         if fd >= 0:
             p.register(fd, mask)
     return dict(p.poll(0))
+
+
+def _still_held(ticket: BodyTicket) -> bool:
+    """Whether the server still holds a held ticket's connection (its stream says; a stream
+    that cannot tell is taken as released, so no body stays exempt by mistake)."""
+    held = getattr(ticket.stream, "held", None)
+    return bool(held()) if held is not None else False
 
 
 def _queued_enough(stream: Any, reader: FlowControl | None, need: int) -> bool:

@@ -48,6 +48,7 @@ from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_server import Server
 
+from ._admission import HELD
 from ._chunked import ChunkScanner
 from ._compat import check_internals
 from ._linger import LingeringClose as _LingeringClose
@@ -233,6 +234,9 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         if self._state == BODY:
             body = self._body
             assert body is not None
+            ticket = body.ticket
+            if ticket is not None and ticket.state == HELD:
+                ticket.unhold()  # reading resumed after aiohttp's queue pause
             view = body.slot_view()
             if view is not None:
                 self._into_slot = True
@@ -566,9 +570,17 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------ slots and flow control
     def _admit(self, body: ReceivedBody) -> None:
-        """Admit ``body``'s reservation now, or wait for it in FIFO order (reading paused)."""
+        """Admit ``body``'s reservation now, or wait for it in FIFO order (reading paused).
+
+        When aiohttp paused reading because its queue of pipelined requests is full (see
+        ``_deliver``), the admitted body is held: its deadlines do not run until reading
+        resumes (the next ``get_buffer``, or the admission's periodic check seeing the pause
+        over), since the pause is the server's, not the client's.
+        """
         if not self.slots.admit_now(body):
             self._want_slot(body)
+        elif self._handler._buffer_paused and body.ticket is not None:
+            body.ticket.hold()
 
     def _want_slot(self, body: ReceivedBody) -> None:
         """No admission yet or no slot free: pause reading (while ``body`` still arrives) and

@@ -199,6 +199,11 @@ class _CutNotice:
     def exception(self) -> BaseException | None:
         return None
 
+    def held(self) -> bool:
+        """True while aiohttp's full queue of pipelined requests holds the connection's
+        reading (asked by the admission's periodic check for a held ticket)."""
+        return bool(self.body._conn._handler._buffer_paused)
+
     @property
     def fd(self) -> int:
         """The connection's socket, so the admission can count bytes still in the kernel."""
