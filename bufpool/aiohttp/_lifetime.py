@@ -49,7 +49,9 @@ if TYPE_CHECKING:
     from ._admission import BodyTicket
     from ._body import PooledBody
 
-__all__ = ["OWNED_KEY", "RequestLeases", "make_middleware", "middleware", "owner_of"]
+__all__ = [
+    "OWNED_KEY", "RequestLeases", "make_middleware", "middleware", "owner_of", "settings_of",
+]
 
 log = logging.getLogger("bufpool.aiohttp")
 
@@ -149,15 +151,30 @@ def owner_of(request: web.BaseRequest) -> RequestLeases:
     return _own(request) if owned is None else owned
 
 
-def _own(request: web.BaseRequest) -> RequestLeases:
+def settings_of(request: web.BaseRequest) -> Settings:
+    """The integration's settings for ``request``, without making its RequestLeases.
+
+    NotSetUp when ``setup()`` never saw the application."""
+    state = getattr(request, "_state", None)
+    owned: RequestLeases | None = (
+        state.get(OWNED_KEY) if type(state) is dict else request.get(OWNED_KEY)
+    )
+    return _app_settings(request) if owned is None else owned.settings
+
+
+def _app_settings(request: web.BaseRequest) -> Settings:
     try:
         # The matched app first (one lookup); a sub-application finds its parent's.
-        settings = request.app.get(SETTINGS_KEY) or request.config_dict[SETTINGS_KEY]  # type: ignore[attr-defined]
+        return request.app.get(SETTINGS_KEY) or request.config_dict[SETTINGS_KEY]  # type: ignore[attr-defined,no-any-return]
     except (KeyError, AttributeError):
         raise NotSetUp(
             "bufpool.aiohttp.setup(app, ...) was never called for this request's application "
             "(call it before the application starts)"
         ) from None
+
+
+def _own(request: web.BaseRequest) -> RequestLeases:
+    settings = _app_settings(request)
     task = asyncio.current_task()
     coro = task.get_coro() if task is not None else None
     if HANDLER_CODE is None or getattr(coro, "cr_code", None) is not HANDLER_CODE:

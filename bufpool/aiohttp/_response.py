@@ -31,7 +31,7 @@ from .._lease import Lease, LeaseChain
 from ._admission import Admission
 from ._body import PooledBody
 from ._headers import SUPPORTED as HEADER_REUSE_SUPPORTED
-from ._lifetime import owner_of
+from ._lifetime import OWNED_KEY, owner_of, settings_of
 
 __all__ = ["PooledResponse", "pooled_response"]
 
@@ -42,16 +42,25 @@ class PooledResponse(web.StreamResponse):
     """A StreamResponse that writes the given memoryviews as its body on ``write_eof()``.
 
     The views must stay valid until the response is written: ``pooled_response`` ensures
-    that by letting the request own their leases.  Nothing of the body is written for HEAD
+    that by letting the request own their leases (or, below ``copy_replies_below``, by
+    copying them into one ``bytes``: ``copied``).  Nothing of the body is written for HEAD
     requests and for 1xx/204/304 statuses (Content-Length is still announced).
 
     aiohttp internals used: ``_send_headers_immediately`` (aiohttp >= 3.10; coalesces the
-    headers with the first body piece, a harmless no-op if it goes away) and ``_real_headers``
-    (checked at import, see ``_headers``).
+    headers with the first body piece, a harmless no-op if it goes away), ``_req`` (the
+    request between ``prepare`` and ``write_eof``) and ``_real_headers`` (checked at import,
+    see ``_headers``).
     """
 
     _send_headers_immediately = False  # coalesce the headers with the first body piece
-    _nbytes: int
+    _views: Sequence[memoryview] = ()
+    _nbytes = 0
+    #: The body copied out of the pool (``pooled_response`` below ``copy_replies_below``).
+    _copy: bytes | None = None
+    _was_copied = False
+    #: The application's admission (write deadline); set by ``pooled_response`` for bodies
+    #: sent from pool memory.
+    admission: Admission | None = None
 
     def __init__(
         self,
@@ -65,34 +74,50 @@ class PooledResponse(web.StreamResponse):
             super().__init__(status=status, reason=reason, _real_headers=headers)
         else:
             super().__init__(status=status, reason=reason, headers=headers)
-        self._views: Sequence[memoryview] = views
-        self._bodiless = False
-        #: The application's admission (write deadline); set by ``pooled_response``.
-        self.admission: Admission | None = None
-        self._transport: Any = None
-        self.content_length = self._nbytes = sum(map(len, views))
+        self._views = views
+        self._nbytes = n = sum(map(len, views))
+        # What the content_length setter does, without its checks (new, unchunked response).
+        self._headers[hdrs.CONTENT_LENGTH] = str(n)
 
     @property
     def body_views(self) -> Sequence[memoryview]:
-        """The views still to be written (empty once written)."""
-        return self._views
+        """The views still to be written (empty once written); of the private copy when
+        ``copied``."""
+        data = self._copy
+        return self._views if data is None else (memoryview(data),)
 
-    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        if self._eof_sent:  # aiohttp's own call after the middleware sent it: nothing to do
-            return None
-        # RFC 9110 sections 9.3.2, 15.2, 15.3.5, 15.4.5: no content in these answers.
-        status = self.status
-        self._bodiless = request.method == hdrs.METH_HEAD or status < 200 or status in (204, 304)
-        self._transport = request._protocol.transport
-        return await super().prepare(request)
+    @property
+    def copied(self) -> bool:
+        """True when the body was copied out of the pool and its lease released at once
+        (below ``copy_replies_below``); False when it is sent from pool memory."""
+        return self._was_copied
 
     async def write_eof(self, data: bytes = b"") -> None:
         if self._eof_sent:  # aiohttp's own call after the middleware sent it
             return
+        req = self._req
+        status = self.status
+        # RFC 9110 sections 9.3.2, 15.2, 15.3.5, 15.4.5: no content in these answers.
+        bodiless = req is None or req.method == hdrs.METH_HEAD or status < 200 or status in (
+            204, 304)
+        copy = self._copy
+        if copy is not None:
+            self._copy = None
+            if bodiless:
+                await super().write_eof(data)
+            elif data:
+                await self.write(copy)
+                await super().write_eof(data)
+            else:
+                await super().write_eof(copy)
+            return
         views, self._views = self._views, ()  # a second call writes nothing more
         adm = self.admission
-        transport = self._transport
-        if not views or self._bodiless or adm is None or transport is None:
+        if not views or bodiless or adm is None:
+            await super().write_eof(data)
+            return
+        transport = req.transport  # type: ignore[union-attr]
+        if transport is None:  # the client is gone
             await super().write_eof(data)
             return
         watch = adm.watch_send(transport, self._nbytes)
@@ -124,13 +149,18 @@ def pooled_response(
     content_type: str | None = "application/octet-stream",
     headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
 ) -> PooledResponse:
-    """A response whose body is the bytes of ``body`` (a Lease, LeaseChain or PooledBody),
-    sent from pool memory without a copy.
+    """A response whose body is the bytes of ``body`` (a Lease, LeaseChain or PooledBody).
 
-    The request takes over one reference to ``body``'s memory: do not release it yourself
-    (``retain()`` first if you keep using it).  ``content_type`` is set unless ``headers``
-    already has a Content-Type.
+    A body of ``copy_replies_below`` bytes or more (``setup()``, 16 KiB by default) is sent
+    from pool memory without a copy: the request takes over one reference to its memory and
+    releases it when the request ends.  A smaller body is copied into one ``bytes`` here and
+    that reference released at once (``resp.copied``).  Either way: do not release ``body``
+    yourself, nor use it afterwards (``retain()`` first if you keep using it).
+    ``content_type`` is set unless ``headers`` already has a Content-Type.
     """
+    settings = settings_of(request)
+    if len(body) < settings.copy_replies_below:
+        return _copied(request, body, status, reason, content_type, headers)
     owner = owner_of(request)
     if isinstance(body, PooledBody):
         owned = body.owned
@@ -151,5 +181,37 @@ def pooled_response(
     if content_type is not None and hdrs.CONTENT_TYPE not in real:
         real[hdrs.CONTENT_TYPE] = content_type
     resp = PooledResponse(views, status=status, reason=reason, headers=real)
-    resp.admission = owner.settings.admission
+    resp.admission = settings.admission
+    return resp
+
+
+def _copied(
+    request: web.Request,
+    body: Body,
+    status: int,
+    reason: str | None,
+    content_type: str | None,
+    headers: Mapping[str, str] | Iterable[tuple[str, str]] | None,
+) -> PooledResponse:
+    """``pooled_response`` below the threshold: copy, release now, nothing to track."""
+    data = body.tobytes()
+    if isinstance(body, PooledBody):
+        body.release()  # forgets it (and its admission) if the request owns it
+    else:
+        state = getattr(request, "_state", None)
+        owner = state.get(OWNED_KEY) if type(state) is dict else request.get(OWNED_KEY)
+        if owner is not None:
+            owner.forget(body)  # it may already be the request's (e.g. read_body's lease)
+        body.release()
+    real: CIMultiDict[str] = CIMultiDict() if headers is None else CIMultiDict(headers)
+    if content_type is not None and hdrs.CONTENT_TYPE not in real:
+        real[hdrs.CONTENT_TYPE] = content_type
+    real[hdrs.CONTENT_LENGTH] = str(len(data))
+    resp = PooledResponse.__new__(PooledResponse)
+    if HEADER_REUSE_SUPPORTED:
+        web.StreamResponse.__init__(resp, status=status, reason=reason, _real_headers=real)
+    else:  # pragma: no cover - aiohttp < 3.9.4 copies the map
+        web.StreamResponse.__init__(resp, status=status, reason=reason, headers=real)
+    resp._copy = data
+    resp._was_copied = True
     return resp
