@@ -5,8 +5,8 @@ answering ``n`` bytes of a fixed pattern:
 
 * ``plain``:   ``web.Response(body=PATTERN[:n])`` (a bytes slice, what an aiohttp user writes);
 * ``pooled``:  a pool lease filled with the pattern, ``pooled_response(request, lease)`` with
-  the integration's defaults (small replies copied out, see ``copy_replies_below``);
-* ``zc``:      the same with ``setup(copy_replies_below=0)``: every reply sent zero-copy and watched;
+  the integration's defaults (small replies copied out, see ``copy_replies_upto``);
+* ``zc``:      the same with ``setup(copy_replies_upto=0)``: every reply sent zero-copy and watched;
 * ``copy``:    the same with every reply copied out of the pool (``--modes`` picks among them).
 
 A client subprocess (uvloop, raw sockets, ``--conns`` keep-alive connections, one request in
@@ -88,16 +88,22 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--conns", type=int, default=32)
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     p.add_argument("--modes", default="plain,pooled,zc")
+    p.add_argument("--writelines", action="store_true",
+                   help="let aiohttp hand header + body to transport.writelines() (what it does "
+                        "on Python >= 3.12.9 / 3.13.2) instead of joining them into one bytes")
     return p.parse_args(argv)
 
 
 async def _run(args: argparse.Namespace) -> None:
-    from aiohttp import web
+    from aiohttp import http_writer, web
 
     import bufpool
     import bufpool.aiohttp as bpa
 
-    pattern = bytes((i * 7 + 13) % 251 for i in range(1 << 18))
+    if args.writelines:
+        http_writer.SKIP_WRITELINES = False  # type: ignore[misc]
+    sizes = [int(s) for s in args.sizes.split(",")]
+    pattern = bytes((i * 7 + 13) % 251 for i in range(max(sizes)))
     pview = memoryview(pattern)
 
     async def plain(request: web.Request) -> web.StreamResponse:
@@ -121,9 +127,9 @@ async def _run(args: argparse.Namespace) -> None:
             return app
         kw: dict[str, Any] = {}
         if mode == "zc":
-            kw["copy_replies_below"] = 0
+            kw["copy_replies_upto"] = 0
         elif mode == "copy":
-            kw["copy_replies_below"] = 1 << 40
+            kw["copy_replies_upto"] = 1 << 40
         bpa.setup(app, pool=bufpool.BufferPool(max_bytes=256 << 20, on_exhausted="raise"), **kw)
         app.router.add_get("/r/{n}", pooled)
         return app
@@ -151,8 +157,8 @@ async def _run(args: argparse.Namespace) -> None:
         done = int(await proc.stdout.readline())
         return (time.process_time() - t0) / done * 1e6
 
-    sizes = [int(s) for s in args.sizes.split(",")]
     print(f"python {sys.version.split()[0]}, loop {args.loop}, {args.conns} connections, "
+          f"aiohttp writelines {not http_writer.SKIP_WRITELINES}, "
           f"{args.rounds} rounds; server CPU us/request (median); ratio to plain min..max")
     try:
         for n in sizes:

@@ -65,7 +65,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class RequestLeases:
-    """The pooled memory one request owns; valid until the request ends."""
+    """The pooled memory one request owns; valid until the request ends.
+
+    Calling it (``owned(task)``) is ``close()``: the object itself is the handler task's
+    done-callback, so no bound method is made per request."""
 
     __slots__ = ("body", "header_maps", "headers", "items", "settings", "ticket")
 
@@ -73,8 +76,9 @@ class RequestLeases:
         self.settings = settings
         self.items: list[Lease | LeaseChain] = []
         self.header_maps: HeaderMaps | None = settings.header_maps
-        #: Header maps lent to this request's responses, returned at the end.
-        self.headers: list[CIMultiDict[str]] = []
+        #: Header maps lent to this request's responses, returned at the end (made on the
+        #: first loan).
+        self.headers: list[CIMultiDict[str]] | None = None
         #: What ``read_body`` returned, so that a second call returns the same body.
         self.body: PooledBody | None = None
         #: The body's admission into the budget, released with the body's memory.
@@ -101,32 +105,45 @@ class RequestLeases:
                 del items[i]
                 return
 
+    def lend(self, headers: CIMultiDict[str]) -> None:
+        """Record a header map from ``header_maps``, given back when the request ends."""
+        if self.headers is None:
+            self.headers = [headers]
+        else:
+            self.headers.append(headers)
+
     def close(self, task: asyncio.Task[Any] | None = None) -> None:
         """Release everything still held; keeps going past errors and re-raises the first.
 
         Also the done-callback of the request's handler task (``task``): an error then goes
         to the loop's exception handler, like any callback's."""
-        items, self.items = self.items, []
         self.body = None  # it refers back to the request: break the cycle
+        items = self.items
         first: BaseException | None = None
-        for item in items:
-            if item.released:
-                continue
-            try:
-                item.release()
-            except BaseException as exc:  # keep releasing the rest
-                first = first or exc
-        maps = self.header_maps
-        if maps is not None:
-            for headers in self.headers:
-                maps.give(headers)
-        self.headers = []
+        if items:
+            self.items = []
+            for item in items:
+                if item.released:
+                    continue
+                try:
+                    item.release()
+                except BaseException as exc:  # keep releasing the rest
+                    first = first or exc
+        lent = self.headers
+        if lent is not None:
+            self.headers = None
+            maps = self.header_maps
+            if maps is not None:
+                for headers in lent:
+                    maps.give(headers)
         ticket = self.ticket
         if ticket is not None:
             self.ticket = None
             ticket.adm.release(ticket)
         if first is not None:
             raise first
+
+    __call__ = close
 
 
 #: Request-dict key of the request's RequestLeases: a typed ``web.RequestKey`` where aiohttp
@@ -187,7 +204,7 @@ def _own(request: web.BaseRequest) -> RequestLeases:
     owned = RequestLeases(settings)
     request[OWNED_KEY] = owned
     assert task is not None
-    task.add_done_callback(owned.close)
+    task.add_done_callback(owned)  # calls owned.close(task)
     return owned
 
 
@@ -220,7 +237,7 @@ def make_middleware(settings: Settings | None = None) -> Middleware:
                 except ConnectionError:
                     # Client gone; aiohttp meets the same error and drops the connection, but
                     # may still read the headers: never lend these maps again.
-                    owned.headers.clear()
+                    owned.headers = None
             return resp
         finally:
             owned.close()

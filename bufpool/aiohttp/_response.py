@@ -1,30 +1,36 @@
-"""Responses whose body is sent straight from pool memory: ``pooled_response``.
+"""Responses whose body comes from pool memory: ``pooled_response``.
 
-The body's memoryviews are written to aiohttp's payload writer one by one (a LeaseChain is
-streamed, never joined); the headers go out with the first piece in one transport write.
-Content-Length is always set.  Header maps are taken from the application's free list when
-reuse is on (see ``_headers``).
+Small bodies (at most ``copy_replies_upto`` bytes, 64 KiB by default) are copied into one
+``bytes`` when the response is made and their lease goes back to the pool at once: the reply
+then costs what a plain ``web.Response`` costs (no per-request lifetime tracking, no write
+deadline, no header-map loan), and the copy is cheaper than that tracking up to about one
+largest-class slot (docs/aiohttp.md, "Performance").
 
-Lifetime: the request takes over one reference to the lease or chain and releases it when the
-request ends, after the middleware has written the response; views a transport still queues
-keep the slot quarantined until they die (the core promise), so nothing is overwritten early.
-A PooledResponse is valid until its request ends.
+Larger bodies are sent from pool memory without a copy: the memoryviews are written to
+aiohttp's payload writer one by one (a LeaseChain is streamed, never joined); the headers go
+out with the first piece in one transport write.  Content-Length is always set.  Header maps
+are taken from the application's free list when reuse is on (see ``_headers``).
 
-Write deadline: while its body is written, and afterwards while the transport still queues
-part of it, the reply is watched by the application's admission (``send_timeout``, nginx's
-``send_timeout``: no write progress for that long aborts the connection, and the slots come
-back once the transport dropped its views); under memory pressure a stalled reply is aborted
-sooner (``preempt_idle``).  ``admission_stats(app).reply_bytes_pinned`` shows what unsent
-replies hold.
+Lifetime of a zero-copy body: the request takes over one reference to the lease or chain and
+releases it when the request ends, after the response was written; views a transport still
+queues keep the slot quarantined until they die (the core promise), so nothing is overwritten
+early.  A PooledResponse is valid until its request ends.
+
+Write deadline of a zero-copy body: while it is written, and afterwards while the transport
+still queues part of it, the reply is watched by the application's admission
+(``send_timeout``, nginx's ``send_timeout``: no write progress for that long aborts the
+connection, and the slots come back once the transport dropped its views); under memory
+pressure a stalled reply is aborted sooner (``preempt_idle``).
+``admission_stats(app).reply_bytes_pinned`` shows what unsent replies hold.  A copied body
+holds no pool memory; like a plain ``web.Response``, it is bounded by aiohttp's own write
+flow control only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 from aiohttp import hdrs, web
-from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 
 from .._lease import Lease, LeaseChain
@@ -42,7 +48,7 @@ class PooledResponse(web.StreamResponse):
     """A StreamResponse that writes the given memoryviews as its body on ``write_eof()``.
 
     The views must stay valid until the response is written: ``pooled_response`` ensures
-    that by letting the request own their leases (or, below ``copy_replies_below``, by
+    that by letting the request own their leases (or, up to ``copy_replies_upto``, by
     copying them into one ``bytes``: ``copied``).  Nothing of the body is written for HEAD
     requests and for 1xx/204/304 statuses (Content-Length is still announced).
 
@@ -55,7 +61,7 @@ class PooledResponse(web.StreamResponse):
     _send_headers_immediately = False  # coalesce the headers with the first body piece
     _views: Sequence[memoryview] = ()
     _nbytes = 0
-    #: The body copied out of the pool (``pooled_response`` below ``copy_replies_below``).
+    #: The body copied out of the pool (``pooled_response`` up to ``copy_replies_upto``).
     _copy: bytes | None = None
     _was_copied = False
     #: The application's admission (write deadline); set by ``pooled_response`` for bodies
@@ -89,7 +95,7 @@ class PooledResponse(web.StreamResponse):
     @property
     def copied(self) -> bool:
         """True when the body was copied out of the pool and its lease released at once
-        (below ``copy_replies_below``); False when it is sent from pool memory."""
+        (up to ``copy_replies_upto``); False when it is sent from pool memory."""
         return self._was_copied
 
     async def write_eof(self, data: bytes = b"") -> None:
@@ -151,15 +157,16 @@ def pooled_response(
 ) -> PooledResponse:
     """A response whose body is the bytes of ``body`` (a Lease, LeaseChain or PooledBody).
 
-    A body of ``copy_replies_below`` bytes or more (``setup()``, 16 KiB by default) is sent
-    from pool memory without a copy: the request takes over one reference to its memory and
-    releases it when the request ends.  A smaller body is copied into one ``bytes`` here and
-    that reference released at once (``resp.copied``).  Either way: do not release ``body``
-    yourself, nor use it afterwards (``retain()`` first if you keep using it).
+    A body of at most ``copy_replies_upto`` bytes (``setup()``, 64 KiB by default) is copied
+    into one ``bytes`` here and one reference to its memory released at once
+    (``resp.copied``).  A larger body is sent from pool memory without a copy: the request
+    takes over one reference and releases it when the request ends.  Either way: do not
+    release ``body`` yourself, nor use it afterwards (``retain()`` first if you keep using
+    it).
     ``content_type`` is set unless ``headers`` already has a Content-Type.
     """
     settings = settings_of(request)
-    if len(body) < settings.copy_replies_below:
+    if len(body) <= settings.copy_replies_upto:
         return _copied(request, body, status, reason, content_type, headers)
     owner = owner_of(request)
     if isinstance(body, PooledBody):
@@ -173,7 +180,7 @@ def pooled_response(
     maps = owner.header_maps
     if maps is not None:
         real = maps.take()
-        owner.headers.append(real)
+        owner.lend(real)
     else:
         real = CIMultiDict()
     if headers is not None:

@@ -1,0 +1,117 @@
+"""``pooled_response`` below and above ``copy_replies_upto`` on a real server (both loops).
+
+Up to the threshold (64 KiB by default) the body is copied when the response is made and its
+lease is back in the pool before anything is sent: a slot reused and overwritten right then
+does not change the reply, and the request keeps no lifetime record.  Above it (or with
+``copy_replies_upto=0``) the body is sent from pool memory: the lease stays out until the
+request ends and the reply is watched by the write deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+import bufpool
+import bufpool.aiohttp as bpa
+from bufpool.aiohttp._lifetime import OWNED_KEY
+from tests._helpers_aiohttp import (
+    assert_drained,
+    fill_pattern,
+    lease_for,
+    make_app,
+    make_pool,
+    pattern,
+    raw_connect,
+    read_response,
+    scribble,
+    served,
+    views_of,
+    wait_for,
+)
+
+KiB = 1024
+
+
+def _reply_app(pool: bufpool.BufferPool, seen: list[dict[str, Any]], **setup_kw: Any
+               ) -> web.Application:
+    app = make_app(pool, **setup_kw)
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        n = int(request.match_info["n"])
+        if "slow" in request.query:  # keep what the client does not read in the transport
+            sock = request.transport.get_extra_info("socket")  # type: ignore[union-attr]
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        owned = lease_for(pool, n)
+        fill_pattern(views_of(owned))
+        in_use = pool.stats().in_use
+        resp = bpa.pooled_response(request, owned)
+        seen.append({
+            "copied": resp.copied,
+            "returned": pool.stats().in_use == in_use - len(views_of_any(owned)),
+            "tracked": OWNED_KEY in request,
+            "views": len(resp.body_views),
+        })
+        if resp.copied:
+            scribble(pool)  # fresh leases of every class (the slot just left too) get 0xFF
+        return resp
+
+    app.router.add_get("/reply/{n}", reply)
+    return app
+
+
+def views_of_any(owned: bufpool.Lease | bufpool.LeaseChain) -> list[Any]:
+    return [owned] if isinstance(owned, bufpool.Lease) else list(owned.leases)
+
+
+@pytest.mark.asyncio
+async def test_small_reply_is_copied_and_its_lease_back_before_the_reply_is_sent() -> None:
+    pool = make_pool()
+    seen: list[dict[str, Any]] = []
+    app = _reply_app(pool, seen)
+    async with served(app) as client:
+        for n in (0, 1, 4 * KiB, 16 * KiB, 64 * KiB):
+            r = await client.get(f"/reply/{n}")
+            assert r.status == 200
+            assert r.headers["Content-Length"] == str(n)
+            assert await r.read() == pattern(n)  # the slot was overwritten after the copy
+        head = await client.head("/reply/4096")
+        assert head.status == 200 and head.headers["Content-Length"] == "4096"
+        assert await head.read() == b""
+    assert [s["copied"] for s in seen] == [True] * 6
+    assert all(s["returned"] for s in seen), seen  # back in the pool inside the handler
+    assert not any(s["tracked"] for s in seen), seen  # no per-request lifetime record
+    assert bpa.admission_stats(app).replies_sending == 0
+    await assert_drained(pool)
+
+
+@pytest.mark.asyncio
+async def test_large_reply_stays_zero_copy_and_watched_until_the_client_reads() -> None:
+    """A reply above the threshold keeps its slots until sent; while a client does not read
+    it, the admission sees it (the write deadline covers it) and its bytes are pinned."""
+    pool = make_pool()
+    seen: list[dict[str, Any]] = []
+    app = _reply_app(pool, seen)
+    size = 64 * KiB + 1
+
+    async with served(app) as client:
+        reader, writer = await raw_connect(client.port, rcvbuf=4096)  # type: ignore[arg-type]
+        writer.write(f"GET /reply/{4 * size}?slow=1 HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        assert await wait_for(lambda: bpa.admission_stats(app).reply_bytes_pinned > 0)
+        assert bpa.admission_stats(app).replies_sending == 1
+        status, _h, body = await asyncio.wait_for(read_response(reader), 10)
+        writer.close()
+        assert status == 200 and body == pattern(4 * size)
+        r = await client.get(f"/reply/{size}")
+        assert await r.read() == pattern(size)
+        # both sent: the watches go (the next deadline check drops a drained reply)
+        assert await wait_for(lambda: bpa.admission_stats(app).replies_sending == 0)
+    assert [s["copied"] for s in seen] == [False, False]
+    assert not any(s["returned"] for s in seen), seen  # still out after pooled_response
+    assert all(s["tracked"] for s in seen), seen
+    assert seen[1]["views"] == 2  # a 64 KiB + 1 body: a chain of two slots, not joined
+    await assert_drained(pool)
