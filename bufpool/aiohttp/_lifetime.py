@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from ._body import PooledBody
 
 __all__ = [
-    "OWNED_KEY", "RequestLeases", "make_middleware", "middleware", "owner_of", "settings_of",
+    "OWNED_KEY", "RequestLeases", "app_settings", "make_middleware", "middleware", "owner_of",
 ]
 
 log = logging.getLogger("bufpool.aiohttp")
@@ -168,18 +168,9 @@ def owner_of(request: web.BaseRequest) -> RequestLeases:
     return _own(request) if owned is None else owned
 
 
-def settings_of(request: web.BaseRequest) -> Settings:
-    """The integration's settings for ``request``, without making its RequestLeases.
-
-    NotSetUp when ``setup()`` never saw the application."""
-    state = getattr(request, "_state", None)
-    owned: RequestLeases | None = (
-        state.get(OWNED_KEY) if type(state) is dict else request.get(OWNED_KEY)
-    )
-    return _app_settings(request) if owned is None else owned.settings
-
-
-def _app_settings(request: web.BaseRequest) -> Settings:
+def app_settings(request: web.BaseRequest) -> Settings:
+    """The settings ``setup()`` stored on the request's application (or a parent); NotSetUp
+    when there are none."""
     try:
         # The matched app first (one lookup); a sub-application finds its parent's.
         return request.app.get(SETTINGS_KEY) or request.config_dict[SETTINGS_KEY]  # type: ignore[attr-defined,no-any-return]
@@ -191,7 +182,7 @@ def _app_settings(request: web.BaseRequest) -> Settings:
 
 
 def _own(request: web.BaseRequest) -> RequestLeases:
-    settings = _app_settings(request)
+    settings = app_settings(request)
     task = asyncio.current_task()
     coro = task.get_coro() if task is not None else None
     if HANDLER_CODE is None or getattr(coro, "cr_code", None) is not HANDLER_CODE:

@@ -37,7 +37,7 @@ from .._lease import Lease, LeaseChain
 from ._admission import Admission
 from ._body import PooledBody
 from ._headers import SUPPORTED as HEADER_REUSE_SUPPORTED
-from ._lifetime import OWNED_KEY, owner_of, settings_of
+from ._lifetime import OWNED_KEY, RequestLeases, app_settings, owner_of
 
 __all__ = ["PooledResponse", "pooled_response"]
 
@@ -165,10 +165,15 @@ def pooled_response(
     it).
     ``content_type`` is set unless ``headers`` already has a Content-Type.
     """
-    settings = settings_of(request)
+    state = getattr(request, "_state", None)  # the request's dict (no KeyError per request)
+    owner: RequestLeases | None = (
+        state.get(OWNED_KEY) if type(state) is dict else request.get(OWNED_KEY)
+    )
+    settings = app_settings(request) if owner is None else owner.settings
     if len(body) <= settings.copy_replies_upto:
-        return _copied(request, body, status, reason, content_type, headers)
-    owner = owner_of(request)
+        return _copied(owner, body, status, reason, content_type, headers)
+    if owner is None:
+        owner = owner_of(request)
     if isinstance(body, PooledBody):
         owned = body.owned
         views = body.views()
@@ -193,7 +198,7 @@ def pooled_response(
 
 
 def _copied(
-    request: web.Request,
+    owner: RequestLeases | None,
     body: Body,
     status: int,
     reason: str | None,
@@ -205,8 +210,6 @@ def _copied(
     if isinstance(body, PooledBody):
         body.release()  # forgets it (and its admission) if the request owns it
     else:
-        state = getattr(request, "_state", None)
-        owner = state.get(OWNED_KEY) if type(state) is dict else request.get(OWNED_KEY)
         if owner is not None:
             owner.forget(body)  # it may already be the request's (e.g. read_body's lease)
         body.release()
