@@ -115,3 +115,76 @@ async def test_large_reply_stays_zero_copy_and_watched_until_the_client_reads() 
     assert all(s["tracked"] for s in seen), seen
     assert seen[1]["views"] == 2  # a 64 KiB + 1 body: a chain of two slots, not joined
     await assert_drained(pool)
+
+
+@pytest.mark.asyncio
+async def test_copy_replies_upto_zero_sends_even_small_replies_from_pool_memory() -> None:
+    pool = make_pool()
+    seen: list[dict[str, Any]] = []
+    app = _reply_app(pool, seen, copy_replies_upto=0)
+    async with served(app) as client:
+        for n in (1, 4 * KiB):
+            r = await client.get(f"/reply/{n}")
+            assert await r.read() == pattern(n)
+    assert [(s["copied"], s["returned"], s["tracked"]) for s in seen] == [(False, False, True)] * 2
+    await assert_drained(pool)
+
+
+@pytest.mark.asyncio
+async def test_echoed_small_body_and_its_admission_are_released_when_the_reply_is_made() -> None:
+    """An uploaded body sent back below the threshold: its lease and its share of the body
+    budget are given back by ``pooled_response`` itself, before the reply is written."""
+    pool = make_pool()
+    app = make_app(pool)
+    after: list[tuple[bool, int, int]] = []
+
+    async def echo_now(request: web.Request) -> web.StreamResponse:
+        body = await bpa.read_body(request)
+        resp = bpa.pooled_response(request, body, status=201)
+        stats = bpa.admission_stats(request.app)
+        after.append((body.released, stats.bodies, stats.reserved_bytes))
+        return resp
+
+    app.router.add_post("/echo-now", echo_now)
+    async with served(app) as client:
+        for n in (10, 5000, 64 * KiB):
+            data = bytes(range(256)) * (n // 256) + bytes(n % 256)
+            r = await client.post("/echo-now", data=data)
+            assert r.status == 201 and await r.read() == data
+        r = await client.post("/echo-now", data=b"")
+        assert r.status == 201 and await r.read() == b""
+    assert after == [(True, 0, 0)] * 4
+    await assert_drained(pool)
+
+
+@pytest.mark.asyncio
+async def test_copied_reply_with_a_bodiless_status_sends_no_body() -> None:
+    pool = make_pool()
+    app = make_app(pool)
+
+    async def not_modified(request: web.Request) -> web.StreamResponse:
+        lease = pool.acquire(100)
+        lease.view[:] = b"x" * 100
+        resp = bpa.pooled_response(request, lease, status=int(request.match_info["s"]))
+        assert resp.copied
+        return resp
+
+    app.router.add_get("/status/{s}", not_modified)
+    async with served(app) as client:
+        reader, writer = await raw_connect(client.port)  # type: ignore[arg-type]
+        for s in (204, 304):
+            # a body after these would be read as the start of the next response
+            writer.write(f"GET /status/{s} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(f"HTTP/1.1 {s}".encode())
+        writer.write(b"GET /bytes/7 HTTP/1.1\r\nHost: t\r\n\r\n")
+        status, _h, body = await asyncio.wait_for(read_response(reader), 10)
+        assert (status, body) == (200, pattern(7))
+        writer.close()
+    await assert_drained(pool)
+
+
+def test_copy_replies_upto_must_be_a_byte_count() -> None:
+    for bad in (-1, 1.5, "4k"):
+        with pytest.raises(ValueError, match="copy_replies_upto"):
+            bpa.setup(web.Application(), copy_replies_upto=bad)  # type: ignore[arg-type]
