@@ -188,3 +188,37 @@ def test_copy_replies_upto_must_be_a_byte_count() -> None:
     for bad in (-1, 1.5, "4k"):
         with pytest.raises(ValueError, match="copy_replies_upto"):
             bpa.setup(web.Application(), copy_replies_upto=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_chain_reply_counts_every_byte_it_sends() -> None:
+    """A chain of 5 slots: on uvloop its middle slots go to the transport in one
+    ``writelines()`` past aiohttp's writer, which must still count them (Content-Length
+    bookkeeping, the access log's body length); the bytes arrive intact while the pool
+    churns."""
+    pool = make_pool()
+    app = make_app(pool)
+    sent: list[web.StreamResponse] = []
+    n = 4 * 64 * KiB + 123
+
+    async def chain(request: web.Request) -> web.StreamResponse:
+        owned = pool.acquire_chain(n)
+        fill_pattern(owned.views())
+        resp = bpa.pooled_response(request, owned)
+        assert not resp.copied and len(resp.body_views) == 5
+        sent.append(resp)
+        return resp
+
+    app.router.add_get("/chain", chain)
+    async with served(app) as client:
+        reader, writer = await raw_connect(client.port)  # type: ignore[arg-type]
+        for _ in range(3):
+            writer.write(b"GET /chain HTTP/1.1\r\nHost: t\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            scribble(pool)
+            body = await asyncio.wait_for(reader.readexactly(n), 10)
+            assert body == pattern(n)
+            assert await wait_for(lambda: sent[-1].body_length > 0)
+            assert sent[-1].body_length == len(head) + n
+        writer.close()
+    await assert_drained(pool)

@@ -29,8 +29,9 @@ flow control only.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final
 
-from aiohttp import hdrs, web
+from aiohttp import hdrs, http_writer, web
 from multidict import CIMultiDict
 
 from .._lease import Lease, LeaseChain
@@ -135,15 +136,59 @@ class PooledResponse(web.StreamResponse):
                 # aiohttp annotates bytes but accepts (and asserts) bytes, bytearray, memoryview.
                 await super().write_eof(views[0])  # type: ignore[arg-type]
                 return
-            for view in views:
-                await self.write(view)
-                watch.written += len(view)
+            writer = self._payload_writer
+            if len(views) > 2 and _hands_lines(writer, transport):
+                # Headers and the first slot through aiohttp, the middle slots in one
+                # transport.writelines() (one writev, not one send per slot), then the last
+                # slot through aiohttp again: as with one write() per slot, the request
+                # waits while the transport is over its high-water mark and ends with at
+                # most about one slot still queued.  The transport keeps views of what it
+                # cannot send at once (the quarantine covers them).
+                first, last = views[0], views[-1]
+                await self.write(first)
+                watch.written = len(first)
+                if transport.is_closing():
+                    raise ConnectionResetError("Cannot write to closing transport")
+                middle = self._nbytes - len(first) - len(last)
+                transport.writelines(views[1:-1])
+                # What aiohttp's own write() would have counted (access log, Content-Length).
+                writer.output_size += middle  # type: ignore[union-attr]
+                writer.length -= middle  # type: ignore[operator, union-attr]
+                watch.written += middle
+                await writer.drain()  # type: ignore[union-attr]
+                await self.write(last)
+                watch.written = self._nbytes
+            else:
+                for view in views:
+                    await self.write(view)
+                    watch.written += len(view)
             await super().write_eof(data)
         finally:
             # Watched until the transport drained what it still queues (or the deadline).
             watch.finished = True
             if not transport.get_write_buffer_size():  # all sent (or the transport closed)
                 adm.sends.discard(watch)
+
+
+#: aiohttp itself hands buffers to ``transport.writelines()`` (Python >= 3.12.9 / 3.13.2, where
+#: asyncio's own writelines is fixed); uvloop's transports are always fine.
+_WRITELINES_SAFE: Final = not getattr(http_writer, "SKIP_WRITELINES", True)
+
+
+def _hands_lines(writer: Any, transport: Any) -> bool:
+    """True when the rest of a chain may go to ``transport.writelines()`` directly: aiohttp's
+    plain StreamWriter with nothing between ``write()`` and the transport (no compression,
+    chunking, chunk signal or body-write hook) and a transport whose writelines keeps
+    memoryviews correctly.  Any attribute missing (another aiohttp): False."""
+    return (
+        type(writer) is http_writer.StreamWriter
+        and getattr(writer, "_compress", True) is None
+        and getattr(writer, "_on_chunk_sent", True) is None
+        and getattr(writer, "on_body_write", None) is None
+        and writer.chunked is False
+        and isinstance(writer.length, int)
+        and (_WRITELINES_SAFE or type(transport).__module__.startswith("uvloop"))
+    )
 
 
 def pooled_response(
