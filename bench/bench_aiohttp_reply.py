@@ -7,13 +7,17 @@ answering ``n`` bytes of a fixed pattern:
 * ``pooled``:  a pool lease filled with the pattern, ``pooled_response(request, lease)`` with
   the integration's defaults (small replies copied out, see ``copy_replies_upto``);
 * ``zc``:      the same with ``setup(copy_replies_upto=0)``: every reply sent zero-copy and watched;
-* ``copy``:    the same with every reply copied out of the pool (``--modes`` picks among them).
+* ``copy``:    the same with every reply copied out of the pool;
+* ``zcloop``:  ``zc`` with a chain written one aiohttp ``write()`` per slot (no
+  ``transport.writelines()`` for the middle slots; ``--modes`` picks among them all).
 
 A client subprocess (uvloop, raw sockets, ``--conns`` keep-alive connections, one request in
 flight per connection) drives one app at a time, A B C A B C ..., so drift hits all alike.
 Measured in the server: ``time.process_time()`` over ``--requests`` requests (the client's
 CPU is not in it), divided per request.  Each line prints the median us/request of every
-mode and the min..max over rounds of the per-round ratio to plain.
+mode and the min..max over rounds of the per-round ratio to plain, then the young-generation
+garbage collections the server ran per 1000 requests (``gc.get_stats()``; a request that
+keeps more tracked objects alive triggers them more often).
 
     python bench/bench_aiohttp_reply.py                   # 5 rounds, 1/4/16/64/256 KiB
     python bench/bench_aiohttp_reply.py --rounds 9 --sizes 4096 --loop asyncio
@@ -99,6 +103,7 @@ async def _run(args: argparse.Namespace) -> None:
 
     import bufpool
     import bufpool.aiohttp as bpa
+    from bufpool.aiohttp import _response
 
     if args.writelines:
         http_writer.SKIP_WRITELINES = False  # type: ignore[misc]
@@ -126,7 +131,7 @@ async def _run(args: argparse.Namespace) -> None:
             app.router.add_get("/r/{n}", plain)
             return app
         kw: dict[str, Any] = {}
-        if mode == "zc":
+        if mode in ("zc", "zcloop"):
             kw["copy_replies_upto"] = 0
         elif mode == "copy":
             kw["copy_replies_upto"] = 1 << 40
@@ -149,13 +154,27 @@ async def _run(args: argparse.Namespace) -> None:
         )
     gc.freeze()
 
+    young: dict[str, list[float]] = {}
+    # zcloop: zc with a chain's slots written one aiohttp write() each (no writelines)
+    lines_on = [True]
+    hands_lines = _response._hands_lines
+
+    def switched(writer: Any, transport: Any) -> bool:
+        return lines_on[0] and hands_lines(writer, transport)
+
+    _response._hands_lines = switched  # type: ignore[assignment]
+
     async def measure(mode: str, n: int, count: int) -> float:
         proc = clients[mode]
         assert proc.stdin is not None and proc.stdout is not None
+        lines_on[0] = mode != "zcloop"
+        g0 = gc.get_stats()[0]["collections"]
         t0 = time.process_time()
         proc.stdin.write(f"/r/{n} {count}\n".encode())
         done = int(await proc.stdout.readline())
-        return (time.process_time() - t0) / done * 1e6
+        cpu = (time.process_time() - t0) / done * 1e6
+        young.setdefault(mode, []).append((gc.get_stats()[0]["collections"] - g0) * 1000 / done)
+        return cpu
 
     print(f"python {sys.version.split()[0]}, loop {args.loop}, {args.conns} connections, "
           f"aiohttp writelines {not http_writer.SKIP_WRITELINES}, "
@@ -182,6 +201,9 @@ async def _run(args: argparse.Namespace) -> None:
                              f"({min(ratios):.3f}..{max(ratios):.3f}) "
                              f"+{statistics.median(diffs):.2f} us")
             print(line, flush=True)
+            print("          young GC collections per 1000 requests: " + "  ".join(
+                f"{m} {statistics.median(young[m]):.1f}" for m in modes), flush=True)
+            young.clear()
     finally:
         for proc in clients.values():
             assert proc.stdin is not None
