@@ -29,7 +29,7 @@ flow control only.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any
 
 from aiohttp import hdrs, http_writer, web
 from multidict import CIMultiDict
@@ -170,11 +170,6 @@ class PooledResponse(web.StreamResponse):
                 adm.sends.discard(watch)
 
 
-#: aiohttp itself hands buffers to ``transport.writelines()`` (Python >= 3.12.9 / 3.13.2, where
-#: asyncio's own writelines is fixed); uvloop's transports are always fine.
-_WRITELINES_SAFE: Final = not getattr(http_writer, "SKIP_WRITELINES", True)
-
-
 def _hands_lines(writer: Any, transport: Any) -> bool:
     """True when the rest of a chain may go to ``transport.writelines()`` directly: aiohttp's
     plain StreamWriter with nothing between ``write()`` and the transport (no compression,
@@ -187,7 +182,10 @@ def _hands_lines(writer: Any, transport: Any) -> bool:
         and getattr(writer, "on_body_write", None) is None
         and writer.chunked is False
         and isinstance(writer.length, int)
-        and (_WRITELINES_SAFE or type(transport).__module__.startswith("uvloop"))
+        # aiohttp's own verdict (it uses writelines on Python >= 3.12.9 / 3.13.2, where
+        # asyncio's is fixed), read per call like aiohttp does; uvloop's is always fine.
+        and (not getattr(http_writer, "SKIP_WRITELINES", True)
+             or type(transport).__module__.startswith("uvloop"))
     )
 
 
