@@ -52,7 +52,7 @@ def _reply_app(pool: bufpool.BufferPool, seen: list[dict[str, Any]], **setup_kw:
         resp = bpa.pooled_response(request, owned)
         seen.append({
             "copied": resp.copied,
-            "returned": pool.stats().in_use == in_use - len(views_of_any(owned)),
+            "returned": pool.stats().in_use == in_use - len(_leases_of(owned)),
             "tracked": OWNED_KEY in request,
             "views": len(resp.body_views),
         })
@@ -64,7 +64,7 @@ def _reply_app(pool: bufpool.BufferPool, seen: list[dict[str, Any]], **setup_kw:
     return app
 
 
-def views_of_any(owned: bufpool.Lease | bufpool.LeaseChain) -> list[Any]:
+def _leases_of(owned: bufpool.Lease | bufpool.LeaseChain) -> list[Any]:
     return [owned] if isinstance(owned, bufpool.Lease) else list(owned.leases)
 
 
