@@ -120,8 +120,14 @@ async def pooled_echo(request: web.Request) -> web.StreamResponse:
 
 
 def _pattern_lease(request: web.Request, n: int) -> bufpool.Lease | bufpool.LeaseChain:
+    """``n`` bytes of the pattern in pool memory: one lease up to the largest class, else a
+    chain.  (``pooled_response`` copies replies up to 64 KiB and frees the lease at once.)"""
     pool = request.app[bpa.POOL_KEY]
     try:
+        if n <= pool.classes[-1] and n <= _PATTERN_LEN:  # the common case: one slot, one copy
+            lease = pool.acquire(n)
+            lease.view[:] = _PATTERN_VIEW[:n]
+            return lease
         owned = pool.acquire(n) if n <= pool.classes[-1] else pool.acquire_chain(n)
     except bufpool.PoolExhausted as exc:
         raise web.HTTPServiceUnavailable(headers={"Retry-After": "1"}, text=str(exc)) from None

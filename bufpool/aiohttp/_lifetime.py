@@ -31,6 +31,7 @@ done-callback; releases are O(leases held).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
@@ -49,7 +50,9 @@ if TYPE_CHECKING:
     from ._admission import BodyTicket
     from ._body import PooledBody
 
-__all__ = ["OWNED_KEY", "RequestLeases", "make_middleware", "middleware", "owner_of"]
+__all__ = [
+    "OWNED_KEY", "RequestLeases", "app_settings", "make_middleware", "middleware", "owner_of",
+]
 
 log = logging.getLogger("bufpool.aiohttp")
 
@@ -63,7 +66,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class RequestLeases:
-    """The pooled memory one request owns; valid until the request ends."""
+    """The pooled memory one request owns; valid until the request ends.
+
+    Calling it (``owned(task)``) is ``close()``: the object itself is the handler task's
+    done-callback, so no bound method is made per request."""
 
     __slots__ = ("body", "header_maps", "headers", "items", "settings", "ticket")
 
@@ -71,8 +77,9 @@ class RequestLeases:
         self.settings = settings
         self.items: list[Lease | LeaseChain] = []
         self.header_maps: HeaderMaps | None = settings.header_maps
-        #: Header maps lent to this request's responses, returned at the end.
-        self.headers: list[CIMultiDict[str]] = []
+        #: Header maps lent to this request's responses, returned at the end (made on the
+        #: first loan).
+        self.headers: list[CIMultiDict[str]] | None = None
         #: What ``read_body`` returned, so that a second call returns the same body.
         self.body: PooledBody | None = None
         #: The body's admission into the budget, released with the body's memory.
@@ -99,32 +106,45 @@ class RequestLeases:
                 del items[i]
                 return
 
+    def lend(self, headers: CIMultiDict[str]) -> None:
+        """Record a header map from ``header_maps``, given back when the request ends."""
+        if self.headers is None:
+            self.headers = [headers]
+        else:
+            self.headers.append(headers)
+
     def close(self, task: asyncio.Task[Any] | None = None) -> None:
         """Release everything still held; keeps going past errors and re-raises the first.
 
         Also the done-callback of the request's handler task (``task``): an error then goes
         to the loop's exception handler, like any callback's."""
-        items, self.items = self.items, []
         self.body = None  # it refers back to the request: break the cycle
+        items = self.items
         first: BaseException | None = None
-        for item in items:
-            if item.released:
-                continue
-            try:
-                item.release()
-            except BaseException as exc:  # keep releasing the rest
-                first = first or exc
-        maps = self.header_maps
-        if maps is not None:
-            for headers in self.headers:
-                maps.give(headers)
-        self.headers = []
+        if items:
+            self.items = []
+            for item in items:
+                if item.released:
+                    continue
+                try:
+                    item.release()
+                except BaseException as exc:  # keep releasing the rest
+                    first = first or exc
+        lent = self.headers
+        if lent is not None:
+            self.headers = None
+            maps = self.header_maps
+            if maps is not None:
+                for headers in lent:
+                    maps.give(headers)
         ticket = self.ticket
         if ticket is not None:
             self.ticket = None
             ticket.adm.release(ticket)
         if first is not None:
             raise first
+
+    __call__ = close
 
 
 #: Request-dict key of the request's RequestLeases: a typed ``web.RequestKey`` where aiohttp
@@ -134,6 +154,10 @@ OWNED_KEY: Final[Any] = (
     if hasattr(web, "RequestKey")
     else "bufpool.aiohttp.owned"
 )
+
+
+#: The context the task-lifetime releases run in (see ``_own``).
+_RELEASE_CONTEXT: Final = contextvars.Context()
 
 
 def owner_of(request: web.BaseRequest) -> RequestLeases:
@@ -149,15 +173,21 @@ def owner_of(request: web.BaseRequest) -> RequestLeases:
     return _own(request) if owned is None else owned
 
 
-def _own(request: web.BaseRequest) -> RequestLeases:
+def app_settings(request: web.BaseRequest) -> Settings:
+    """The settings ``setup()`` stored on the request's application (or a parent); NotSetUp
+    when there are none."""
     try:
         # The matched app first (one lookup); a sub-application finds its parent's.
-        settings = request.app.get(SETTINGS_KEY) or request.config_dict[SETTINGS_KEY]  # type: ignore[attr-defined]
+        return request.app.get(SETTINGS_KEY) or request.config_dict[SETTINGS_KEY]  # type: ignore[attr-defined,no-any-return]
     except (KeyError, AttributeError):
         raise NotSetUp(
             "bufpool.aiohttp.setup(app, ...) was never called for this request's application "
             "(call it before the application starts)"
         ) from None
+
+
+def _own(request: web.BaseRequest) -> RequestLeases:
+    settings = app_settings(request)
     task = asyncio.current_task(getattr(request, "_loop", None))  # (no getpid() per request)
     coro = task.get_coro() if task is not None else None
     if HANDLER_CODE is None or getattr(coro, "cr_code", None) is not HANDLER_CODE:
@@ -170,7 +200,9 @@ def _own(request: web.BaseRequest) -> RequestLeases:
     owned = RequestLeases(settings)
     request[OWNED_KEY] = owned
     assert task is not None
-    task.add_done_callback(owned.close)
+    # calls owned.close(task); in one shared empty context (no context copy per request:
+    # the release reads no context variables)
+    task.add_done_callback(owned, context=_RELEASE_CONTEXT)
     return owned
 
 
@@ -203,7 +235,7 @@ def make_middleware(settings: Settings | None = None) -> Middleware:
                 except ConnectionError:
                     # Client gone; aiohttp meets the same error and drops the connection, but
                     # may still read the headers: never lend these maps again.
-                    owned.headers.clear()
+                    owned.headers = None
             return resp
         finally:
             owned.close()

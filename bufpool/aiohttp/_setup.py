@@ -30,6 +30,7 @@ from ._settings import (
     DEFAULT_BODY_GRACE,
     DEFAULT_BODY_MIN_RATE,
     DEFAULT_BODY_TIMEOUT,
+    DEFAULT_COPY_REPLIES_UPTO,
     DEFAULT_IDLE_TRIM_AFTER,
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_POOL_MAX_BYTES,
@@ -73,6 +74,7 @@ def setup(
     prometheus_path: str | None = None,
     reuse_headers: bool = False,
     zero_copy_receive: bool | ReceiveOptions = False,
+    copy_replies_upto: int = DEFAULT_COPY_REPLIES_UPTO,
 ) -> BufferPool:
     """Install bufpool on ``app`` and return its pool.  Sizes in bytes, times in seconds.
 
@@ -127,6 +129,11 @@ def setup(
         same admission and deadlines as ``read_body`` (above); every other request takes
         aiohttp's normal path.  Needs this ``app`` to be the one the runner
         serves; checks aiohttp's internals at startup and logs one line if it stays off.
+    copy_replies_upto
+        ``pooled_response`` copies a body of at most this many bytes (64 KiB) into one
+        ``bytes`` and releases its lease at once: such a reply costs about what a plain
+        ``web.Response`` does.  Larger bodies are sent from pool memory without a copy,
+        watched by ``send_timeout``.  0: every non-empty body is sent from pool memory.
     """
     if not isinstance(max_body_size, int) or max_body_size < 0:
         raise ValueError(f"max_body_size must be a non-negative int (bytes), got {max_body_size!r}")
@@ -141,6 +148,10 @@ def setup(
         _seconds(name, value)
     _seconds("body_grace", body_grace, allow_none=False)
     _seconds("preempt_idle", preempt_idle, allow_none=False)
+    if not isinstance(copy_replies_upto, int) or copy_replies_upto < 0:
+        raise ValueError(
+            f"copy_replies_upto must be a non-negative int (bytes), got {copy_replies_upto!r}"
+        )
     if retry_after < 0:
         raise ValueError(f"retry_after must be >= 0 seconds, got {retry_after!r}")
     if SETTINGS_KEY in app:
@@ -192,6 +203,7 @@ def setup(
         preempt_after=preempt_after,
         preempt_idle=preempt_idle,
         idle_trim_after=idle_trim_after,
+        copy_replies_upto=copy_replies_upto,
         body_budget=body_budget,
         admission=admission,
         slot_sizes=pool.slot_sizes,
