@@ -242,3 +242,38 @@ async def test_a_body_held_by_aiohttps_pipelining_queue_is_not_charged_for_it() 
         assert bpa.admission_stats(app).cut_body_timeout == 0
         await _no_reservation_left(app)
     await assert_drained(pool)
+
+
+async def test_a_held_body_is_still_preempted_when_its_memory_is_needed() -> None:
+    """The hold is no shelter from memory pressure: a client that keeps aiohttp's queue full
+    (here: handlers that do not finish) holds a body's reservation only until another body
+    needs the budget; then the held body is preempted (408) and the upload is served."""
+    gate = asyncio.Event()
+    pool = bufpool.BufferPool(max_bytes=4 * MiB, on_exhausted="raise")
+    app = make_app(pool, max_body_size=MiB, body_budget=MiB, body_timeout=60,
+                   preempt_after=0.2, preempt_idle=0.3, zero_copy_receive=True)
+
+    async def slow(request: web.Request) -> web.Response:
+        body = await bpa.read_body(request)
+        await gate.wait()
+        return web.Response(text=str(len(body)))
+
+    app.router.add_post("/slow", slow)
+    held = _data(700_000, 11)
+    async with served_runner(app) as port:
+        reader, writer = await raw_connect(port)
+        try:
+            small = [_head(10, "/slow") + b"0123456789" for _ in range(32)]
+            writer.write(b"".join(small) + _head(len(held)) + held[:40_000])
+            await writer.drain()
+            assert await wait_for(lambda: bpa.admission_stats(app).reserved_bytes >= 700_000)
+            # 700 KB held + 500 KB > the 1 MiB budget: the upload waits, then preempts.
+            (status, got), = await _post_all(port, [_data(500_000, 12)])
+            assert status == 200, got
+            stats = bpa.admission_stats(app)
+            assert stats.cut_preempted == 1 and stats.cut_body_timeout == 0, stats
+        finally:
+            gate.set()
+            writer.close()
+        await _no_reservation_left(app)
+    await assert_drained(pool)

@@ -228,7 +228,8 @@ class BodyTicket:
 
     def hold(self) -> None:
         """The server stopped reading this body's connection for its own reasons (e.g.
-        aiohttp's queue of pipelined requests is full): no body deadline runs meanwhile."""
+        aiohttp's queue of pipelined requests is full): no body deadline runs meanwhile,
+        except preemption under memory pressure (no progress for ``preempt_idle``)."""
         if self.state == READING:
             self.state = HELD
             self.queued_at = self.adm.loop.time()
@@ -852,11 +853,13 @@ class Admission:
                             f"(preempt_idle={idle} s; {w.pinned()} pooled bytes unsent)")
         rate = self.body_min_rate
         stalled = [
-            t for t in self.bodies if t.state == READING and (
+            t for t in self.bodies if (t.state == READING and (
                 now - t.last >= idle
                 or (rate and (t.slow or now > t.admitted_at + idle + t.received / rate))
-            )
+            )) or (t.state == HELD and now - t.last >= idle)
         ]
+        # (A held body is exempt from deadlines only while nobody needs its memory: a client
+        # that fills aiohttp's queue and never reads its replies could otherwise hold one.)
         # Under pressure every body deadline shrinks to preempt_idle (Envoy's reduce_timeouts);
         # those holding the most unfilled reservation go first (reset_high_memory_stream).
         stalled.sort(key=lambda t: t.size - t.received, reverse=True)
