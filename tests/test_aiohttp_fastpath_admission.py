@@ -261,7 +261,7 @@ async def test_a_held_body_is_still_preempted_when_its_memory_is_needed() -> Non
     app.router.add_post("/slow", slow)
     held = _data(700_000, 11)
     async with served_runner(app) as port:
-        reader, writer = await raw_connect(port)
+        _reader, writer = await raw_connect(port)
         try:
             small = [_head(10, "/slow") + b"0123456789" for _ in range(32)]
             writer.write(b"".join(small) + _head(len(held)) + held[:40_000])
