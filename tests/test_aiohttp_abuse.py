@@ -673,3 +673,41 @@ async def test_admission_is_fifo_and_a_leaving_waiter_lets_the_next_in() -> None
         for _r, w in (a, b):
             w.close()
     await assert_drained(pool)
+
+
+@pytest.mark.parametrize("zero_copy", [False, True], ids=["aiohttp-parser", "zero-copy"])
+@pytest.mark.asyncio
+async def test_clients_that_never_read_replies_cannot_keep_body_memory(zero_copy: bool) -> None:
+    """A request keeps its body's memory until it ends, and it ends only once its reply is
+    written.  Clients that upload bodies and never read the replies (here plain
+    ``web.Response`` replies, which no pooled-reply watch covers) would keep the body budget
+    for ever; their connections are aborted once their replies stop moving (send_timeout,
+    sooner under memory pressure), and a legitimate upload is served."""
+    pool = bufpool.BufferPool(max_bytes=4 * MiB, on_exhausted="raise")
+    app = make_app(pool, max_body_size=256 * 1024, body_budget=MiB, preempt_after=0.2,
+                   preempt_idle=0.3, acquire_timeout=10, zero_copy_receive=zero_copy)
+    reply = b"r" * (4 * MiB)  # more than the kernel's send buffer takes: the write stalls
+
+    async def hold(request: web.Request) -> web.Response:
+        await bpa.read_body(request)
+        return web.Response(body=reply)
+
+    app.router.add_post("/hold", hold)
+    body = b"b" * (256 * 1024)
+    async with served(app) as client:
+        port = client.port
+        assert port is not None
+        conns = [await raw_connect(port, rcvbuf=4096) for _ in range(4)]
+        try:
+            for _reader, writer in conns:  # pipelined, replies never read
+                writer.write((_head("/hold", len(body)) + body) * 2)
+            assert await wait_for(lambda: bpa.admission_stats(app).reserved_bytes >= MiB - 65536)
+            status, _secs, exact = await _legit_upload(client, 200_000, 1)
+            assert (status, exact) == (200, True)
+            stats = bpa.admission_stats(app)
+            assert stats.send_aborted_preempted + stats.send_aborted_timeout >= 1, stats
+        finally:
+            for _reader, writer in conns:
+                writer.close()
+        assert await wait_for(lambda: bpa.admission_stats(app).reserved_bytes == 0)
+    await assert_drained(pool)

@@ -166,6 +166,8 @@ class BodyTicket:
         "stream",
         "timer",
         "want",
+        "wlast",
+        "wsize",
     )
 
     #: Set by the first periodic check that sees the body reading (unset before, so that
@@ -198,6 +200,11 @@ class BodyTicket:
         self.mark = 0
         self.mark_at = 0.0
         self.slow = False  #: the last whole window was below body_min_rate
+        #: Once the body is whole (DONE): its connection's write buffer at the last check,
+        #: and when it last changed (a request holding pool memory whose replies do not
+        #: move meets send_timeout, see ``Admission._watch_done``).
+        self.wsize = 0
+        self.wlast = 0.0
 
     def progress(self, n: int) -> None:
         """``n`` body bytes arrived (the same as ``ticket.received += n``: the periodic
@@ -755,6 +762,31 @@ class Admission:
         log.info("bufpool: request body cut: %s", message)
         ticket.stream.set_exception(BodyCut(reason, message))
 
+    def _watch_done(self, t: BodyTicket, now: float, send_timeout: float | None) -> None:
+        """A whole body's request still holds its memory: while its connection's write
+        buffer holds bytes that do not move (the client does not read its replies, whatever
+        they are: pooled, copied or plain), nginx's ``send_timeout`` applies, so such a
+        client cannot keep a body's reservation (an idle buffer is a handler at work)."""
+        tr = _ticket_transport(t)
+        if tr is None or tr.is_closing():
+            return
+        size = tr.get_write_buffer_size()
+        if not size or size != t.wsize:
+            t.wsize = size
+            t.wlast = now
+        elif send_timeout is not None and now - t.wlast > send_timeout:
+            self._abort_holder(t, tr, "timeout",
+                               f"no write progress for send_timeout={send_timeout} s while "
+                               f"the request holds {t.size} bytes of body memory")
+
+    def _abort_holder(
+        self, t: BodyTicket, tr: asyncio.WriteTransport, reason: str, message: str
+    ) -> None:
+        t.wsize = 0
+        self.counts[f"send_aborted_{reason}"] += 1
+        log.info("bufpool: connection aborted: %s", message)
+        tr.abort()
+
     def _abort(self, watch: SendWatch, reason: str, message: str) -> None:
         self.sends.discard(watch)
         self.counts[f"send_aborted_{reason}"] += 1
@@ -772,15 +804,19 @@ class Admission:
                 t.last += lag
                 t.admitted_at += lag
                 t.mark_at += lag
+                t.wlast += lag
             for w in self.sends:
                 w.last += lag
         timeout = self.body_timeout
         rate = self.body_min_rate
         grace = self.body_grace
         window = self.preempt_idle
+        send_timeout = self.send_timeout
         for t in list(self.bodies):
             if t.state != READING:
-                if t.state == HELD and not _still_held(t):
+                if t.state == DONE:
+                    self._watch_done(t, now, send_timeout)
+                elif t.state == HELD and not _still_held(t):
                     t.unhold()
                 continue
             if not hasattr(t, "base"):  # the first look since admission (see _cut_unmoved)
@@ -805,7 +841,6 @@ class Admission:
                           f"request body slower than body_min_rate={rate:g} bytes/s after "
                           f"body_grace={grace:g} s ({t.received} bytes in "
                           f"{now - t.admitted_at:.1f} s)")
-        send_timeout = self.send_timeout
         for w in list(self.sends):
             tr = w.transport
             if tr.is_closing():
@@ -851,6 +886,16 @@ class Admission:
                 self._abort(w, "preempted",
                             f"no write progress for {now - w.last:.1f} s under memory pressure "
                             f"(preempt_idle={idle} s; {w.pinned()} pooled bytes unsent)")
+        # Requests holding whole bodies whose replies do not move: the same (their memory
+        # comes back when the connection goes).
+        for t in list(self.bodies):
+            if t.state == DONE and t.wsize and now - t.wlast >= idle:
+                tr = _ticket_transport(t)
+                if tr is not None and not tr.is_closing():
+                    self._abort_holder(t, tr, "preempted",
+                                       f"no write progress for {now - t.wlast:.1f} s under "
+                                       f"memory pressure while the request holds {t.size} "
+                                       f"bytes of body memory (preempt_idle={idle} s)")
         rate = self.body_min_rate
         stalled = [
             t for t in self.bodies if (t.state == READING and (
@@ -967,6 +1012,15 @@ def _readable(fds: list[int]) -> dict[int, int] | None:
         if fd >= 0:
             p.register(fd, mask)
     return dict(p.poll(0))
+
+
+def _ticket_transport(ticket: BodyTicket) -> Any:
+    """The connection a body came on: its stream's ``transport`` (the zero-copy receive
+    path) or its reader's (aiohttp's ``RequestHandler``); None if neither says."""
+    tr = getattr(ticket.stream, "transport", None)
+    if tr is None and ticket.reader is not None:
+        tr = getattr(ticket.reader, "transport", None)
+    return tr
 
 
 def _still_held(ticket: BodyTicket) -> bool:

@@ -199,6 +199,11 @@ class _CutNotice:
     def exception(self) -> BaseException | None:
         return None
 
+    @property
+    def transport(self) -> Any:
+        """The body's connection (for the admission's write-progress watch)."""
+        return self.body._conn._transport
+
     def held(self) -> bool:
         """True while aiohttp's full queue of pipelined requests holds the connection's
         reading (asked by the admission's periodic check for a held ticket)."""
