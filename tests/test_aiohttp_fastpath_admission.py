@@ -277,3 +277,42 @@ async def test_a_held_body_is_still_preempted_when_its_memory_is_needed() -> Non
             writer.close()
         await _no_reservation_left(app)
     await assert_drained(pool)
+
+
+@pytest.mark.parametrize("policy", ["heap", "raise"])
+async def test_a_body_that_completes_while_held_is_never_cut(policy: str) -> None:
+    """32 pipelined requests fill aiohttp's queue, then a 33rd arrives whole in the same
+    write.  Its body is whole: no deadline may cut it once the queue drains (on a "heap"
+    pool it takes the general path, on a "raise" pool the whole-body one)."""
+    pool = bufpool.BufferPool(max_bytes=8 * MiB, on_exhausted=policy)
+    app = make_app(pool, max_body_size=MiB, body_timeout=0.3, body_min_rate=None,
+                   preempt_after=None, zero_copy_receive=True)
+    gate = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        body = await bpa.read_body(request)
+        await gate.wait()
+        await asyncio.sleep(0.05)  # the queue drains over ~1.6 s: longer than body_timeout
+        return web.Response(text=str(len(body)))
+
+    app.router.add_post("/slow", slow)
+    async with served_runner(app) as port:
+        reader, writer = await raw_connect(port)
+        try:
+            writer.write(b"".join(_head(10, "/slow") + b"0123456789" for _ in range(32))
+                         + _head(10) + b"ABCDEFGHIJ")
+            await writer.drain()
+            assert await wait_for(lambda: app[bpa.RECEIVE_KEY].fast >= 33)
+            await asyncio.sleep(1.0)  # several body_timeouts while the queue is full
+            gate.set()
+            for _ in range(32):
+                status, _h, text = await asyncio.wait_for(read_response(reader), 20)
+                assert (status, text) == (200, b"10")
+            status, _h, text = await asyncio.wait_for(read_response(reader), 20)
+            assert status == 200, text
+        finally:
+            gate.set()
+            writer.close()
+        assert bpa.admission_stats(app).cut_body_timeout == 0
+        await _no_reservation_left(app)
+    await assert_drained(pool)

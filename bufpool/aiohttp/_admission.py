@@ -213,7 +213,7 @@ class BodyTicket:
 
     def done(self) -> None:
         """The whole body arrived: no more body deadlines (the reservation stays)."""
-        if self.state == READING:
+        if self.state == READING or self.state == HELD:  # (whole while held: done too)
             self.state = DONE
 
     def begin_wait(self) -> None:

@@ -48,7 +48,7 @@ from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_server import Server
 
-from ._admission import HELD
+from ._admission import HELD, READING
 from ._chunked import ChunkScanner
 from ._compat import check_internals
 from ._linger import LingeringClose as _LingeringClose
@@ -579,7 +579,11 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         """
         if not self.slots.admit_now(body):
             self._want_slot(body)
-        elif self._handler._buffer_paused and body.ticket is not None:
+        elif (
+            self._handler._buffer_paused
+            and body.ticket is not None
+            and body.ticket.state == READING  # (a body already whole is DONE: never held)
+        ):
             body.ticket.hold()
 
     def _want_slot(self, body: ReceivedBody) -> None:
