@@ -316,3 +316,41 @@ async def test_a_body_that_completes_while_held_is_never_cut(policy: str) -> Non
         assert bpa.admission_stats(app).cut_body_timeout == 0
         await _no_reservation_left(app)
     await assert_drained(pool)
+
+
+async def test_a_pipelined_body_short_of_evidence_in_a_paused_socket_is_served() -> None:
+    """Pipelined bodies of 16-64 KiB behind padded heads, sent as a few tiny writes and then
+    all at once (found by fuzzing): a later body waited for its 16 KiB of evidence while its
+    connection's reading was paused and the kernel queue had stopped at about 13 KB, so the
+    evidence never came and the upload hung until the min-rate cut.  Bodies short of their
+    evidence are now read on into their overflow: every body is served, bytes exact."""
+    sizes = [16383, 30000, 16385, 30000, 16383, 16385, 16384, 65536, 20000]
+    pads = [882, 1646, -1, -1, -1, -1, 422, 637, 405]
+
+    def head(n: int, pad: int) -> bytes:
+        extra = "" if pad < 0 else "X-Pad: " + "a" * pad + "\r\n"
+        return f"POST /upload HTTP/1.1\r\nHost: t\r\n{extra}Content-Length: {n}\r\n\r\n".encode()
+
+    pool = bufpool.BufferPool(max_bytes=16 * MiB)
+    app = make_app(pool, max_body_size=MiB, zero_copy_receive=True)
+    bodies = [bytes([65 + i]) * n for i, n in enumerate(sizes)]
+    stream = b"".join(head(len(b), p) + b for b, p in zip(bodies, pads, strict=True))
+    async with served_runner(app) as port:
+        reader, writer = await raw_connect(port)
+        try:
+            i = 0
+            for k in (100, 7, 1):
+                writer.write(stream[i : i + k])
+                i += k
+                await writer.drain()
+                await asyncio.sleep(0.01)
+            writer.write(stream[i:])
+            await writer.drain()
+            for body in bodies:
+                status, _h, text = await asyncio.wait_for(read_response(reader), 10)
+                assert status == 200, text
+                assert hashlib.sha256(body).hexdigest().encode() in text
+        finally:
+            writer.close()
+        await _no_reservation_left(app)
+    await assert_drained(pool)

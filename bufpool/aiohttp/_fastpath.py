@@ -48,7 +48,7 @@ from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_server import Server
 
-from ._admission import HELD, READING
+from ._admission import EVIDENCE_BYTES, HELD, READING, BodyCut
 from ._chunked import ChunkScanner
 from ._compat import check_internals
 from ._linger import LingeringClose as _LingeringClose
@@ -588,8 +588,16 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
 
     def _want_slot(self, body: ReceivedBody) -> None:
         """No admission yet or no slot free: pause reading (while ``body`` still arrives) and
-        wait (``SlotSource.admit``, then ``lease_wait``)."""
-        if body is self._body:
+        wait (``SlotSource.admit``, then ``lease_wait``).
+
+        A body still short of its admission evidence (``EVIDENCE_BYTES`` or all of it) keeps
+        being read into its overflow until it has shown that much: a paused socket's kernel
+        queue can stop short of 16 KiB (pipelined heads ahead of it take room), and the
+        evidence would then never come.  So the overflow holds at most the evidence plus one
+        read (36 KiB) per connection."""
+        if body is self._body and (
+            body.ticket is not None or body.received >= min(body.length, EVIDENCE_BYTES)
+        ):
             self._pause(True)
         if body.waiting:
             return  # one wait at a time per body
@@ -609,6 +617,8 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         except web.HTTPException as exc:
             self._fail(body, exc)
             return
+        except BodyCut:
+            return  # cut while waiting: the body was failed (408) through its ticket's stream
         finally:
             body.waiting = False
         if self._state != DEAD and not any(b.waiting for b in self._live):
