@@ -763,7 +763,7 @@ class Admission:
         ticket.stream.set_exception(BodyCut(reason, message))
 
     def _watch_done(self, t: BodyTicket, now: float, send_timeout: float | None) -> None:
-        """A whole body's request still holds its memory: while its connection's write
+        """A whole (or held) body's request still holds its memory: while its connection's write
         buffer holds bytes that do not move (the client does not read its replies, whatever
         they are: pooled, copied or plain), nginx's ``send_timeout`` applies, so such a
         client cannot keep a body's reservation (an idle buffer is a handler at work)."""
@@ -816,8 +816,11 @@ class Admission:
             if t.state != READING:
                 if t.state == DONE:
                     self._watch_done(t, now, send_timeout)
-                elif t.state == HELD and not _still_held(t):
-                    t.unhold()
+                elif t.state == HELD:
+                    if not _still_held(t):
+                        t.unhold()
+                    else:  # held by a full queue: its replies must still move
+                        self._watch_done(t, now, send_timeout)
                 continue
             if not hasattr(t, "base"):  # the first look since admission (see _cut_unmoved)
                 t.base = max(t.received, EVIDENCE_BYTES)
