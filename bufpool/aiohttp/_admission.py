@@ -713,14 +713,10 @@ class Admission:
                 self._waiters.append(t)
                 promoted = True
             elif timeout is not None and now - t.last > timeout:
-                self._cut_waiting(t, "body_timeout",
-                                  f"no request body bytes for body_timeout={timeout} s "
-                                  f"({t.shown} bytes received)")
+                self._cut_waiting(t, "body_timeout", _idle_text(timeout, t.shown))
             elif rate and now > t.queued_at + grace + t.shown / rate:
                 self._cut_waiting(t, "min_rate",
-                                  f"request body slower than body_min_rate={rate:g} bytes/s "
-                                  f"after body_grace={grace:g} s ({t.shown} bytes in "
-                                  f"{now - t.queued_at:.1f} s)")
+                                  _slow_text(rate, grace, t.shown, now - t.queued_at))
         if promoted:
             self._serve()
         if self._unready:
@@ -783,15 +779,17 @@ class Admission:
         self, t: BodyTicket, tr: asyncio.WriteTransport, reason: str, message: str
     ) -> None:
         t.wsize = 0
-        self.counts[f"send_aborted_{reason}"] += 1
-        log.info("bufpool: connection aborted: %s", message)
-        tr.abort()
+        self._abort_transport(tr, reason, f"connection aborted: {message}")
 
     def _abort(self, watch: SendWatch, reason: str, message: str) -> None:
         self.sends.discard(watch)
+        self._abort_transport(watch.transport, reason, f"pooled reply aborted: {message}")
+
+    def _abort_transport(self, tr: asyncio.WriteTransport, reason: str, message: str) -> None:
+        """Abort a connection whose writes stalled (``reason``: timeout or preempted)."""
         self.counts[f"send_aborted_{reason}"] += 1
-        log.info("bufpool: pooled reply aborted: %s", message)
-        watch.transport.abort()
+        log.info("bufpool: %s", message)
+        tr.abort()
 
     def _check(self) -> None:
         self._handle = None
@@ -836,14 +834,9 @@ class Admission:
                 t.seen = t.received
                 t.last = now
             elif timeout is not None and now - t.last > timeout:
-                self._cut(t, "body_timeout",
-                          f"no request body bytes for body_timeout={timeout} s "
-                          f"({t.received} bytes received)")
+                self._cut(t, "body_timeout", _idle_text(timeout, t.received))
             elif rate and now > t.admitted_at + grace + t.received / rate:
-                self._cut(t, "min_rate",
-                          f"request body slower than body_min_rate={rate:g} bytes/s after "
-                          f"body_grace={grace:g} s ({t.received} bytes in "
-                          f"{now - t.admitted_at:.1f} s)")
+                self._cut(t, "min_rate", _slow_text(rate, grace, t.received, now - t.admitted_at))
         for w in list(self.sends):
             tr = w.transport
             if tr.is_closing():
@@ -1015,6 +1008,19 @@ def _readable(fds: list[int]) -> dict[int, int] | None:
         if fd >= 0:
             p.register(fd, mask)
     return dict(p.poll(0))
+
+
+def _idle_text(timeout: float, received: int) -> str:
+    """The 408 text of ``body_timeout`` (``received``: body bytes so far)."""
+    return f"no request body bytes for body_timeout={timeout} s ({received} bytes received)"
+
+
+def _slow_text(rate: float, grace: float, received: int, seconds: float) -> str:
+    """The 408 text of ``body_min_rate`` after ``body_grace``."""
+    return (
+        f"request body slower than body_min_rate={rate:g} bytes/s after body_grace={grace:g} s "
+        f"({received} bytes in {seconds:.1f} s)"
+    )
 
 
 def _ticket_transport(ticket: BodyTicket) -> Any:

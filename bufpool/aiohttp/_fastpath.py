@@ -48,7 +48,7 @@ from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_server import Server
 
-from ._admission import EVIDENCE_BYTES, HELD, READING, BodyCut
+from ._admission import EVIDENCE_BYTES, READING, BodyCut
 from ._chunked import ChunkScanner
 from ._compat import check_internals
 from ._linger import LingeringClose as _LingeringClose
@@ -234,9 +234,6 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         if self._state == BODY:
             body = self._body
             assert body is not None
-            ticket = body.ticket
-            if ticket is not None and ticket.state == HELD:
-                ticket.unhold()  # reading resumed after aiohttp's queue pause
             view = body.slot_view()
             if view is not None:
                 self._into_slot = True
@@ -574,8 +571,8 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
 
         When aiohttp paused reading because its queue of pipelined requests is full (see
         ``_deliver``), the admitted body is held: its deadlines do not run until reading
-        resumes (the next ``get_buffer``, or the admission's periodic check seeing the pause
-        over), since the pause is the server's, not the client's.
+        resumes (the admission's periodic check sees the pause over), since the pause is
+        the server's, not the client's.
         """
         if not self.slots.admit_now(body):
             self._want_slot(body)
