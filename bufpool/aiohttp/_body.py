@@ -374,7 +374,6 @@ async def _fill(
     readchunk = request.content.readchunk
     largest = settings.largest
     pool = settings.pool
-    sync = pool.on_exhausted == "raise"  # else leases wait rather than spill or use the heap
     unleased = length
     view = _EMPTY
     off = 0
@@ -394,12 +393,7 @@ async def _fill(
             ticket.received += n  # ticket.progress(n), written out
             if off == len(view):  # the slot is full (or there is none yet): lease the next
                 size = min(largest, unleased)
-                try:
-                    if not sync:
-                        raise PoolExhausted
-                    lease = pool.acquire(size)
-                except PoolExhausted:
-                    lease = await _lease(settings, ticket, size, length)
+                lease = _lease_now(pool, size) or await _lease(settings, ticket, size, length)
                 leases.append(lease)
                 unleased -= size
                 view = lease.view
@@ -413,12 +407,8 @@ async def _fill(
                 while p < n:
                     if off == len(view):  # the same as above, for a chunk across slots
                         size = min(largest, unleased)
-                        try:
-                            if not sync:
-                                raise PoolExhausted
-                            lease = pool.acquire(size)
-                        except PoolExhausted:
-                            lease = await _lease(settings, ticket, size, length)
+                        lease = (_lease_now(pool, size)
+                                 or await _lease(settings, ticket, size, length))
                         leases.append(lease)
                         unleased -= size
                         view = lease.view
