@@ -46,6 +46,20 @@ async def _no_reservation_left(app: web.Application) -> None:
     assert (stats.reserved_bytes, stats.bodies, stats.waiting) == (0, 0, 0), stats
 
 
+def _add_slow_route(app: web.Application, gate: asyncio.Event, pause: float = 0.0) -> None:
+    """``POST /slow``: reads its body, then waits for ``gate`` (and ``pause`` seconds) before
+    answering its size: pipelined requests to it fill aiohttp's queue."""
+
+    async def slow(request: web.Request) -> web.Response:
+        body = await bpa.read_body(request)
+        await gate.wait()
+        if pause:
+            await asyncio.sleep(pause)
+        return web.Response(text=str(len(body)))
+
+    app.router.add_post("/slow", slow)
+
+
 async def _post_all(port: int, bodies: list[bytes]) -> list[tuple[int, Any]]:
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0)  # keep-alive (Connection: close bodies
@@ -209,12 +223,7 @@ async def test_a_body_held_by_aiohttps_pipelining_queue_is_not_charged_for_it() 
     app = make_app(pool, max_body_size=MiB, body_timeout=0.3, body_min_rate=None,
                    preempt_after=None, zero_copy_receive=True)
 
-    async def slow(request: web.Request) -> web.Response:
-        body = await bpa.read_body(request)
-        await gate.wait()
-        return web.Response(text=str(len(body)))
-
-    app.router.add_post("/slow", slow)
+    _add_slow_route(app, gate)
     last = _data(200_000, 9)
     async with served_runner(app) as port:
         reader, writer = await raw_connect(port)
@@ -253,12 +262,7 @@ async def test_a_held_body_is_still_preempted_when_its_memory_is_needed() -> Non
     app = make_app(pool, max_body_size=MiB, body_budget=MiB, body_timeout=60,
                    preempt_after=0.2, preempt_idle=0.3, zero_copy_receive=True)
 
-    async def slow(request: web.Request) -> web.Response:
-        body = await bpa.read_body(request)
-        await gate.wait()
-        return web.Response(text=str(len(body)))
-
-    app.router.add_post("/slow", slow)
+    _add_slow_route(app, gate)
     held = _data(700_000, 11)
     async with served_runner(app) as port:
         _reader, writer = await raw_connect(port)
@@ -289,13 +293,7 @@ async def test_a_body_that_completes_while_held_is_never_cut(policy: str) -> Non
                    preempt_after=None, zero_copy_receive=True)
     gate = asyncio.Event()
 
-    async def slow(request: web.Request) -> web.Response:
-        body = await bpa.read_body(request)
-        await gate.wait()
-        await asyncio.sleep(0.05)  # the queue drains over ~1.6 s: longer than body_timeout
-        return web.Response(text=str(len(body)))
-
-    app.router.add_post("/slow", slow)
+    _add_slow_route(app, gate, 0.05)  # the queue drains over ~1.6 s: over body_timeout
     async with served_runner(app) as port:
         reader, writer = await raw_connect(port)
         try:
