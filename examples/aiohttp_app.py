@@ -19,6 +19,10 @@ an aiohttp user writes without bufpool):
 ``POST /process?reply=N``   reads the body, replies N bytes (default 4096) of a fixed pattern,
                             header ``X-Received: <body size>``; no hashing (the load-test path)
 ``GET /bytes/{n}``          n bytes of the pattern
+
+In pool mode, generated replies (``/process``, ``/bytes``) over 64 KiB are sent from pool slots
+(``pooled_response``); smaller ones as ``bytes``, as ``pooled_response`` would copy them anyway
+(``copy_replies_upto``), so the two modes differ there only in how the body is received.
 ``GET /health``             200 "ok"
 ``GET /bufpool/stats``      pool stats JSON (Prometheus text on ``Accept: text/plain``); 404
                             without the pool
@@ -52,6 +56,9 @@ import bufpool.aiohttp as bpa
 DEFAULT_MAX_BODY_SIZE: Final = 8 * 1024 * 1024
 DEFAULT_POOL_MAX_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_REPLY: Final = 4096
+#: Replies up to this many bytes go out as ``bytes`` in pool mode too (setup()'s
+#: ``copy_replies_upto``, left at its default: pooled_response would copy them).
+COPY_REPLIES_UPTO: Final = bpa.DEFAULT_COPY_REPLIES_UPTO
 #: Largest reply /process and /bytes serve, in bytes.
 MAX_REPLY: Final = 64 * 1024 * 1024
 _PATTERN_LEN: Final = 1 << 16
@@ -121,13 +128,9 @@ async def pooled_echo(request: web.Request) -> web.StreamResponse:
 
 def _pattern_lease(request: web.Request, n: int) -> bufpool.Lease | bufpool.LeaseChain:
     """``n`` bytes of the pattern in pool memory: one lease up to the largest class, else a
-    chain.  (``pooled_response`` copies replies up to 64 KiB and frees the lease at once.)"""
+    chain."""
     pool = request.app[bpa.POOL_KEY]
     try:
-        if n <= pool.classes[-1] and n <= _PATTERN_LEN:  # the common case: one slot, one copy
-            lease = pool.acquire(n)
-            lease.view[:] = _PATTERN_VIEW[:n]
-            return lease
         owned = pool.acquire(n) if n <= pool.classes[-1] else pool.acquire_chain(n)
     except bufpool.PoolExhausted as exc:
         raise web.HTTPServiceUnavailable(headers={"Retry-After": "1"}, text=str(exc)) from None
@@ -135,16 +138,25 @@ def _pattern_lease(request: web.Request, n: int) -> bufpool.Lease | bufpool.Leas
     return owned
 
 
+def _pattern_reply(request: web.Request, n: int) -> web.StreamResponse:
+    """``n`` bytes of the pattern: as ``bytes`` up to COPY_REPLIES_UPTO (``pooled_response``
+    would copy them out of the pool anyway, see ``setup(copy_replies_upto=...)``, so a
+    generated small reply gains nothing from a lease), else sent from pool memory."""
+    if n <= COPY_REPLIES_UPTO:
+        return web.Response(body=pattern_bytes(n), content_type="application/octet-stream")
+    return bpa.pooled_response(request, _pattern_lease(request, n))
+
+
 async def pooled_process(request: web.Request) -> web.StreamResponse:
     n = _reply_size(request)
     body = await bpa.read_body(request)
-    resp = bpa.pooled_response(request, _pattern_lease(request, n))
+    resp = _pattern_reply(request, n)
     resp.headers["X-Received"] = str(len(body))
     return resp
 
 
 async def pooled_bytes(request: web.Request) -> web.StreamResponse:
-    return bpa.pooled_response(request, _pattern_lease(request, _path_size(request)))
+    return _pattern_reply(request, _path_size(request))
 
 
 # ---------------------------------------------------------------- plain mode

@@ -167,18 +167,23 @@ def owner_of(request: web.BaseRequest) -> RequestLeases:
     other than the request's handler task without the middleware.
     """
     state = getattr(request, "_state", None)  # the request's dict (no KeyError per request)
+    if type(state) is not dict:
+        state = None
     owned: RequestLeases | None = (
-        state.get(OWNED_KEY) if type(state) is dict else request.get(OWNED_KEY)
+        state.get(OWNED_KEY) if state is not None else request.get(OWNED_KEY)
     )
-    return _own(request) if owned is None else owned
+    return _own(request, state) if owned is None else owned
 
 
 def app_settings(request: web.BaseRequest) -> Settings:
     """The settings ``setup()`` stored on the request's application (or a parent); NotSetUp
     when there are none."""
     try:
-        # The matched app first (one lookup); a sub-application finds its parent's.
-        return request.app.get(SETTINGS_KEY) or request.config_dict[SETTINGS_KEY]  # type: ignore[attr-defined,no-any-return]
+        # The matched app first (one lookup in its dict); a sub-application finds its parent's.
+        app = request.app
+        state = getattr(app, "_state", None)
+        found = state.get(SETTINGS_KEY) if type(state) is dict else app.get(SETTINGS_KEY)
+        return found or request.config_dict[SETTINGS_KEY]  # type: ignore[no-any-return]
     except (KeyError, AttributeError):
         raise NotSetUp(
             "bufpool.aiohttp.setup(app, ...) was never called for this request's application "
@@ -186,7 +191,8 @@ def app_settings(request: web.BaseRequest) -> Settings:
         ) from None
 
 
-def _own(request: web.BaseRequest) -> RequestLeases:
+def _own(request: web.BaseRequest, state: dict[Any, Any] | None) -> RequestLeases:
+    """A new RequestLeases for ``request`` (stored in ``state``, its dict, when not None)."""
     settings = app_settings(request)
     task = asyncio.current_task(getattr(request, "_loop", None))  # (no getpid() per request)
     coro = task.get_coro() if task is not None else None
@@ -198,7 +204,10 @@ def _own(request: web.BaseRequest) -> RequestLeases:
             "bufpool.aiohttp.middleware())"
         )
     owned = RequestLeases(settings)
-    request[OWNED_KEY] = owned
+    if state is not None:
+        state[OWNED_KEY] = owned
+    else:
+        request[OWNED_KEY] = owned
     assert task is not None
     # calls owned.close(task); in one shared empty context (no context copy per request:
     # the release reads no context variables)
