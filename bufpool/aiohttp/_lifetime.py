@@ -180,10 +180,10 @@ def app_settings(request: web.BaseRequest) -> Settings:
     when there are none."""
     try:
         # The matched app first (one lookup in its dict); a sub-application finds its parent's.
-        app = request.app
+        app = request.app  # type: ignore[attr-defined]
         state = getattr(app, "_state", None)
         found = state.get(SETTINGS_KEY) if type(state) is dict else app.get(SETTINGS_KEY)
-        return found or request.config_dict[SETTINGS_KEY]  # type: ignore[no-any-return]
+        return found or request.config_dict[SETTINGS_KEY]  # type: ignore[attr-defined,no-any-return]
     except (KeyError, AttributeError):
         raise NotSetUp(
             "bufpool.aiohttp.setup(app, ...) was never called for this request's application "
