@@ -448,7 +448,9 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         if continued:  # admitted when wanted or when its first byte arrives
             return end
         ahead = len(buf) - end
-        if ahead >= length and self.slots.take_whole(body, memoryview(buf)[end : end + length]):
+        if ahead >= length and self.slots.take_whole(
+            body, (buf if type(buf) is memoryview else memoryview(buf))[end : end + length]
+        ):
             self._body = None  # the whole body came with its head: complete already
             self._state = HEAD
             return end + length

@@ -471,7 +471,9 @@ class ReceivedBody(StreamReader):
         StreamReader.feed_eof(self)
         if not leases:
             return None
-        leases[-1].truncate(self._fill)
+        last = leases[-1]
+        if len(last) != self._fill:  # (a whole body's lease has its size already)
+            last.truncate(self._fill)
         if len(leases) == 1:
             return leases[0]
         return LeaseChain(leases)
