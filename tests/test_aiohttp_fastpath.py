@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 
+import bufpool
 import bufpool.aiohttp as bpa
 from tests._helpers_aiohttp import (
     assert_drained,
@@ -472,4 +473,102 @@ async def test_a_keep_alive_connection_tracks_only_bodies_in_flight() -> None:
         finally:
             writer.close()
     assert seen == [0]
+    await assert_drained(pool)
+
+
+async def test_read_body_memory_outlives_a_lost_connection_until_the_handler_ends() -> None:
+    """read_body's slots stay the request's until aiohttp ends it: a client that vanishes
+    while its handler still works takes nothing away (the handler still reads its body),
+    and the memory comes back once the handler is done."""
+    app, pool = fast_app()
+    started, go = asyncio.Event(), asyncio.Event()
+    requests: list[web.Request] = []
+    seen: list[str] = []
+
+    async def slow(request: web.Request) -> web.Response:
+        body = await bpa.read_body(request)
+        requests.append(request)
+        started.set()
+        await go.wait()
+        seen.append(body.sha256())  # raises if the slots were released under it
+        return web.Response(text="late")
+
+    app.router.add_post("/slow", slow)
+    data = random.Random(5).randbytes(20_000)
+    async with served_runner(app) as port:
+        _reader, writer = await raw_connect(port)
+        writer.write(post("/slow", data))
+        await asyncio.wait_for(started.wait(), 10)
+        writer.transport.abort()
+        assert await wait_for(lambda: requests[0].protocol.transport is None)
+        assert pool.stats().in_use == 1  # still the handler's
+        go.set()
+        assert await wait_for(lambda: bool(seen))
+        assert seen == [digest(data)["sha256"]]
+    await assert_drained(pool)
+
+
+@pytest.mark.parametrize("copy_upto", [None, 0])
+async def test_read_body_lease_handed_on_is_released_once(copy_upto: int | None) -> None:
+    """A handler that keeps its own reference to read_body's lease (``retain``) and passes
+    the lease to pooled_response (copied, or sent from the pool with copy_replies_upto=0), or
+    releases the body early: when the request ends exactly the request's reference is gone,
+    the handler's survives.  read_body called twice returns the same body."""
+    kw: dict[str, Any] = {} if copy_upto is None else {"copy_replies_upto": copy_upto}
+    app, pool = fast_app(**kw)
+    kept: list[bufpool.Lease] = []
+
+    async def relay(request: web.Request) -> web.StreamResponse:
+        body = await bpa.read_body(request)
+        assert await bpa.read_body(request) is body
+        lease = body.owned
+        assert isinstance(lease, bufpool.Lease)
+        kept.append(lease.retain())
+        if request.query.get("early"):
+            body.release()
+            assert lease.refcount == 1
+            return web.Response(text="released")
+        return bpa.pooled_response(request, body if request.query.get("whole") else lease)
+
+    app.router.add_post("/relay", relay)
+    rng = random.Random(9)
+    async with served_runner(app) as port:
+        reader, writer = await raw_connect(port)
+        for path, n in (
+            ("/relay", 1000), ("/relay", 60_000), ("/relay?whole=1", 2000),
+            ("/relay?whole=1", 50_000), ("/relay?early=1", 3000),
+        ):
+            data = rng.randbytes(n)
+            writer.write(post(path, data))
+            status, _, got = await asyncio.wait_for(read_response(reader), 10)
+            assert status == 200
+            assert got == (b"released" if "early" in path else data)
+            lease = kept[-1]
+            # the request's reference goes when it ends; the handler's stays
+            assert await wait_for(lambda: app[bpa.RECEIVE_KEY].fast == len(kept))
+            await asyncio.sleep(0.05)  # (a release that came late would show here)
+            assert (lease.refcount, lease.released) == (1, False)
+        writer.close()
+        assert pool.stats().in_use == len(kept)
+        for lease in kept:
+            lease.release()
+    await assert_drained(pool)
+
+
+async def test_read_body_admission_returns_when_the_reply_fails_on_a_lost_connection() -> None:
+    """A client that uploads to an echo handler and vanishes without reading the reply:
+    aiohttp's writing fails after the handler returned (it never ends the request the usual
+    way), and still the body's slots and its admission come back."""
+    app, pool = fast_app(copy_replies_upto=0)
+    async with served_runner(app) as port:
+        for _ in range(3):
+            reader, writer = await raw_connect(port, rcvbuf=4096)
+            data = random.Random(2).randbytes(4 << 20)
+            writer.write(post("/echo", data))
+            await reader.readexactly(16)  # the reply started
+            assert bpa.admission_stats(app).bodies == 1
+            writer.transport.abort()
+            assert await wait_for(lambda: bpa.admission_stats(app).bodies == 0)
+    stats = bpa.admission_stats(app)
+    assert (stats.bodies, stats.reserved_bytes) == (0, 0)
     await assert_drained(pool)

@@ -48,7 +48,7 @@ from ._admission import (
 )
 from ._errors import BodyAlreadyRead, BodyNotContiguous
 from ._fastpath import received_body
-from ._lifetime import RequestLeases, owner_of
+from ._lifetime import OWNED_KEY, RequestLeases, handler_task, owner_of
 from ._linger import close_lingering
 from ._received import ReceivedBody
 from ._settings import Settings
@@ -64,13 +64,17 @@ class PooledBody:
     Valid until the request ends or ``release()``; copy with ``tobytes()`` to keep it longer.
     """
 
-    __slots__ = ("_owned", "_request", "_size")
+    __slots__ = ("_keeper", "_owned", "_request", "_size")
 
     def __init__(
-        self, owned: Lease | LeaseChain | None, request: web.BaseRequest | None = None
+        self, owned: Lease | LeaseChain | None, request: web.BaseRequest | None = None,
+        *, keeper: ReceivedBody | None = None,
     ) -> None:
         self._owned = owned
+        #: The request whose owner holds ``owned`` (None: the caller's, or ``keeper``'s).
         self._request = request
+        #: The fast-path body that holds ``owned`` until the request ends (``read_body``).
+        self._keeper = keeper
         self._size = 0 if owned is None else len(owned)
 
     def __len__(self) -> int:
@@ -139,12 +143,24 @@ class PooledBody:
         owned = self._owned
         return owned is None or owned.released
 
+    def _hand_over(self) -> None:
+        """The request's owner takes over the memory (``pooled_response``): the fast-path
+        body that kept it lets go of it (its admission stays until the request ends)."""
+        keeper = self._keeper
+        if keeper is not None:
+            keeper.disown(self._owned)
+
     def release(self) -> None:
         """Give the memory back before the request ends (optional; idempotent)."""
         owned = self._owned
         if owned is None or owned.released:
             return
-        if self._request is not None:
+        keeper = self._keeper
+        if keeper is not None:
+            keeper.disown(owned)
+            owned.release()
+            keeper.release_ticket()
+        elif self._request is not None:
             owner = owner_of(self._request)
             owner.forget(owned)
             owned.release()
@@ -172,12 +188,23 @@ async def read_body(request: web.Request) -> PooledBody:
     returns the same PooledBody; calling it after other code consumed the body stream
     (``request.read()``, ``post()``, ``json()``, ``text()``) raises BodyAlreadyRead.
     """
+    received = received_body(request)  # already in slots (zero_copy_receive)
+    if received is not None:  # the common case first
+        if received.pooled is not None:
+            return received.pooled  # type: ignore[no-any-return]
+        state = getattr(request, "_state", None)
+        if received.holds and type(state) is dict and state.get(OWNED_KEY) is None:
+            # No owner yet: the body keeps its slots and ticket itself until aiohttp ends
+            # the request (no per-request owner, no done-callback).
+            task = handler_task(request)
+            if received.complete:  # (no coroutine to wait with)
+                return _kept(received, received.keep(task))
+            return _kept(received, await received.take(task))
     owner = owner_of(request)
     if owner.body is not None:
         return owner.body
-    received = received_body(request)  # already in slots (zero_copy_receive)
-    if received is not None and received.holds:  # the common case first
-        if received.complete:  # (no coroutine to wait with)
+    if received is not None and received.holds:
+        if received.complete:
             return _took(request, owner, received, received.take_now())
         return await _take_received(request, owner, received)
     content = request.content
@@ -217,6 +244,11 @@ async def _take_received(
     """The body zero_copy_receive wrote into slots: taken without a copy once whole (its
     admission ticket goes with it and ends with the request)."""
     return _took(request, owner, received, await received.take())
+
+
+def _kept(received: ReceivedBody, owned: Lease | LeaseChain | None) -> PooledBody:
+    received.pooled = body = PooledBody(owned, keeper=received)
+    return body
 
 
 def _took(

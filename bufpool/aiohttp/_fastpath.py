@@ -214,6 +214,8 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         for body in live:
             if not body.taken:
                 body.fail(lost)
+            elif body.kept:  # read_body's: released once the handler is done with it
+                body.release_kept_after_task()
         self._body = None
         self._pending = bytearray()
 

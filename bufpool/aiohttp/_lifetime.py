@@ -191,9 +191,8 @@ def app_settings(request: web.BaseRequest) -> Settings:
         ) from None
 
 
-def _own(request: web.BaseRequest, state: dict[Any, Any] | None) -> RequestLeases:
-    """A new RequestLeases for ``request`` (stored in ``state``, its dict, when not None)."""
-    settings = app_settings(request)
+def handler_task(request: web.BaseRequest) -> asyncio.Task[Any]:
+    """The task aiohttp runs ``request`` in, which must be the caller's (NotSetUp if not)."""
     task = asyncio.current_task(getattr(request, "_loop", None))  # (no getpid() per request)
     coro = task.get_coro() if task is not None else None
     if HANDLER_CODE is None or getattr(coro, "cr_code", None) is not HANDLER_CODE:
@@ -203,12 +202,19 @@ def _own(request: web.BaseRequest, state: dict[Any, Any] | None) -> RequestLease
             "the handler first, or install the middleware (setup(app, middleware=True) or "
             "bufpool.aiohttp.middleware())"
         )
+    assert task is not None
+    return task
+
+
+def _own(request: web.BaseRequest, state: dict[Any, Any] | None) -> RequestLeases:
+    """A new RequestLeases for ``request`` (stored in ``state``, its dict, when not None)."""
+    settings = app_settings(request)
+    task = handler_task(request)
     owned = RequestLeases(settings)
     if state is not None:
         state[OWNED_KEY] = owned
     else:
         request[OWNED_KEY] = owned
-    assert task is not None
     # calls owned.close(task); in one shared empty context (no context copy per request:
     # the release reads no context variables)
     task.add_done_callback(owned, context=_RELEASE_CONTEXT)

@@ -240,12 +240,15 @@ class ReceivedBody(StreamReader):
         "_done",
         "_failure",
         "_fill",
+        "_kept",
         "_largest",
         "_leases",
         "_mode",
         "_overflow",
+        "_task",
         "ahead",
         "length",
+        "pooled",
         "received",
         "ticket",
         "waiting",
@@ -274,6 +277,10 @@ class ReceivedBody(StreamReader):
         #: The body's admission into the budget (None before it, and once released or handed
         #: to ``read_body`` with the slots).
         self.ticket: BodyTicket | None = None
+        #: What ``read_body`` returned when this body kept its own slots (see ``keep``).
+        self.pooled: Any = None
+        self._kept: Lease | LeaseChain | None = None
+        self._task: asyncio.Task[Any] | None = None
 
     # ------------------------------------------------------------ receiving (the protocol)
     @property
@@ -449,17 +456,64 @@ class ReceivedBody(StreamReader):
         """True once every body byte is in the slots (``take`` then returns at once)."""
         return self._complete
 
-    async def take(self) -> Lease | LeaseChain | None:
-        """Wait for the whole body; hand its slots over (no copy).  The caller owns them."""
+    async def take(self, task: asyncio.Task[Any] | None = None) -> Lease | LeaseChain | None:
+        """Wait for the whole body; hand its slots over (no copy).  The caller owns them
+        (``task`` given: this body keeps them, see ``keep``)."""
         if self._mode == HELD and not self._complete:
             if self._done is None:
                 self._done = self._loop.create_future()
             self._conn.body_wanted(self)
             await asyncio.shield(self._done)
-        return self.take_now()
+        return self.take_now() if task is None else self.keep(task)
 
     def take_now(self) -> Lease | LeaseChain | None:
         """``take`` for a body that is ``complete`` (or failed: raises its failure)."""
+        owned = self._take_slots()
+        self._conn.body_done(self)
+        return owned
+
+    def keep(self, task: asyncio.Task[Any]) -> Lease | LeaseChain | None:
+        """``take_now``, but this body stays the owner of its slots and ticket: it releases
+        them when aiohttp ends the request (``set_exception`` after the response was
+        written) or, if the connection is lost first, once ``task`` (the request's handler
+        task) is done.  Cheaper than a per-request owner and done-callback; ``read_body``
+        uses it for a request that has no owner yet."""
+        owned = self._take_slots()
+        self._kept = owned
+        self._task = task
+        return owned
+
+    def disown(self, owned: object) -> None:
+        """``owned`` (the kept lease or chain) is someone else's now (``pooled_response``
+        took it over or released it); the ticket stays until the request ends."""
+        if owned is not None and self._kept is owned:
+            self._kept = None
+
+    def release_kept(self) -> None:
+        """Release what ``keep`` kept (idempotent); the connection forgets this body."""
+        owned, self._kept = self._kept, None
+        self._task = None
+        self.pooled = None  # (it does not refer back, but nothing needs it any more)
+        if owned is not None and not owned.released:
+            owned.release()
+        self.release_ticket()
+        self._conn.body_done(self)
+
+    def release_kept_after_task(self) -> None:
+        """The connection was lost: release what ``keep`` kept once the handler is done
+        with it (now, if its task already ended)."""
+        task = self._task
+        if task is None or task.done():
+            self.release_kept()
+        else:
+            task.add_done_callback(lambda _t: self.release_kept())
+
+    @property
+    def kept(self) -> bool:
+        """True while this body holds slots or a ticket for a ``read_body`` caller."""
+        return self._task is not None
+
+    def _take_slots(self) -> Lease | LeaseChain | None:
         if self._mode == FAILED:
             assert self._failure is not None
             raise self._failure
@@ -467,7 +521,6 @@ class ReceivedBody(StreamReader):
             raise RuntimeError("the body was already read through request.content")
         leases, self._leases = self._leases, []
         self._mode = TAKEN
-        self._conn.body_done(self)
         StreamReader.feed_eof(self)
         if not leases:
             return None
@@ -542,6 +595,11 @@ class ReceivedBody(StreamReader):
             self._conn.body_abandoned(self)
             return
         if self._mode == TAKEN:
+            if self._task is not None:
+                # The request ended (its task is done): what read_body kept comes back.  Or
+                # the client went away while the handler still works (aiohttp cancels the
+                # request's payload): then once the handler is done with it.
+                self.release_kept_after_task()
             StreamReader.set_exception(self, exc)
             return
         if not self._complete:

@@ -37,6 +37,7 @@ from multidict import CIMultiDict
 from .._lease import Lease, LeaseChain
 from ._admission import Admission
 from ._body import PooledBody
+from ._fastpath import received_body
 from ._headers import SUPPORTED as HEADER_REUSE_SUPPORTED
 from ._lifetime import OWNED_KEY, RequestLeases, app_settings, owner_of
 
@@ -213,6 +214,11 @@ def pooled_response(
         state.get(OWNED_KEY) if type(state) is dict else request.get(OWNED_KEY)
     )
     settings = app_settings(request) if owner is None else owner.settings
+    if not isinstance(body, PooledBody):
+        # (read_body's lease passed on its own: the fast-path body that kept it lets go)
+        received = received_body(request)
+        if received is not None:
+            received.disown(body)
     if len(body) <= settings.copy_replies_upto:
         return _copied(owner, body, status, reason, content_type, headers)
     if owner is None:
@@ -220,6 +226,7 @@ def pooled_response(
     if isinstance(body, PooledBody):
         owned = body.owned
         views = body.views()
+        body._hand_over()
     else:
         owned = body
         views = [body.view] if isinstance(body, Lease) else body.views()
