@@ -493,10 +493,13 @@ class ReceivedBody(StreamReader):
         """Release what ``keep`` kept (idempotent); the connection forgets this body."""
         owned, self._kept = self._kept, None
         self._task = None
-        self.pooled = None  # (it does not refer back, but nothing needs it any more)
+        self.pooled = None  # (it refers back: no cycle left behind)
         if owned is not None and not owned.released:
             owned.release()
-        self.release_ticket()
+        ticket = self.ticket
+        if ticket is not None:
+            self.ticket = None
+            ticket.adm.release(ticket)
         self._conn.body_done(self)
 
     def release_kept_after_task(self) -> None:
@@ -595,11 +598,15 @@ class ReceivedBody(StreamReader):
             self._conn.body_abandoned(self)
             return
         if self._mode == TAKEN:
-            if self._task is not None:
+            task = self._task
+            if task is not None:
                 # The request ended (its task is done): what read_body kept comes back.  Or
                 # the client went away while the handler still works (aiohttp cancels the
                 # request's payload): then once the handler is done with it.
-                self.release_kept_after_task()
+                if task.done():
+                    self.release_kept()
+                else:
+                    self.release_kept_after_task()
             StreamReader.set_exception(self, exc)
             return
         if not self._complete:
