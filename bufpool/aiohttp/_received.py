@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from bisect import bisect_left
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from aiohttp import hdrs, web
 from aiohttp.streams import StreamReader
@@ -219,6 +219,10 @@ class _CutNotice:
         except (AttributeError, OSError, ValueError):
             return -1
 
+
+#: A body's lease list once it holds none any more (no mode but HELD appends; a tuple, so
+#: that a stray append fails loudly instead of sharing state): one list less per request.
+_NO_LEASES: Final[Any] = ()
 
 # Modes of a ReceivedBody.
 HELD = 0  # bytes in slots, nobody read them yet
@@ -444,7 +448,7 @@ class ReceivedBody(StreamReader):
         StreamReader.set_exception(self, exc)
 
     def _release_all(self) -> None:
-        leases, self._leases = self._leases, []
+        leases, self._leases = self._leases, _NO_LEASES
         self._overflow = bytearray()
         for lease in leases:
             if not lease.released:
@@ -522,7 +526,7 @@ class ReceivedBody(StreamReader):
             raise self._failure
         if self._mode != HELD:
             raise RuntimeError("the body was already read through request.content")
-        leases, self._leases = self._leases, []
+        leases, self._leases = self._leases, _NO_LEASES
         self._mode = TAKEN
         StreamReader.feed_eof(self)
         if not leases:
@@ -553,7 +557,7 @@ class ReceivedBody(StreamReader):
         if self._mode != HELD:
             return
         self._mode = STREAM
-        leases, self._leases = self._leases, []
+        leases, self._leases = self._leases, _NO_LEASES
         last = len(leases) - 1
         for i, lease in enumerate(leases):
             view = lease.view if i < last else lease.view[: self._fill]
