@@ -202,6 +202,29 @@ class Lease:
         """Copy of the visible bytes, safe to keep after release."""
         return self.view.tobytes()
 
+    def copy_from(self, data: bytes | bytearray | memoryview, /) -> int:
+        """Copy ``data`` (a contiguous bytes-like object of at most ``len(self)`` bytes) to
+        the start of the lease's memory without making a view; returns the byte count."""
+        buf = self._Lease__buf
+        if buf is None:
+            raise LeaseReleasedError(f"{self!r}: copy_from() after the lease was released")
+        with memoryview(data) as src:
+            flat = src if src.format == "B" and src.ndim == 1 else src.cast("B")
+            n = len(flat)
+            if n > self._Lease__size:
+                raise ValueError(
+                    f"copy_from: {n} bytes do not fit the lease's {self._Lease__size} bytes"
+                )
+            # Through a view of the slot, as ``view`` does: a release by another thread
+            # meanwhile sees it and quarantines the slot instead of handing it on.
+            with memoryview(buf) as dst:
+                if self._Lease__buf is not buf:
+                    raise LeaseReleasedError(
+                        f"{self!r}: copy_from() after the lease was released"
+                    )
+                dst[:n] = flat
+        return n
+
     def __enter__(self) -> Lease:
         return self
 

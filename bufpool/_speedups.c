@@ -878,6 +878,40 @@ lease_truncate(Lease *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(lease_copy_from_doc,
+"Copy ``data`` (a contiguous bytes-like object of at most ``len(self)`` bytes) to the start\n"
+"of the lease's memory without making a view; returns the number of bytes copied.");
+
+static PyObject *
+lease_copy_from(Lease *self, PyObject *data)
+{
+    /* The GIL is held throughout (no Python code runs between the check and the copy), so
+     * no release can hand the slot on meanwhile. */
+    if (is_none(self->buf) || self->view == Py_None) {
+        return lease_error(self, "%U: copy_from() after the lease was released");
+    }
+    Py_buffer src;
+    if (PyObject_GetBuffer(data, &src, PyBUF_C_CONTIGUOUS) < 0) {
+        return NULL;
+    }
+    if (src.len > self->size) {
+        PyErr_Format(PyExc_ValueError,
+                     "copy_from: %zd bytes do not fit the lease's %zd bytes", src.len, self->size);
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    Py_buffer dst;
+    if (PyObject_GetBuffer(self->buf, &dst, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    memmove(dst.buf, src.buf, (size_t)src.len); /* (data may be a view of this very slot) */
+    Py_ssize_t n = src.len;
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&src);
+    return PyLong_FromSsize_t(n);
+}
+
 PyDoc_STRVAR(lease_tobytes_doc, "Copy of the visible bytes, safe to keep after release.");
 
 static PyObject *
@@ -917,6 +951,7 @@ static PyMethodDef lease_methods[] = {
     {"retain", (PyCFunction)lease_retain, METH_NOARGS, lease_retain_doc},
     {"truncate", (PyCFunction)lease_truncate, METH_O, lease_truncate_doc},
     {"tobytes", (PyCFunction)lease_tobytes, METH_NOARGS, lease_tobytes_doc},
+    {"copy_from", (PyCFunction)lease_copy_from, METH_O, lease_copy_from_doc},
     {"__enter__", (PyCFunction)lease_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)(void (*)(void))lease_exit, METH_FASTCALL, NULL},
     {NULL, NULL, 0, NULL},

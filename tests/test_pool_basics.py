@@ -97,6 +97,29 @@ def test_truncate_shrinks_visible_length() -> None:
             lease.truncate(11)
 
 
+def test_copy_from_fills_the_start_without_a_view() -> None:
+    """``copy_from`` copies any contiguous bytes-like object to the lease's start and makes
+    no view (nothing keeps the slot exported); too much data or a released lease raise,
+    leaving the bytes as they were."""
+    pool = BufferPool()
+    lease = pool.acquire(1000)
+    data = bytes(range(256)) * 3
+    assert lease.copy_from(data) == 768
+    assert lease._view is None  # no view was made
+    assert lease.copy_from(memoryview(bytearray(b"xyz"))[1:]) == 2  # a slice of another buffer
+    assert lease.copy_from(memoryview(data).cast("H")[:4]) == 8  # any format, counted in bytes
+    assert lease.tobytes()[:768] == data[:8] + data[8:768]
+    assert lease.copy_from(lease.view[100:110]) == 10  # its own bytes, overlapping
+    assert lease.tobytes()[:10] == data[100:110]
+    with pytest.raises(ValueError, match="1001 bytes do not fit the lease's 1000 bytes"):
+        lease.copy_from(bytes(1001))
+    assert lease.tobytes()[:10] == data[100:110] and lease.tobytes()[10:768] == data[10:768]
+    lease.release()
+    with pytest.raises(LeaseReleasedError, match=r"copy_from\(\) after the lease was released"):
+        lease.copy_from(b"x")
+    assert pool.stats().in_use == 0
+
+
 @pytest.mark.parametrize("bad", [-1, -100])
 def test_negative_size_is_value_error(bad: int) -> None:
     pool = BufferPool()
