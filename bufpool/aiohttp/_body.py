@@ -247,7 +247,12 @@ async def _take_received(
 
 
 def _kept(received: ReceivedBody, owned: Lease | LeaseChain | None) -> PooledBody:
-    received.pooled = body = PooledBody(owned, keeper=received)
+    body = PooledBody.__new__(PooledBody)  # PooledBody(owned, keeper=received), no call
+    body._owned = owned
+    body._request = None
+    body._keeper = received
+    body._size = 0 if owned is None else len(owned)
+    received.pooled = body
     return body
 
 

@@ -130,7 +130,9 @@ class AdmittedSlots:
             return False
         sizes = self._sizes
         adm = self._adm
-        ticket = adm.admit_whole(_CutNotice(body), sizes[bisect_left(sizes, n)], n)
+        # The body is its DONE ticket's stream: the admission only asks a DONE ticket's
+        # stream for its ``transport`` (the write-progress watch), never cuts it (no notice).
+        ticket = adm.admit_whole(body, sizes[bisect_left(sizes, n)], n)
         if ticket is None:
             return False
         try:
@@ -287,6 +289,12 @@ class ReceivedBody(StreamReader):
         self._task: asyncio.Task[Any] | None = None
 
     # ------------------------------------------------------------ receiving (the protocol)
+    @property
+    def transport(self) -> Any:
+        """The body's connection (read by the admission's write-progress watch when this
+        body is its own ticket's stream: a whole body, see ``take_whole``)."""
+        return self._conn._transport
+
     @property
     def remaining(self) -> int:
         return self.length - self.received
