@@ -209,6 +209,8 @@ class Lease:
         if buf is None:
             raise LeaseReleasedError(f"{self!r}: copy_from() after the lease was released")
         with memoryview(data) as src:
+            if not src.c_contiguous:
+                raise BufferError("copy_from: data must be C-contiguous")
             flat = src if src.format == "B" and src.ndim == 1 else src.cast("B")
             n = len(flat)
             if n > self._Lease__size:

@@ -891,7 +891,12 @@ lease_copy_from(Lease *self, PyObject *data)
         return lease_error(self, "%U: copy_from() after the lease was released");
     }
     Py_buffer src;
-    if (PyObject_GetBuffer(data, &src, PyBUF_C_CONTIGUOUS) < 0) {
+    if (PyObject_GetBuffer(data, &src, PyBUF_FULL_RO) < 0) {
+        return NULL;
+    }
+    if (!PyBuffer_IsContiguous(&src, 'C')) {
+        PyErr_SetString(PyExc_BufferError, "copy_from: data must be C-contiguous");
+        PyBuffer_Release(&src);
         return NULL;
     }
     if (src.len > self->size) {

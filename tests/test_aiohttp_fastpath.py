@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
+from aiohttp import web, web_protocol
 from aiohttp.base_protocol import BaseProtocol
 
 import bufpool
@@ -395,6 +395,30 @@ async def test_self_test_falls_back_when_an_internal_is_missing(
     lines = [r for r in caplog.records if "zero_copy_receive is off" in r.getMessage()]
     assert len(lines) == 1
     assert state.fast == 0
+    await assert_drained(pool)
+
+
+async def test_self_test_falls_back_when_requests_no_longer_end_with_set_exception(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """read_body's kept bodies come back when aiohttp's ``RequestHandler.start`` ends each
+    request with ``payload.set_exception``: a ``start`` that does not show it turns the fast
+    path off (here a wrapper, which still serves through the original)."""
+    original = web_protocol.RequestHandler.start
+
+    async def start(self: web_protocol.RequestHandler) -> None:
+        await original(self)
+
+    monkeypatch.setattr(web_protocol.RequestHandler, "start", start)
+    app, pool = fast_app()
+    async with (
+        served_runner(app) as port,
+        aiohttp.ClientSession() as session,
+        session.post(f"http://127.0.0.1:{port}/upload", data=b"abcd") as resp,
+    ):
+        assert resp.status == 200 and (await resp.json())["size"] == 4
+    state = app[bpa.RECEIVE_KEY]
+    assert state.active is False and "set_exception" in state.reason and state.fast == 0
     await assert_drained(pool)
 
 

@@ -121,6 +121,10 @@ for label, fn in [
     ("release(x=1)", lambda: k.release(x=1)),
     ("retain(1)", lambda: k.retain(1)),
     ("tobytes(1)", lambda: k.tobytes(1)),
+    ("copy_from()", lambda: k.copy_from()),
+    ("copy_from(b'', 1)", lambda: k.copy_from(b"", 1)),
+    ("copy_from(data=b'')", lambda: k.copy_from(data=b"")),
+    ("copy_from(1)", lambda: k.copy_from(1)),
     ("__enter__(1)", lambda: k.__enter__(1)),
     ("retain for __exit__", lambda: k.retain().retain()),
     ("__exit__()", lambda: k.__exit__()),
@@ -146,6 +150,11 @@ show("truncate float", lambda: a.truncate(1.5))
 show("truncate str", lambda: a.truncate("1"))
 show("truncate huge", lambda: a.truncate(2**70))
 show("truncate subclass", lambda: (a.truncate(MyInt(4)), len(a)))
+show("copy_from", lambda: (a.copy_from(b"abc"), a.tobytes()))
+show("copy_from words", lambda: (a.copy_from(memoryview(b"wxyz").cast("H")), a.tobytes()))
+show("copy_from too long", lambda: a.copy_from(b"abcde"))
+show("copy_from strided", lambda: a.copy_from(memoryview(b"abcdef")[::2]))
+show("copy_from then", lambda: a.tobytes())
 a.release()
 show("after release", lambda: (a.refcount, a.released, a.capacity, len(a), repr(a)))
 show("release again", lambda: a.release())
@@ -153,6 +162,7 @@ show("retain after", lambda: a.retain())
 show("view after", lambda: a.view)
 show("tobytes after", lambda: a.tobytes())
 show("truncate after", lambda: a.truncate(1))
+show("copy_from after", lambda: a.copy_from(b"x"))
 b = pool.acquire(64)
 import copy, pickle
 for how in ("copy.copy", "copy.deepcopy", "pickle.dumps", "lambda x: pickle.dumps(x, 0)",

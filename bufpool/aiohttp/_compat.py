@@ -12,8 +12,9 @@ Pinned (see ``PINNED``): on ``RequestHandler`` the message queue ``_messages`` (
 ``_force_close``, ``_read_bufsize``, the parser limits ``max_line_size``/``max_field_size``/
 ``max_headers``; ``web_protocol._ErrInfo``; ``Server.__call__`` building the handler and
 ``Server._loop``; ``Application._make_handler``; ``StreamReader._wait``/``_buffer``/``_eof``/
-``_exception``/``_loop``; and ``HttpRequestParser(..., response_with_body=False)`` ending a
-message at its head.
+``_exception``/``_loop``; ``RequestHandler.start`` ending each request with
+``payload.set_exception(_PAYLOAD_ACCESS_ERROR)`` (read from its code's names); and
+``HttpRequestParser(..., response_with_body=False)`` ending a message at its head.
 """
 
 from __future__ import annotations
@@ -100,6 +101,11 @@ def check_internals(server: Server) -> str | None:
     for slot in ("_buffer", "_eof", "_exception", "_loop", "total_bytes"):
         if slot not in getattr(StreamReader, "__slots__", ()):
             return f"StreamReader.{slot} is missing"
+    # read_body's kept bodies are released when aiohttp ends each request with
+    # ``payload.set_exception(_PAYLOAD_ACCESS_ERROR)`` in ``RequestHandler.start``.
+    names = getattr(getattr(RequestHandler.start, "__code__", None), "co_names", ())
+    if "set_exception" not in names or "_PAYLOAD_ACCESS_ERROR" not in names:
+        return "RequestHandler.start no longer ends requests with payload.set_exception()"
     try:
         parser = HttpRequestParser(
             handler, server._loop, 2**16, max_line_size=handler.max_line_size,
