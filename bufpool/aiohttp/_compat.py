@@ -12,7 +12,8 @@ Pinned (see ``PINNED``): on ``RequestHandler`` the message queue ``_messages`` (
 ``_force_close``, ``_read_bufsize``, the parser limits ``max_line_size``/``max_field_size``/
 ``max_headers``; ``web_protocol._ErrInfo``; ``Server.__call__`` building the handler and
 ``Server._loop``; ``Application._make_handler``; ``StreamReader._wait``/``_buffer``/``_eof``/
-``_exception``/``_loop``; ``RequestHandler.start`` ending each request with
+``_exception``/``_loop``/``_waiter``/``_eof_waiter``/``_eof_callbacks``;
+``RequestHandler.start`` ending each request with
 ``payload.set_exception(_PAYLOAD_ACCESS_ERROR)`` (read from its code's names); and
 ``HttpRequestParser(..., response_with_body=False)`` ending a message at its head.
 """
@@ -98,7 +99,10 @@ def check_internals(server: Server) -> str | None:
         problem = _check_attr(obj, name, kind)
         if problem is not None:
             return problem
-    for slot in ("_buffer", "_eof", "_exception", "_loop", "total_bytes"):
+    for slot in (
+        "_buffer", "_eof", "_exception", "_loop", "total_bytes", "_waiter", "_eof_waiter",
+        "_eof_callbacks",
+    ):
         if slot not in getattr(StreamReader, "__slots__", ()):
             return f"StreamReader.{slot} is missing"
     # read_body's kept bodies are released when aiohttp ends each request with

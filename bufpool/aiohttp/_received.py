@@ -536,7 +536,12 @@ class ReceivedBody(StreamReader):
             raise RuntimeError("the body was already read through request.content")
         leases, self._leases = self._leases, _NO_LEASES
         self._mode = TAKEN
-        StreamReader.feed_eof(self)
+        if self._waiter is None and self._eof_waiter is None and not self._eof_callbacks:
+            # feed_eof with nobody to wake (the usual case): a HELD body never paused the
+            # connection as a stream, so there is no reading to resume either
+            self._eof = True
+        else:
+            StreamReader.feed_eof(self)
         if not leases:
             return None
         last = leases[-1]
