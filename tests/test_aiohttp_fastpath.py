@@ -376,6 +376,16 @@ async def test_tls_bodies_through_fast_path(tmp_path: Any) -> None:
     await assert_drained(pool)
 
 
+async def _upload_once(app: web.Application, data: bytes) -> None:
+    """One POST /upload to a served ``app``, answered 200 with the body's size."""
+    async with (
+        served_runner(app) as port,
+        aiohttp.ClientSession() as session,
+        session.post(f"http://127.0.0.1:{port}/upload", data=data) as resp,
+    ):
+        assert resp.status == 200 and (await resp.json())["size"] == len(data)
+
+
 async def test_self_test_falls_back_when_an_internal_is_missing(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -384,12 +394,7 @@ async def test_self_test_falls_back_when_an_internal_is_missing(
     monkeypatch.delattr(BaseProtocol, "_pause_reading_for_buffer")
     app, pool = fast_app()
     with caplog.at_level(logging.WARNING, logger="bufpool.aiohttp"):
-        async with (
-            served_runner(app) as port,
-            aiohttp.ClientSession() as session,
-            session.post(f"http://127.0.0.1:{port}/upload", data=b"abc") as resp,
-        ):
-            assert resp.status == 200 and (await resp.json())["size"] == 3
+        await _upload_once(app, b"abc")
     state = app[bpa.RECEIVE_KEY]
     assert state.active is False and "_pause_reading_for_buffer" in state.reason
     lines = [r for r in caplog.records if "zero_copy_receive is off" in r.getMessage()]
@@ -411,12 +416,7 @@ async def test_self_test_falls_back_when_requests_no_longer_end_with_set_excepti
 
     monkeypatch.setattr(web_protocol.RequestHandler, "start", start)
     app, pool = fast_app()
-    async with (
-        served_runner(app) as port,
-        aiohttp.ClientSession() as session,
-        session.post(f"http://127.0.0.1:{port}/upload", data=b"abcd") as resp,
-    ):
-        assert resp.status == 200 and (await resp.json())["size"] == 4
+    await _upload_once(app, b"abcd")
     state = app[bpa.RECEIVE_KEY]
     assert state.active is False and "set_exception" in state.reason and state.fast == 0
     await assert_drained(pool)
@@ -426,12 +426,7 @@ async def test_off_by_default() -> None:
     pool = make_pool()
     app = make_app(pool)
     assert bpa.RECEIVE_KEY not in app
-    async with (
-        served_runner(app) as port,
-        aiohttp.ClientSession() as session,
-        session.post(f"http://127.0.0.1:{port}/upload", data=b"abc") as resp,
-    ):
-        assert resp.status == 200
+    await _upload_once(app, b"abc")
     await assert_drained(pool)
 
 
