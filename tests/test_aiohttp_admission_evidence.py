@@ -154,3 +154,22 @@ async def test_a_whole_small_body_does_not_overtake_a_waiting_one() -> None:
     adm.release(ticket)
     assert adm.reserved == 0
     adm.close()
+
+
+@pytest.mark.asyncio
+async def test_a_body_cancelled_right_after_its_grant_gives_the_reservation_back() -> None:
+    """A body that waited for its evidence, was promoted and granted, and whose waiting task
+    is cancelled before it resumes (its connection was lost in that loop turn): the
+    reservation comes back (it stayed reserved for good before)."""
+    adm = _admission()
+    stream = _Stream(-1)  # no socket: the evidence can only come from the stream
+    task = asyncio.ensure_future(adm.reserve(stream, None, MiB, MiB))
+    await asyncio.sleep(0)
+    assert adm.reserved == 0 and not task.done()  # waiting for its evidence
+    stream.total_bytes = EVIDENCE_BYTES
+    adm._poll()  # the periodic look: promoted and granted in this same turn ...
+    assert adm.reserved == MiB
+    task.cancel()  # ... and cancelled before the waiting task runs
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (adm.reserved, len(adm.bodies)) == (0, 0)

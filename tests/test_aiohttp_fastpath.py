@@ -591,3 +591,34 @@ async def test_read_body_admission_returns_when_the_reply_fails_on_a_lost_connec
     stats = bpa.admission_stats(app)
     assert (stats.bodies, stats.reserved_bytes) == (0, 0)
     await assert_drained(pool)
+
+
+@pytest.mark.parametrize("what", ["body", "lease"])
+async def test_pooled_response_from_a_spawned_task_after_read_body(what: str) -> None:
+    """read_body in the handler, then pooled_response (sent from the pool) built in a task
+    the handler spawned: served, whatever the body's framing (fast path or aiohttp's parser
+    for chunked), and nothing leaks (the owner is made on the handler task read_body
+    checked)."""
+    app, pool = fast_app(copy_replies_upto=0)
+
+    async def spawned(request: web.Request) -> web.StreamResponse:
+        body = await bpa.read_body(request)
+
+        async def build() -> web.StreamResponse:
+            return bpa.pooled_response(request, body if what == "body" else body.owned)
+
+        return await asyncio.wait_for(asyncio.ensure_future(build()), 10)
+
+    app.router.add_post("/spawned", spawned)
+    data = random.Random(11).randbytes(3000)
+    async with served_runner(app) as port:
+        reader, writer = await raw_connect(port)
+        writer.write(post("/spawned", data) + chunked("/spawned", data, random.Random(1)))
+        for _ in range(2):
+            status, _, got = await asyncio.wait_for(read_response(reader), 10)
+            assert (status, got) == (200, data)
+        writer.close()
+    state = app[bpa.RECEIVE_KEY]
+    assert (state.fast, state.forwarded) == (1, 1)
+    assert pool.stats().leaked == 0
+    await assert_drained(pool)

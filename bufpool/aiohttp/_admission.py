@@ -615,7 +615,7 @@ class Admission:
                     ) from None
                 raise
             if not isinstance(exc, TimeoutError):  # cancelled after the grant: give back
-                if queue is self._waiters:
+                if queue is not self._growers:  # (a grower's ticket stays its body's)
                     self.release(ticket)
                 raise
         finally:

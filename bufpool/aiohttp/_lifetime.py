@@ -160,11 +160,15 @@ OWNED_KEY: Final[Any] = (
 _RELEASE_CONTEXT: Final = contextvars.Context()
 
 
-def owner_of(request: web.BaseRequest) -> RequestLeases:
+def owner_of(
+    request: web.BaseRequest, task: asyncio.Task[Any] | None = None
+) -> RequestLeases:
     """The request's RequestLeases, made on first use (task lifetime, see module docstring).
 
     NotSetUp when ``setup()`` never saw the application, or when called (first) from a task
-    other than the request's handler task without the middleware.
+    other than the request's handler task without the middleware.  ``task``: the handler
+    task when it is known already (a body the zero-copy receive path kept for ``read_body``
+    was checked then), so the owner may be made from any task.
     """
     state = getattr(request, "_state", None)  # the request's dict (no KeyError per request)
     if type(state) is not dict:
@@ -172,7 +176,7 @@ def owner_of(request: web.BaseRequest) -> RequestLeases:
     owned: RequestLeases | None = (
         state.get(OWNED_KEY) if state is not None else request.get(OWNED_KEY)
     )
-    return _own(request, state) if owned is None else owned
+    return _own(request, state, task) if owned is None else owned
 
 
 def app_settings(request: web.BaseRequest) -> Settings:
@@ -206,10 +210,15 @@ def handler_task(request: web.BaseRequest) -> asyncio.Task[Any]:
     return task
 
 
-def _own(request: web.BaseRequest, state: dict[Any, Any] | None) -> RequestLeases:
-    """A new RequestLeases for ``request`` (stored in ``state``, its dict, when not None)."""
+def _own(
+    request: web.BaseRequest, state: dict[Any, Any] | None,
+    task: asyncio.Task[Any] | None = None,
+) -> RequestLeases:
+    """A new RequestLeases for ``request`` (stored in ``state``, its dict, when not None),
+    released when ``task`` (default: the caller's, which must be the handler task) ends."""
     settings = app_settings(request)
-    task = handler_task(request)
+    if task is None:
+        task = handler_task(request)
     owned = RequestLeases(settings)
     if state is not None:
         state[OWNED_KEY] = owned

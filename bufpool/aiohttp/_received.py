@@ -528,6 +528,12 @@ class ReceivedBody(StreamReader):
         """True while this body holds slots or a ticket for a ``read_body`` caller."""
         return self._task is not None
 
+    @property
+    def task(self) -> asyncio.Task[Any]:
+        """The request's handler task, while ``kept``."""
+        assert self._task is not None
+        return self._task
+
     def _take_slots(self) -> Lease | LeaseChain | None:
         if self._mode == FAILED:
             assert self._failure is not None

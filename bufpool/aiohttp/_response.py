@@ -214,15 +214,17 @@ def pooled_response(
         state.get(OWNED_KEY) if type(state) is dict else request.get(OWNED_KEY)
     )
     settings = app_settings(request) if owner is None else owner.settings
-    if not isinstance(body, PooledBody):
-        # (read_body's lease passed on its own: the fast-path body that kept it lets go)
-        received = received_body(request)
-        if received is not None:
-            received.disown(body)
+    # A fast-path body read_body kept: its handler task is known (the owner can be made
+    # from any task, as once read_body made it), and it lets go of what is handed on here.
+    received = received_body(request)
+    if received is not None and not received.kept:
+        received = None
     if len(body) <= settings.copy_replies_upto:
+        if received is not None and not isinstance(body, PooledBody):
+            received.disown(body)  # (_copied releases it; a PooledBody does that itself)
         return _copied(owner, body, status, reason, content_type, headers)
     if owner is None:
-        owner = owner_of(request)
+        owner = owner_of(request, None if received is None else received.task)
     if isinstance(body, PooledBody):
         owned = body.owned
         views = body.views()
@@ -230,6 +232,8 @@ def pooled_response(
     else:
         owned = body
         views = [body.view] if isinstance(body, Lease) else body.views()
+        if received is not None:
+            received.disown(body)
     if owned is not None:
         owner.adopt(owned)
     maps = owner.header_maps
