@@ -60,6 +60,13 @@ def _add_slow_route(app: web.Application, gate: asyncio.Event, pause: float = 0.
     app.router.add_post("/slow", slow)
 
 
+async def _queue_full_then(writer: asyncio.StreamWriter, body: bytes, sent: int) -> None:
+    """32 pipelined requests to /slow (aiohttp's queue of waiting requests full), then the
+    head of an upload of ``body`` and its first ``sent`` bytes."""
+    small = [_head(10, "/slow") + b"0123456789" for _ in range(32)]
+    writer.write(b"".join(small) + _head(len(body)) + body[:sent])
+    await writer.drain()
+
 async def _post_all(port: int, bodies: list[bytes]) -> list[tuple[int, Any]]:
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0)  # keep-alive (Connection: close bodies
@@ -228,9 +235,7 @@ async def test_a_body_held_by_aiohttps_pipelining_queue_is_not_charged_for_it() 
     async with served_runner(app) as port:
         reader, writer = await raw_connect(port)
         try:
-            small = [_head(10, "/slow") + b"0123456789" for _ in range(32)]
-            writer.write(b"".join(small) + _head(len(last)) + last[:40_000])
-            await writer.drain()
+            await _queue_full_then(writer, last, 40_000)
             # The queue filled and the last body is admitted (held): wait for that, then
             # for several body_timeouts of the pause.
             assert await wait_for(lambda: bpa.admission_stats(app).bodies >= 1)
@@ -267,9 +272,7 @@ async def test_a_held_body_is_still_preempted_when_its_memory_is_needed() -> Non
     async with served_runner(app) as port:
         _reader, writer = await raw_connect(port)
         try:
-            small = [_head(10, "/slow") + b"0123456789" for _ in range(32)]
-            writer.write(b"".join(small) + _head(len(held)) + held[:40_000])
-            await writer.drain()
+            await _queue_full_then(writer, held, 40_000)
             assert await wait_for(lambda: bpa.admission_stats(app).reserved_bytes >= 700_000)
             # 700 KB held + 500 KB > the 1 MiB budget: the upload waits, then preempts.
             (status, got), = await _post_all(port, [_data(500_000, 12)])
