@@ -1,5 +1,6 @@
 """Build script for bufpool's optional C speedups (``bufpool/_speedups.c``, the memory core's
-hot paths, and ``bufpool/tls/_cscan.c``, the TLS record splitter's).
+hot paths, ``bufpool/tls/_cscan.c``, the TLS record splitter's, and
+``bufpool/aiohttp/_chead.c``, the zero-copy receive path's head scan).
 
 Metadata lives in pyproject.toml; this file only adds the extension.  The extension is
 optional: when it cannot be built (no compiler, no Python headers, a free-threaded or
@@ -65,6 +66,7 @@ else:
     ext_modules = [
         Extension("bufpool._speedups", ["bufpool/_speedups.c"]),
         Extension("bufpool.tls._cscan", ["bufpool/tls/_cscan.c"]),
+        Extension("bufpool.aiohttp._chead", ["bufpool/aiohttp/_chead.c"]),
     ]
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": OptionalBuildExt})

@@ -422,6 +422,38 @@ async def test_self_test_falls_back_when_requests_no_longer_end_with_set_excepti
     await assert_drained(pool)
 
 
+async def test_self_test_falls_back_when_the_parser_keeps_the_bytearray_it_is_fed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The receive path feeds aiohttp's parser a bytearray slice of its scratch buffer: a
+    parser that kept those bytearrays in ``raw_headers`` (instead of copying them to bytes)
+    turns the fast path off."""
+    from bufpool.aiohttp import _compat
+
+    real = _compat.HttpRequestParser
+
+    class KeepsWhatItIsFed:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._parser = real(*args, **kwargs)
+
+        def feed_data(self, data: Any) -> Any:
+            messages, upgraded, tail = self._parser.feed_data(data)
+            kept = [
+                (msg._replace(raw_headers=tuple(
+                    (bytearray(name), bytearray(value)) for name, value in msg.raw_headers
+                )), payload)
+                for msg, payload in messages
+            ]
+            return kept, upgraded, tail
+
+    monkeypatch.setattr(_compat, "HttpRequestParser", KeepsWhatItIsFed)
+    app, pool = fast_app()
+    await _upload_once(app, b"abcde")
+    state = app[bpa.RECEIVE_KEY]
+    assert state.active is False and "raw_headers" in state.reason and state.fast == 0
+    await assert_drained(pool)
+
+
 async def test_off_by_default() -> None:
     pool = make_pool()
     app = make_app(pool)

@@ -51,6 +51,7 @@ from aiohttp.web_server import Server
 from ._admission import EVIDENCE_BYTES, READING, BodyCut
 from ._chunked import ChunkScanner
 from ._compat import check_internals
+from ._headscan import scan_head
 from ._linger import LingeringClose as _LingeringClose
 from ._received import AdmittedSlots, ReceivedBody, SlotSource
 from ._settings import Settings
@@ -273,27 +274,17 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
 
     def _head_then_body(self, data: memoryview, nbytes: int) -> bool:
         """The common read: one whole head and the start of its fast-path body, nothing
-        after it.  Handled in the scratch buffer (no copy of the read); False: let ``_feed``
-        do it."""
-        end = self._ctx.scratch_buf.find(_CRLF2, 0, nbytes)
+        after it (``scan_head``).  Handled in the scratch buffer (no copy of the read);
+        False: let ``_feed`` do it."""
+        scratch = self._ctx.scratch_buf
+        end = scan_head(scratch, nbytes)
         if end < 0:
             return False
-        end += 4
-        if nbytes > end:
-            # Only when the body takes all the rest (else pipelined bytes follow: _feed).
-            raw = self._ctx.scratch_buf.find(b"\r\nContent-Length:", 0, end)
-            if raw < 0:
-                return False
-            stop = self._ctx.scratch_buf.find(b"\r", raw + 17, end)
-            try:
-                declared = int(self._ctx.scratch_buf[raw + 17 : stop])
-            except ValueError:
-                return False
-            if declared < nbytes - end:
-                return False
         # (One head, and no bytes after its body: no later request in this read can fail,
         # so nothing would be taken back; no batch.)
-        i = self._start_message(data, 0, end)
+        # aiohttp's parser copies what it keeps of a head (checked by _compat): a bytearray
+        # slice of the scratch buffer is one copy; no bare LF (scan_head checked).
+        i = self._route(scratch[:end], data, 0, end)
         if i < nbytes and self._state == BODY:
             body = self._body
             assert body is not None
@@ -384,8 +375,13 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         head = bytes(buf[start:end])
         if head.count(b"\n") != head.count(b"\r\n"):
             return self._passthrough(buf, start)  # bare LF: aiohttp's parser judges
+        return self._route(head, buf, start, end)
+
+    def _route(self, head: bytes | bytearray, buf: _Buf, start: int, end: int) -> int:
+        """``_start_message`` once the head (a copy of ``buf[start:end]``) is known to end
+        every line in CRLF."""
         try:
-            messages, upgraded, tail = self._parser.feed_data(head)
+            messages, upgraded, tail = self._parser.feed_data(head)  # type: ignore[arg-type]
         except HttpProcessingError:
             return self._passthrough(buf, start)  # same bytes, same error, same status
         if len(messages) != 1 or upgraded or tail:
