@@ -166,6 +166,44 @@ async def test_same_answers_as_plain_aiohttp() -> None:
     await assert_drained(pool)
 
 
+async def _until_closed(port: int, data: bytes) -> list[tuple[int, bytes]]:
+    """Send ``data`` in one write and nothing more; the responses until the server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        chunks = []
+        try:
+            async with asyncio.timeout(20):
+                while chunk := await reader.read(65536):
+                    chunks.append(chunk)
+        except TimeoutError:
+            return [*_responses(b"".join(chunks)), (-3, b"still open after 20 s")]
+        return _responses(b"".join(chunks))
+    finally:
+        writer.close()
+
+
+async def test_a_read_whose_tail_cannot_start_a_request_is_answered_as_plain_aiohttp() -> None:
+    """aiohttp's parser judges each read whole: when bytes after the requests it completed in
+    a read cannot start another request, it answers 400 at once and serves none of them.  The
+    fast path would otherwise serve those requests and wait for the rest of a head; it gives
+    the same single 400, at once (found by an attacker review)."""
+    plain, fast, pool = _apps()
+    reads = [
+        _head("Host: t", "Content-Length: 5") + b"hello@",
+        _head("Host: t", "content-length: 5") + b"hello@",
+        (_head("Host: t", "Content-Length: 3") + b"abc") * 2 + b"\x01",
+        b"GET /health HTTP/1.1\r\nHost: t\r\n\r\ndGET /h",
+    ]
+    async with served_runner(plain) as plain_port, served_runner(fast) as fast_port:
+        for data in reads:
+            want = await _until_closed(plain_port, data)
+            got = await _until_closed(fast_port, data)
+            assert [status for status, _ in want] == [400], want
+            assert got == want, (data, got)
+            await assert_drained(pool)
+
+
 async def test_smuggling_shapes_are_refused() -> None:
     """The shapes that could desynchronise a proxy and a server end in 400 on both, with the
     sentinel never answered (the connection closes at the error)."""

@@ -282,8 +282,9 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
             return False
         # (One head, and no bytes after its body: no later request in this read can fail,
         # so nothing would be taken back; no batch.)
-        # aiohttp's parser copies what it keeps of a head (checked by _compat): a bytearray
-        # slice of the scratch buffer is one copy; no bare LF (scan_head checked).
+        # A bytearray slice of the scratch buffer (aiohttp's C parser turns it into bytes:
+        # two small copies, as fast as bytes(data[:end])); what the parser keeps of it is
+        # bytes (checked by _compat).  No bare LF: scan_head checked.
         i = self._route(scratch[:end], data, 0, end)
         if i < nbytes and self._state == BODY:
             body = self._body
@@ -317,7 +318,11 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
             if state == HEAD:
                 end = buf.find(_CRLF2, max(i, self._scan))
                 if end < 0:
-                    if n - i > self._ctx.options.max_head_size:
+                    if n - i > self._ctx.options.max_head_size or (
+                        # aiohttp's parser would reject this read for bytes after requests
+                        # it completed (and so answer none of them): same answer here
+                        self._batch and self._parse_fails(buf[i:])
+                    ):
                         i = self._passthrough(buf, i)
                     else:
                         self._scan = max(i, n - 3)
