@@ -131,10 +131,12 @@ def _responses(raw: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
-async def _exchange(port: int, data: bytes) -> list[tuple[int, bytes]]:
+async def _until_closed(port: int, data: bytes) -> list[tuple[int, bytes]]:
+    """Send ``data`` in one write and nothing more; the responses until the server closes
+    (a reset or 20 s without EOF end the list with status -2 or -3)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(data + SENTINEL)
+        writer.write(data)
         chunks = []
         try:
             async with asyncio.timeout(20):
@@ -147,6 +149,11 @@ async def _exchange(port: int, data: bytes) -> list[tuple[int, bytes]]:
         return _responses(b"".join(chunks))
     finally:
         writer.close()
+
+
+async def _exchange(port: int, data: bytes) -> list[tuple[int, bytes]]:
+    """``data`` then a closing request (SENTINEL): every response until the server closes."""
+    return await _until_closed(port, data + SENTINEL)
 
 
 async def test_same_answers_as_plain_aiohttp() -> None:
@@ -164,23 +171,6 @@ async def test_same_answers_as_plain_aiohttp() -> None:
     assert state.active is True
     assert state.fast >= 10 and state.forwarded >= 2 and state.passthrough >= 10
     await assert_drained(pool)
-
-
-async def _until_closed(port: int, data: bytes) -> list[tuple[int, bytes]]:
-    """Send ``data`` in one write and nothing more; the responses until the server closes."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        chunks = []
-        try:
-            async with asyncio.timeout(20):
-                while chunk := await reader.read(65536):
-                    chunks.append(chunk)
-        except TimeoutError:
-            return [*_responses(b"".join(chunks)), (-3, b"still open after 20 s")]
-        return _responses(b"".join(chunks))
-    finally:
-        writer.close()
 
 
 async def test_a_read_whose_tail_cannot_start_a_request_is_answered_as_plain_aiohttp() -> None:
