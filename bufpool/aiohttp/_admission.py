@@ -427,7 +427,7 @@ class Admission:
             loop = self._bind()
         if self._waiters or self._growers or self.reserved + nbytes > self.budget:
             return None
-        shown = getattr(stream, "total_bytes", None)
+        shown = _wire_bytes(stream)
         if shown is not None:
             need = EVIDENCE_BYTES if length is None or length > EVIDENCE_BYTES else length
             if shown < need and not stream.is_eof() and not _queued_enough(  # type: ignore[attr-defined]
@@ -519,7 +519,7 @@ class Admission:
         """Update ``ticket.shown``/``need`` from the stream and (``kernel``) the socket's
         receive queue; True if the client sent a byte since the last look."""
         stream: Any = ticket.stream
-        shown = getattr(stream, "total_bytes", None)
+        shown = _wire_bytes(stream)
         if shown is None or stream.is_eof() or stream.exception() is not None:
             ticket.need = 0  # (a failed stream: reading it raises the failure at once)
             return True
@@ -1037,6 +1037,18 @@ def _still_held(ticket: BodyTicket) -> bool:
     that cannot tell is taken as released, so no body stays exempt by mistake)."""
     held = getattr(ticket.stream, "held", None)
     return bool(held()) if held is not None else False
+
+
+def _wire_bytes(stream: Any) -> int | None:
+    """Body bytes ``stream`` has taken in as they came on the wire (for a Content-Encoding
+    body the compressed ones, aiohttp's ``total_compressed_bytes``; decompressed output can
+    lag them), or None if it does not count them.  They are what the socket's queue adds to
+    and what a Content-Length measures."""
+    shown = getattr(stream, "total_bytes", None)
+    if shown is None:
+        return None
+    compressed = getattr(stream, "total_compressed_bytes", None)
+    return shown if compressed is None else int(compressed)
 
 
 def _queued_enough(stream: Any, reader: FlowControl | None, need: int) -> bool:

@@ -231,7 +231,7 @@ async def read_body(request: web.Request) -> PooledBody:
             raise _too_large(settings.max_body_size, length, declared=True)
         owned = None if length == 0 else await _read_sized(request, settings, owner, length)
     else:
-        owned = await _read_streamed(request, settings, owner)
+        owned = await _read_streamed(request, settings, owner, length)
     if owned is not None:
         owner.items.append(owned)
     owner.body = body = PooledBody(owned, request)
@@ -465,10 +465,12 @@ async def _fill(
 
 
 async def _read_streamed(
-    request: web.Request, settings: Settings, owner: RequestLeases
+    request: web.Request, settings: Settings, owner: RequestLeases, wire_length: int | None,
 ) -> Lease | LeaseChain | None:
     """Unknown length (chunked, or decoded from Content-Encoding): admitted one largest slot
-    at a time, grown as bytes arrive."""
+    at a time, grown as bytes arrive.  ``wire_length`` (the Content-Length of an encoded
+    body, else None) bounds the admission's evidence: a body shorter than EVIDENCE_BYTES on
+    the wire shows all of itself."""
     pool = settings.pool
     adm = settings.admission
     assert adm is not None
@@ -477,7 +479,7 @@ async def _read_streamed(
     unit = slot_bytes(pool, largest)
     # Sizes a growing first lease steps through: whole slots of each class up to the largest.
     steps = [s for s in pool.slot_sizes if s <= largest] or [largest]
-    ticket = await _admit(request, settings, owner, unit, None)
+    ticket = await _admit(request, settings, owner, unit, wire_length)
     readchunk = request.content.readchunk
     leases: list[Lease] = []
     cur: Lease | None = None
