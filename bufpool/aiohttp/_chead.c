@@ -110,28 +110,32 @@ chead_scan_head(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *buf = args[0];
-    Py_ssize_t r;
-    if (PyByteArray_CheckExact(buf)) {
-        if (n < 0 || n > PyByteArray_GET_SIZE(buf)) {
-            PyErr_Format(PyExc_ValueError, "nbytes must be within 0..%zd, got %zd",
-                         PyByteArray_GET_SIZE(buf), n);
-            return NULL;
-        }
-        r = scan((const unsigned char *)PyByteArray_AS_STRING(buf), n);
+    Py_buffer view = {0};
+    const unsigned char *p;
+    Py_ssize_t len;
+    if (PyByteArray_CheckExact(buf)) { /* the receive path's scratch: no buffer export */
+        p = (const unsigned char *)PyByteArray_AS_STRING(buf);
+        len = PyByteArray_GET_SIZE(buf);
     }
     else {
-        Py_buffer view;
         if (PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE) < 0) {
             return NULL;
         }
-        if (n < 0 || n > view.len) {
-            PyErr_Format(PyExc_ValueError, "nbytes must be within 0..%zd, got %zd", view.len,
-                         n);
-            PyBuffer_Release(&view);
-            return NULL;
-        }
-        r = scan((const unsigned char *)view.buf, n);
+        p = (const unsigned char *)view.buf;
+        len = view.len;
+    }
+    Py_ssize_t r = -1;
+    if (n < 0 || n > len) {
+        PyErr_Format(PyExc_ValueError, "nbytes must be within 0..%zd, got %zd", len, n);
+    }
+    else {
+        r = scan(p, n);
+    }
+    if (view.obj != NULL) {
         PyBuffer_Release(&view);
+    }
+    if (PyErr_Occurred()) {
+        return NULL;
     }
     return PyLong_FromSsize_t(r);
 }

@@ -318,12 +318,12 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
             if state == HEAD:
                 end = buf.find(_CRLF2, max(i, self._scan))
                 if end < 0:
-                    if n - i > self._ctx.options.max_head_size or (
+                    if n - i > self._ctx.options.max_head_size:
+                        i = self._passthrough(buf, i)
+                    elif self._batch and self._parse_fails(buf[i:]):
                         # aiohttp's parser would reject this read for bytes after requests
                         # it completed (and so answer none of them): same answer here
-                        self._batch and self._parse_fails(buf[i:])
-                    ):
-                        i = self._passthrough(buf, i)
+                        i = self._passthrough(buf, i, fails=True)
                     else:
                         self._scan = max(i, n - 3)
                     break
@@ -514,8 +514,9 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
             self._scan = 0
             self._feed(data)
 
-    def _passthrough(self, buf: _Buf, i: int) -> int:
-        """Hand the stream from ``buf[i:]`` on to aiohttp's parser, for good.
+    def _passthrough(self, buf: _Buf, i: int, fails: bool = False) -> int:
+        """Hand the stream from ``buf[i:]`` on to aiohttp's parser, for good (``fails``: the
+        caller found already that ``buf[i:]`` fails to parse).
 
         aiohttp parses each read as a whole: a parse error anywhere in it drops the requests
         before the error in that same read.  So when the rest of this read fails to parse,
@@ -524,7 +525,7 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         first of them, answering exactly as it would have.
         """
         batch = self._batch
-        if batch and self._parse_fails(buf[i:]):
+        if batch and (fails or self._parse_fails(buf[i:])):
             handler = self._handler
             messages = handler._messages
             for _start, msg, payload in reversed(batch):
