@@ -675,14 +675,24 @@ async def test_admission_is_fifo_and_a_leaving_waiter_lets_the_next_in() -> None
     await assert_drained(pool)
 
 
-@pytest.mark.parametrize("zero_copy", [False, True], ids=["aiohttp-parser", "zero-copy"])
+@pytest.mark.parametrize(
+    ("zero_copy", "size", "pipelined"),
+    [(False, 256 * 1024, 2), (True, 256 * 1024, 2), (True, 16 * 1024, 24)],
+    # (on aiohttp's parser a connection's queued requests hold no pool memory: only the
+    # zero-copy path takes whole bodies as they arrive, up to aiohttp's queue of 32)
+    ids=["aiohttp-parser", "zero-copy", "zero-copy-whole"],
+)
 @pytest.mark.asyncio
-async def test_clients_that_never_read_replies_cannot_keep_body_memory(zero_copy: bool) -> None:
+async def test_clients_that_never_read_replies_cannot_keep_body_memory(
+    zero_copy: bool, size: int, pipelined: int
+) -> None:
     """A request keeps its body's memory until it ends, and it ends only once its reply is
     written.  Clients that upload bodies and never read the replies (here plain
     ``web.Response`` replies, which no pooled-reply watch covers) would keep the body budget
     for ever; their connections are aborted once their replies stop moving (send_timeout,
-    sooner under memory pressure), and a legitimate upload is served."""
+    sooner under memory pressure), and a legitimate upload is served.  ``whole``: 16 KiB
+    bodies that each come whole with their head, which the zero-copy path admits into one
+    hold per connection (``Admission.hold_whole``): the hold is watched the same way."""
     pool = bufpool.BufferPool(max_bytes=4 * MiB, on_exhausted="raise")
     app = make_app(pool, max_body_size=256 * 1024, body_budget=MiB, preempt_after=0.2,
                    preempt_idle=0.3, acquire_timeout=10, zero_copy_receive=zero_copy)
@@ -693,14 +703,24 @@ async def test_clients_that_never_read_replies_cannot_keep_body_memory(zero_copy
         return web.Response(body=reply)
 
     app.router.add_post("/hold", hold)
-    body = b"b" * (256 * 1024)
+    body = b"b" * size
     async with served(app) as client:
         port = client.port
         assert port is not None
         conns = [await raw_connect(port, rcvbuf=4096) for _ in range(4)]
         try:
-            for _reader, writer in conns:  # pipelined, replies never read
-                writer.write((_head("/hold", len(body)) + body) * 2)
+            request = _head("/hold", len(body)) + body
+            if size > 16 * 1024:
+                for _reader, writer in conns:  # pipelined, replies never read
+                    writer.write(request * pipelined)
+            else:  # one at a time, each taken before the next: whole with its head
+                for i in range(pipelined):
+                    for _reader, writer in conns:
+                        writer.write(request)
+                    held = min((i + 1) * len(conns) * size, MiB - 65536)
+                    assert await wait_for(
+                        lambda held=held: bpa.admission_stats(app).reserved_bytes >= held  # type: ignore[misc]
+                    )
             assert await wait_for(lambda: bpa.admission_stats(app).reserved_bytes >= MiB - 65536)
             status, _secs, exact = await _legit_upload(client, 200_000, 1)
             assert (status, exact) == (200, True)

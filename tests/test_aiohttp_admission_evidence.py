@@ -3,7 +3,8 @@
 A body whose head arrived with less than ``EVIDENCE_BYTES`` behind it, but whose next bytes
 already wait in the socket's receive queue, is admitted at once by ``reserve_now`` (no waiting
 task, no paused reading); one that has really shown nothing still reserves nothing.  A body
-that came whole with its head (``admit_whole``) never overtakes a body waiting in the FIFO.
+that came whole with its head (``hold_whole``, into its connection's hold) never overtakes a body
+waiting in the FIFO, and what a hold holds is reserved until given back.
 Real sockets (a connected pair), both loops.
 """
 
@@ -142,17 +143,26 @@ async def test_a_whole_small_body_does_not_overtake_a_waiting_one() -> None:
     await asyncio.sleep(0)
     assert not waiter.done() and adm.reserved == 3 * MiB
     # 4 KiB would fit next to the holder, but the FIFO has a waiter: not admitted ahead of it.
-    assert adm.admit_whole(_Whole(-1), 4096, 3000) is None
+    hold = adm.new_hold(_Whole(-1))
+    assert not adm.hold_whole(hold, 4096)
+    assert (adm.reserved, hold.size, hold in adm.bodies) == (3 * MiB, 0, False)
     adm.release(holder)
     ticket = await asyncio.wait_for(waiter, 5)
     assert adm.reserved == 2 * MiB
-    # Nobody waits any more: admitted at once, already done, released as any other.
-    whole = adm.admit_whole(_Whole(-1), 4096, 3000)
-    assert whole is not None and adm.reserved == 2 * MiB + 4096
-    assert whole.received == 3000
-    adm.release(whole)
+    # Nobody waits any more: admitted at once; two bodies of one connection share its hold.
+    assert adm.hold_whole(hold, 4096) and adm.hold_whole(hold, 1024)
+    assert (adm.reserved, hold.size, hold in adm.bodies) == (2 * MiB + 5120, 5120, True)
+    assert adm.stats().bodies == 2  # the waiter's ticket and the hold
+    # One of them goes to another owner: its bytes move to a ticket of their own.
+    own = adm.split_hold(hold, 1024, _Whole(-1))
+    assert (adm.reserved, hold.size, own.size) == (2 * MiB + 5120, 4096, 1024)
+    adm.release(own)
+    adm.unhold_whole(hold, 4096)
+    assert (adm.reserved, hold.size, hold in adm.bodies) == (2 * MiB, 0, False)
+    # The budget bounds a hold as any body: 2 MiB more does not fit next to the waiter's.
+    assert not adm.hold_whole(hold, 2 * MiB + 1)
     adm.release(ticket)
-    assert adm.reserved == 0
+    assert (adm.reserved, len(adm.bodies)) == (0, 0)
     adm.close()
 
 

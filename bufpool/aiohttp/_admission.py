@@ -449,27 +449,59 @@ class Admission:
             self._handle = loop.call_later(self.tick, self._check)
         return ticket
 
-    def admit_whole(self, stream: BodyStream, nbytes: int, length: int) -> BodyTicket | None:
-        """Admit a body whose ``length`` bytes are all in memory already (nothing to wait
-        for, no deadline left): ``nbytes`` reserved now if the budget has room and nobody
-        waits ahead (FIFO), else None.  The ticket is DONE; release it as any other."""
-        loop = self.loop
-        if loop is None or not loop.is_running():  # (no getpid() per request)
-            loop = self._bind()
+    def new_hold(self, connection: Any) -> BodyTicket:
+        """A connection's hold: one DONE ticket for the whole bodies its requests hold (see
+        ``hold_whole``); ``connection.transport`` is watched for write progress (its stream:
+        a DONE ticket's stream is never cut).  In ``bodies`` while it holds any; never
+        ``release`` it."""
+        hold = BodyTicket(self, connection, None)
+        hold.state = DONE
+        return hold
+
+    def hold_whole(self, hold: BodyTicket, nbytes: int) -> bool:
+        """Admit a body whose bytes are all in memory already (nothing to wait for, no
+        deadline left) into its connection's ``hold``: ``nbytes`` reserved now if the budget
+        has room and nobody waits ahead (FIFO), else False.  No ticket per body: the
+        common request costs two additions here and two subtractions in ``unhold_whole``.
+        While a hold holds bytes, its connection's replies must keep moving
+        (``send_timeout``, and ``preempt_idle`` under pressure), as for any whole body."""
         if self._waiters or self._growers or self.reserved + nbytes > self.budget:
-            return None
-        ticket = BodyTicket(self, stream, None)
+            return False
         self.reserved += nbytes
-        ticket.size = nbytes
-        ticket.received = length
-        ticket.state = DONE
-        self.bodies.add(ticket)
+        if not hold.size:
+            hold.wsize = 0  # (a new holding period: no stale write-progress mark)
+            self.bodies.add(hold)
+            if self._handle is None:  # the periodic check also schedules the idle trim
+                loop = self.loop
+                if loop is None or not loop.is_running():  # (no getpid() per request)
+                    loop = self._bind()
+                self._next_check = loop.time() + self.tick
+                self._handle = loop.call_later(self.tick, self._check)
+        hold.size += nbytes
         self.admitted += 1
         self.activity += 1
         self._dirty = True
-        if self._handle is None:  # the periodic check also schedules the idle trim
-            self._next_check = loop.time() + self.tick
-            self._handle = loop.call_later(self.tick, self._check)
+        return True
+
+    def unhold_whole(self, hold: BodyTicket, nbytes: int) -> None:
+        """Give back ``nbytes`` that ``hold_whole`` put in ``hold``; serve waiters in order."""
+        self.reserved -= nbytes
+        hold.size -= nbytes
+        if not hold.size:
+            self.bodies.discard(hold)
+        if self._growers or self._waiters:
+            self._serve()
+
+    def split_hold(self, hold: BodyTicket, nbytes: int, stream: BodyStream) -> BodyTicket:
+        """Move ``nbytes`` of ``hold`` to a DONE ticket of their own (``stream``'s), which
+        is released as any other: for a body whose memory goes to another owner."""
+        ticket = BodyTicket(self, stream, None)
+        ticket.state = DONE
+        ticket.size = ticket.received = nbytes
+        self.bodies.add(ticket)
+        hold.size -= nbytes
+        if not hold.size:
+            self.bodies.discard(hold)
         return ticket
 
     def _admit(self, ticket: BodyTicket, nbytes: int, now: float) -> None:

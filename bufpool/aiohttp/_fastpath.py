@@ -48,7 +48,7 @@ from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_server import Server
 
-from ._admission import EVIDENCE_BYTES, READING, BodyCut
+from ._admission import EVIDENCE_BYTES, READING, BodyCut, BodyTicket
 from ._chunked import ChunkScanner
 from ._compat import check_internals
 from ._headscan import scan_head
@@ -165,7 +165,7 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         "_batch", "_body", "_chunks", "_ctx", "_discard_left", "_fwd_left", "_fwd_payload",
         "_handler", "_into_slot",
         "_live", "_parser", "_paused", "_pending", "_scan", "_state", "_stream_paused",
-        "_transport", "_waiting", "slots",
+        "_transport", "_waiting", "hold", "slots",
     )
 
     def __init__(self, handler: RequestHandler, ctx: _Context) -> None:
@@ -198,6 +198,15 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         self._paused = False  # paused by this protocol (slot wait, verify, stream backlog)
         self._stream_paused = False
         self._waiting: set[asyncio.Task[None]] = set()
+        #: The admission's hold for this connection's whole bodies (made by ``slots`` at the
+        #: first one; see ``Admission.hold_whole``).
+        self.hold: BodyTicket | None = None
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        """The connection (None once lost): what the admission watches while ``hold``
+        holds memory (its replies must keep moving)."""
+        return self._transport
 
     # ------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

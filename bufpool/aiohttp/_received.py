@@ -129,19 +129,23 @@ class AdmittedSlots:
         if not self._sync or n > self._largest:
             return False
         sizes = self._sizes
+        size = sizes[bisect_left(sizes, n)]
         adm = self._adm
-        # The body is its DONE ticket's stream: the admission only asks a DONE ticket's
-        # stream for its ``transport`` (the write-progress watch), never cuts it (no notice).
-        ticket = adm.admit_whole(body, sizes[bisect_left(sizes, n)], n)
-        if ticket is None:
+        # Admitted into its connection's hold, a DONE ticket whose stream is the connection:
+        # the admission only asks it for its ``transport`` (the write-progress watch).
+        conn = body._conn
+        hold = conn.hold
+        if hold is None:
+            hold = conn.hold = adm.new_hold(conn)
+        if not adm.hold_whole(hold, size):
             return False
         try:
             lease = self._pool.acquire(n)
         except PoolExhausted:  # (trimming and waiting are the general path's)
-            adm.release(ticket)
+            adm.unhold_whole(hold, size)
             return False
         lease.copy_from(data)  # (no view made: a handler that only needs len() pays none)
-        body.whole(lease, ticket)
+        body.whole(lease, size)
         return True
 
     async def lease_wait(self, body: ReceivedBody, size: int, /) -> Lease:
@@ -251,6 +255,7 @@ class ReceivedBody(StreamReader):
         "_leases",
         "_mode",
         "_overflow",
+        "_share",
         "_task",
         "ahead",
         "length",
@@ -273,7 +278,8 @@ class ReceivedBody(StreamReader):
         self._largest = largest
         self._leases: list[Lease] = []
         self._fill = 0  # bytes in the last lease
-        self._overflow = bytearray()  # bytes that arrived while no slot could be leased
+        #: Bytes that arrived while no slot could be leased (a bytearray once there are any).
+        self._overflow: bytes | bytearray = b""
         self._mode = HELD
         self._complete = False
         self._done: asyncio.Future[None] | None = None
@@ -283,6 +289,9 @@ class ReceivedBody(StreamReader):
         #: The body's admission into the budget (None before it, and once released or handed
         #: to ``read_body`` with the slots).
         self.ticket: BodyTicket | None = None
+        #: Bytes reserved for this body in its connection's hold (a whole body, see
+        #: ``take_whole``; 0: none).  Given back with the slots, as a ticket would be.
+        self._share = 0
         #: What ``read_body`` returned when this body kept its own slots (see ``keep``).
         self.pooled: Any = None
         self._kept: Lease | LeaseChain | None = None
@@ -325,6 +334,7 @@ class ReceivedBody(StreamReader):
         self._fill = 0
         over = self._overflow
         if over:
+            assert type(over) is bytearray
             k = min(len(over), len(lease))
             lease.view[:k] = over[:k]
             self._fill = k
@@ -346,13 +356,13 @@ class ReceivedBody(StreamReader):
             return True
         return False
 
-    def whole(self, lease: Lease, ticket: BodyTicket) -> None:
-        """All of the body arrived with its head and was copied into ``lease`` (admitted as
-        ``ticket``, already done): the body is complete."""
+    def whole(self, lease: Lease, share: int) -> None:
+        """All of the body arrived with its head and was copied into ``lease`` (``share``
+        bytes reserved in its connection's hold): the body is complete."""
         n = len(lease)
         self._leases.append(lease)
         self._fill = self.received = self.total_bytes = n
-        self.ticket = ticket
+        self._share = share
         self._complete = True
 
     def admitted(self, ticket: BodyTicket) -> None:
@@ -371,10 +381,25 @@ class ReceivedBody(StreamReader):
         ticket, self.ticket = self.ticket, None
         if ticket is not None:
             ticket.adm.release(ticket)
+        if self._share:
+            self._unshare()
+
+    def _unshare(self) -> None:
+        share, self._share = self._share, 0
+        hold = self._conn.hold
+        assert hold is not None
+        hold.adm.unhold_whole(hold, share)
 
     def hand_over_ticket(self) -> BodyTicket | None:
-        """The ticket goes with the slots ``take()`` handed over (the request releases it)."""
+        """The ticket goes with the slots ``take()`` handed over (the request releases it;
+        a share of the connection's hold becomes a ticket of its own)."""
         ticket, self.ticket = self.ticket, None
+        share = self._share
+        if share:
+            self._share = 0
+            hold = self._conn.hold
+            assert hold is not None
+            ticket = hold.adm.split_hold(hold, share, self)
         return ticket
 
     def bytes_arrived(self, data: bytes | bytearray | memoryview) -> bool:
@@ -397,6 +422,8 @@ class ReceivedBody(StreamReader):
             while p < n:
                 view = self.slot_view()
                 if view is None:
+                    if not self._overflow:
+                        self._overflow = bytearray()
                     self._overflow += src[p:]
                     break
                 k = min(len(view), n - p)
@@ -457,7 +484,7 @@ class ReceivedBody(StreamReader):
 
     def _release_all(self) -> None:
         leases, self._leases = self._leases, _NO_LEASES
-        self._overflow = bytearray()
+        self._overflow = b""
         for lease in leases:
             if not lease.released:
                 lease.release()
@@ -508,6 +535,8 @@ class ReceivedBody(StreamReader):
         self.pooled = None  # (it refers back: no cycle left behind)
         if owned is not None and not owned.released:
             owned.release()
+        if self._share:
+            self._unshare()
         ticket = self.ticket
         if ticket is not None:
             self.ticket = None
@@ -586,7 +615,7 @@ class ReceivedBody(StreamReader):
             lease.release()
         if self._overflow:
             StreamReader.feed_data(self, bytes(self._overflow))
-            self._overflow = bytearray()
+            self._overflow = b""
         # No pool memory any more: from here on the body is aiohttp's StreamReader, as on
         # aiohttp's own parser (where request.read() and streams are not admitted either).
         self.release_ticket()
@@ -595,7 +624,7 @@ class ReceivedBody(StreamReader):
             self._finish()
 
     def is_eof(self) -> bool:
-        return self._eof or self._complete or self._mode == FAILED
+        return self._complete or self._mode == FAILED or self._eof
 
     async def _wait(self, func_name: str) -> None:
         if self._mode == HELD:
