@@ -162,6 +162,97 @@ async def test_request_read_and_streaming_handlers(path: str) -> None:
     await assert_drained(pool)
 
 
+async def _first_use(request: web.Request) -> web.Response:
+    """Uses the untouched body as aiohttp's StreamReader first (``op``), then reads it all."""
+    content = request.content
+    op = request.query["op"]
+    seen: list[Any] = []
+    data = b""
+    if op == "at_eof":
+        seen.append(content.at_eof())
+    elif op == "exception":
+        seen.append(content.exception())
+    elif op == "limits":
+        seen.append(list(content.get_read_buffer_limits()))
+    elif op == "total_raw_bytes":
+        seen.append(content.total_raw_bytes)
+    elif op == "repr":
+        seen.append(repr(content).startswith("<ReceivedBody"))
+    elif op == "readany":
+        while chunk := await content.readany():
+            data += chunk
+    elif op == "readexactly":
+        data = await content.readexactly(int(request.headers["Content-Length"]))
+    elif op == "readline":
+        while line := await content.readline():
+            data += line
+    elif op == "iter_any":
+        async for chunk in content.iter_any():
+            data += chunk
+    elif op == "readchunk":
+        while True:
+            chunk, _end = await content.readchunk()
+            if not chunk:
+                break
+            data += chunk
+    if not data:
+        data = await request.read()
+    return web.json_response({"seen": seen, **digest(data)})
+
+
+_FIRST_USES = {
+    # op: what it shows of a 12,000-byte body that came whole with its head
+    "at_eof": [False], "exception": [None], "limits": None, "total_raw_bytes": [12_000],
+    "repr": [True], "readany": [], "readexactly": [], "readline": [], "iter_any": [],
+    "readchunk": [],
+}
+
+
+@pytest.mark.parametrize("op", sorted(_FIRST_USES))
+async def test_a_body_used_as_a_stream_reader_first_behaves_as_one(op: str) -> None:
+    """A fast-path body builds its StreamReader part only when something uses it as one
+    (``LAZY_READER``): whatever StreamReader method or property comes first, it sees the
+    whole StreamReader (fields set before it was built, such as ``total_bytes``, kept) and
+    the body reads back byte-exact.  One that only ``read_body`` takes never builds it."""
+    from bufpool.aiohttp._received import LAZY_READER
+
+    assert LAZY_READER  # (aiohttp 3.14's StreamReader keeps its fields in slots)
+    app, pool = fast_app()
+    app.router.add_post("/first", _first_use)
+    built: list[bool] = []
+
+    async def taken(request: web.Request) -> web.Response:
+        body = await bpa.read_body(request)
+        built.append(request.content._reader)  # type: ignore[attr-defined]
+        return web.Response(text=str(len(body)))
+
+    app.router.add_post("/taken", taken)
+    body = bytes(range(256)) * 46 + b"\n" * 224  # 12,000 bytes with line ends in them
+    assert len(body) == 12_000
+    async with served_runner(app) as port:
+        reader, writer = await raw_connect(port)
+        try:  # (each request in one write: whole with its head)
+            writer.write(post(f"/first?op={op}", body))
+            status, _h, first = await asyncio.wait_for(read_response(reader), 10)
+            assert status == 200, first
+            answer = json.loads(first)
+            assert answer["size"] == len(body)
+            assert answer["sha256"] == hashlib.sha256(body).hexdigest()
+            if _FIRST_USES[op] is not None:
+                assert answer["seen"] == _FIRST_USES[op]
+            else:  # the limits aiohttp's own StreamReader reports for this server's limit
+                limit = answer["seen"][0][0]
+                assert answer["seen"] == [[limit, 2 * limit]] and limit > 0
+            writer.write(post("/taken", body))
+            status, _h, second = await asyncio.wait_for(read_response(reader), 10)
+            assert (status, second) == (200, str(len(body)).encode())
+        finally:
+            writer.close()
+    assert built == [False]
+    assert app[bpa.RECEIVE_KEY].fast == 2
+    await assert_drained(pool)
+
+
 async def test_unread_body_is_dropped_and_connection_kept() -> None:
     """A handler that never reads a 1 MiB body: the next pipelined request is still served
     (the rest of the body is discarded as it arrives, as aiohttp lingers over it)."""

@@ -190,16 +190,17 @@ async def read_body(request: web.Request) -> PooledBody:
     """
     received = received_body(request)  # already in slots (zero_copy_receive)
     if received is not None:  # the common case first
-        if received.pooled is not None:
-            return received.pooled  # type: ignore[no-any-return]
+        pooled = received.pooled
+        if pooled is not None:
+            return pooled  # type: ignore[no-any-return]
         state = getattr(request, "_state", None)
         if received.holds and type(state) is dict and state.get(OWNED_KEY) is None:
             # No owner yet: the body keeps its slots and ticket itself until aiohttp ends
             # the request (no per-request owner, no done-callback).
             task = handler_task(request)
-            if received.complete:  # (no coroutine to wait with)
-                return _kept(received, received.keep(task))
-            return _kept(received, await received.take(task))
+            # (a complete body needs no coroutine to wait with)
+            owned = received.keep(task) if received.complete else await received.take(task)
+            return _kept(received, owned)
     owner = owner_of(request)
     if owner.body is not None:
         return owner.body

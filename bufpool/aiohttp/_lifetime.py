@@ -62,6 +62,22 @@ HANDLER_CODE: Final[Any] = getattr(
     getattr(RequestHandler, "_handle_request", None), "__code__", None
 )
 
+def _task_lookup() -> Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None]:
+    """``asyncio.current_task(loop)`` without a Python frame: the C function where asyncio
+    has one (3.12+), else (3.11) the lookup in the task map its Python version does."""
+    import _asyncio
+
+    current = getattr(_asyncio, "current_task", None)
+    if current is not None:
+        return current  # type: ignore[no-any-return]
+    tasks = getattr(asyncio.tasks, "_current_tasks", None)
+    if isinstance(tasks, dict) and asyncio.current_task is asyncio.tasks.current_task:
+        return tasks.get
+    return asyncio.current_task
+
+
+_current_task: Final = _task_lookup()
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -197,7 +213,8 @@ def app_settings(request: web.BaseRequest) -> Settings:
 
 def handler_task(request: web.BaseRequest) -> asyncio.Task[Any]:
     """The task aiohttp runs ``request`` in, which must be the caller's (NotSetUp if not)."""
-    task = asyncio.current_task(getattr(request, "_loop", None))  # (no getpid() per request)
+    loop = getattr(request, "_loop", None)  # (no getpid() per request)
+    task = _current_task(loop if loop is not None else asyncio.get_running_loop())
     coro = task.get_coro() if task is not None else None
     if HANDLER_CODE is None or getattr(coro, "cr_code", None) is not HANDLER_CODE:
         raise NotSetUp(

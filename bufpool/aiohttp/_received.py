@@ -24,7 +24,10 @@ held is what arrived plus at most one partly filled slot.
 from __future__ import annotations
 
 import asyncio
+import functools
+import types
 from bisect import bisect_left
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from aiohttp import hdrs, web
@@ -237,11 +240,26 @@ STREAM = 2  # a StreamReader method was used: behaves as aiohttp's StreamReader
 FAILED = 3  # failed, abandoned or disconnected: nothing held
 
 
+#: aiohttp's StreamReader keeps its fields in slots (checked by ``_compat``): a ReceivedBody
+#: builds that part on first use (see ``ReceivedBody._build_reader``), else at once.
+_READER_SLOTS: Final = tuple(
+    getattr(StreamReader, name) for name in getattr(StreamReader, "__slots__", ())
+)
+LAZY_READER: Final = bool(_READER_SLOTS) and all(
+    type(slot).__name__ == "member_descriptor" for slot in _READER_SLOTS
+)
+
+
 class ReceivedBody(StreamReader):
     """A fast-path request's payload: Content-Length bytes received into pool slots.
 
     Valid as ``request.content`` for the request's lifetime.  ``length`` is the declared size
     in bytes, ``received`` how many have arrived.
+
+    Its StreamReader part (a deque, a list, a timer and twenty fields) is built by the first
+    call of any StreamReader method or property (``LAZY_READER``; every one that this class
+    does not define builds it first, see ``_build_first``): a body that only ``read_body``
+    takes, the common request, never needs it.
     """
 
     __slots__ = (
@@ -253,8 +271,10 @@ class ReceivedBody(StreamReader):
         "_kept",
         "_largest",
         "_leases",
+        "_limit",
         "_mode",
         "_overflow",
+        "_reader",
         "_share",
         "_task",
         "ahead",
@@ -269,7 +289,14 @@ class ReceivedBody(StreamReader):
         self, conn: ZeroCopyProtocol, length: int, largest: int, limit: int,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        super().__init__(conn, limit, loop=loop)  # type: ignore[arg-type]
+        # The StreamReader fields this class reads itself; the rest come with _build_reader.
+        self._limit = limit
+        self._loop = loop
+        self._eof = False
+        self.total_bytes = 0
+        self._reader = not LAZY_READER
+        if self._reader:
+            StreamReader.__init__(self, conn, limit, loop=loop)  # type: ignore[arg-type]
         self._conn = conn
         self.length = length
         self.received = 0
@@ -296,6 +323,28 @@ class ReceivedBody(StreamReader):
         self.pooled: Any = None
         self._kept: Lease | LeaseChain | None = None
         self._task: asyncio.Task[Any] | None = None
+
+    def _build_reader(self) -> None:
+        """Build the StreamReader part (once), keeping the fields set before."""
+        if self._reader:
+            return
+        self._reader = not LAZY_READER
+        kept = []
+        for slot in _READER_SLOTS:
+            try:
+                kept.append((slot, slot.__get__(self)))
+            except AttributeError:  # not set yet
+                pass
+        StreamReader.__init__(self, self._conn, self._limit, loop=self._loop)  # type: ignore[arg-type]
+        for slot, value in kept:
+            slot.__set__(self, value)
+
+    def _set_exception(self, exc: BaseException) -> None:
+        """StreamReader's ``set_exception`` (a reader not built yet has nobody to wake)."""
+        if self._reader:
+            StreamReader.set_exception(self, exc)
+        else:
+            self._exception = exc
 
     # ------------------------------------------------------------ receiving (the protocol)
     @property
@@ -480,7 +529,7 @@ class ReceivedBody(StreamReader):
         if done is not None and not done.done():
             done.set_exception(exc)
             done.exception()  # retrieved: nobody may be waiting
-        StreamReader.set_exception(self, exc)
+        self._set_exception(exc)
 
     def _release_all(self) -> None:
         leases, self._leases = self._leases, _NO_LEASES
@@ -535,8 +584,12 @@ class ReceivedBody(StreamReader):
         self.pooled = None  # (it refers back: no cycle left behind)
         if owned is not None and not owned.released:
             owned.release()
-        if self._share:
-            self._unshare()
+        share = self._share
+        if share:  # (_unshare, written out: the common request's end)
+            self._share = 0
+            hold = self._conn.hold
+            assert hold is not None
+            hold.adm.unhold_whole(hold, share)
         ticket = self.ticket
         if ticket is not None:
             self.ticket = None
@@ -571,7 +624,9 @@ class ReceivedBody(StreamReader):
             raise RuntimeError("the body was already read through request.content")
         leases, self._leases = self._leases, _NO_LEASES
         self._mode = TAKEN
-        if self._waiter is None and self._eof_waiter is None and not self._eof_callbacks:
+        if not self._reader or (
+            self._waiter is None and self._eof_waiter is None and not self._eof_callbacks
+        ):
             # feed_eof with nobody to wake (the usual case): a HELD body never paused the
             # connection as a stream, so there is no reading to resume either
             self._eof = True
@@ -602,6 +657,7 @@ class ReceivedBody(StreamReader):
     # ------------------------------------------------------------ StreamReader behaviour
     def _to_stream(self) -> None:
         """First StreamReader use: what the slots hold becomes ``bytes`` chunks (one copy)."""
+        self._build_reader()  # (also for its callers' StreamReader code when not HELD)
         if self._mode != HELD:
             return
         self._mode = STREAM
@@ -659,7 +715,7 @@ class ReceivedBody(StreamReader):
                     self.release_kept()
                 else:
                     self.release_kept_after_task()
-            StreamReader.set_exception(self, exc)
+            self._set_exception(exc)
             return
         if not self._complete:
             self._conn.body_abandoned(self)
@@ -668,3 +724,34 @@ class ReceivedBody(StreamReader):
     def __repr__(self) -> str:
         mode = ("held", "taken", "stream", "failed")[self._mode]
         return f"<ReceivedBody {self.received}/{self.length} B {mode}>"
+
+
+def _build_first(cls: type[ReceivedBody]) -> None:
+    """Make each StreamReader method and property that ``cls`` does not define build the
+    StreamReader part first, so code that uses a ReceivedBody as aiohttp's StreamReader (the
+    user's, aiohttp's, newer StreamReader methods) always finds it whole."""
+
+    def first(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def building(self: ReceivedBody, *args: Any, **kwargs: Any) -> Any:
+            if not self._reader:
+                self._build_reader()
+            return fn(self, *args, **kwargs)
+
+        return building
+
+    mro = cls.__mro__
+    for i in range(mro.index(StreamReader), len(mro) - 1):  # StreamReader and its bases
+        for name, value in vars(mro[i]).items():
+            if name in ("__init__", "__slots__") or any(name in vars(c) for c in mro[:i]):
+                continue  # (defined closer to cls: ours, or a subclass's override)
+            if isinstance(value, property):
+                fget = first(value.fget) if value.fget is not None else None
+                fset = first(value.fset) if value.fset is not None else None
+                setattr(cls, name, property(fget, fset, None, value.__doc__))
+            elif isinstance(value, types.FunctionType):
+                setattr(cls, name, first(value))
+
+
+if LAZY_READER:
+    _build_first(ReceivedBody)
