@@ -53,6 +53,7 @@ from ._chunked import ChunkScanner
 from ._compat import check_internals
 from ._headscan import scan_head
 from ._linger import LingeringClose as _LingeringClose
+from ._linger import close_lingering
 from ._received import AdmittedSlots, ReceivedBody, SlotSource
 from ._settings import Settings
 
@@ -151,6 +152,9 @@ PASSTHROUGH: Final = 5  # everything goes to aiohttp's parser, for good
 DEAD: Final = 6  # failed; the connection closes after the response
 
 _CRLF2: Final = b"\r\n\r\n"
+#: ``_probe_head``'s verdicts on an unfinished head (0: aiohttp's parser waits for more).
+_HEAD_FAILS: Final = 1
+_HEAD_ENDS: Final = 2
 
 #: What the stream-processing methods accept: a read's bytes, the pending head, or a view
 #: of the scratch buffer.
@@ -162,10 +166,28 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
     on the wrapped ``RequestHandler`` (which runs them as usual)."""
 
     __slots__ = (
-        "_batch", "_body", "_chunks", "_ctx", "_discard_left", "_fwd_left", "_fwd_payload",
-        "_handler", "_into_slot",
-        "_live", "_parser", "_paused", "_pending", "_scan", "_state", "_stream_paused",
-        "_transport", "_waiting", "hold", "slots",
+        "_batch",
+        "_body",
+        "_chunks",
+        "_ctx",
+        "_discard_left",
+        "_fwd_left",
+        "_fwd_payload",
+        "_handler",
+        "_head_probe",
+        "_into_slot",
+        "_live",
+        "_parser",
+        "_paused",
+        "_pending",
+        "_probed",
+        "_scan",
+        "_state",
+        "_stream_paused",
+        "_transport",
+        "_waiting",
+        "hold",
+        "slots",
     )
 
     def __init__(self, handler: RequestHandler, ctx: _Context) -> None:
@@ -189,6 +211,10 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         self._batch: list[tuple[int, Any, Any]] | None = None
         self._pending = bytearray()
         self._scan = 0
+        #: aiohttp's verdict on the unfinished head in ``_pending`` so far (see _probe_head):
+        #: its parser, and how many of the head's bytes it was fed.
+        self._head_probe: HttpRequestParser | None = None
+        self._probed = 0
         self._into_slot = False
         self._fwd_left = 0
         self._fwd_payload: Any = None
@@ -329,14 +355,22 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
                 if end < 0:
                     if n - i > self._ctx.options.max_head_size:
                         i = self._passthrough(buf, i)
-                    elif self._batch and self._parse_fails(buf[i:]):
-                        # aiohttp's parser would reject this read for bytes after requests
-                        # it completed (and so answer none of them): same answer here
-                        i = self._passthrough(buf, i, fails=True)
                     else:
-                        self._scan = max(i, n - 3)
+                        verdict = self._probe_head(buf, i, n)
+                        if verdict:
+                            # aiohttp's parser already rejects this head before its end (and,
+                            # after requests it completed in this read, answers none of them),
+                            # or ends it without a CRLF CRLF: the same answer, at once.  The
+                            # client may still be sending its head: its 400 closes lingering,
+                            # so that it reads the answer rather than a reset.
+                            if verdict == _HEAD_FAILS:
+                                close_lingering(self._handler)
+                            i = self._passthrough(buf, i, fails=verdict == _HEAD_FAILS)
+                        else:
+                            self._scan = max(i, n - 3)
                     break
                 self._scan = 0
+                self._head_probe = None
                 i = self._start_message(buf, i, end + 4)
             elif state == BODY:
                 body = self._body
@@ -555,6 +589,38 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         if i < len(buf):
             self._handler.data_received(bytes(buf[i:]))
         return len(buf)
+
+    def _probe_head(self, buf: _Buf, i: int, n: int) -> int:
+        """What aiohttp's parser makes of the unfinished head ``buf[i:n]`` so far: 0 (it
+        waits for more), _HEAD_FAILS (it raises now) or _HEAD_ENDS (it ended the head, which
+        has no CRLF CRLF).  Incremental: a parser per unfinished head is fed only the bytes
+        it has not seen, so a head sent byte by byte costs O(its length)."""
+        probe = self._head_probe
+        if probe is None:
+            handler = self._handler
+            probe = self._head_probe = HttpRequestParser(
+                _NullFlow(),  # type: ignore[arg-type]
+                self._ctx.loop,
+                self._ctx.limit,
+                max_line_size=handler.max_line_size,
+                max_field_size=handler.max_field_size,
+                max_headers=handler.max_headers,
+                payload_exception=RequestPayloadError,
+            )
+            self._probed = 0
+        start = i + self._probed
+        if start >= n:
+            return 0
+        self._probed = n - i
+        try:
+            messages, _upgraded, _tail = probe.feed_data(bytes(buf[start:n]))
+        except HttpProcessingError:
+            self._head_probe = None
+            return _HEAD_FAILS
+        if messages:
+            self._head_probe = None
+            return _HEAD_ENDS
+        return 0
 
     def _parse_fails(self, rest: _Buf) -> bool:
         """Would aiohttp's parser raise on ``rest`` (from a message boundary)?  A throwaway
