@@ -176,6 +176,8 @@ async def _first_use(request: web.Request) -> web.Response:
         seen.append(list(content.get_read_buffer_limits()))
     elif op == "total_raw_bytes":
         seen.append(content.total_raw_bytes)
+    elif op == "fields":  # the public fields, read as attributes
+        seen.extend([content.total_bytes, content.total_compressed_bytes])
     elif op == "repr":
         seen.append(repr(content).startswith("<ReceivedBody"))
     elif op == "readany":
@@ -203,7 +205,8 @@ async def _first_use(request: web.Request) -> web.Response:
 _FIRST_USES = {
     # op: what it shows of a 12,000-byte body that came whole with its head
     "at_eof": [False], "exception": [None], "limits": None, "total_raw_bytes": [12_000],
-    "repr": [True], "readany": [], "readexactly": [], "readline": [], "iter_any": [],
+    "repr": [True], "fields": [12_000, None], "readany": [], "readexactly": [],
+    "readline": [], "iter_any": [],
     "readchunk": [],
 }
 

@@ -245,8 +245,12 @@ FAILED = 3  # failed, abandoned or disconnected: nothing held
 _READER_SLOTS: Final = tuple(
     getattr(StreamReader, name) for name in getattr(StreamReader, "__slots__", ())
 )
-LAZY_READER: Final = bool(_READER_SLOTS) and all(
-    type(slot).__name__ == "member_descriptor" for slot in _READER_SLOTS
+#: Its public fields, which code may read as attributes: a ReceivedBody sets them at once.
+_PUBLIC_FIELDS: Final = frozenset({"total_bytes", "total_compressed_bytes"})
+LAZY_READER: Final = (
+    bool(_READER_SLOTS)
+    and all(type(slot).__name__ == "member_descriptor" for slot in _READER_SLOTS)
+    and {n for n in StreamReader.__slots__ if not n.startswith("_")} == _PUBLIC_FIELDS
 )
 
 
@@ -294,6 +298,7 @@ class ReceivedBody(StreamReader):
         self._loop = loop
         self._eof = False
         self.total_bytes = 0
+        self.total_compressed_bytes: int | None = None
         self._reader = not LAZY_READER
         if self._reader:
             StreamReader.__init__(self, conn, limit, loop=loop)  # type: ignore[arg-type]
