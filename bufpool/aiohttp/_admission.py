@@ -68,6 +68,7 @@ from typing import Any, Final, Protocol
 from .._pool import BufferPool
 
 __all__ = [
+    "DETACHED",
     "EVIDENCE_BYTES",
     "EVIDENCE_POLL",
     "Admission",
@@ -115,6 +116,20 @@ class FlowControl(Protocol):
     def pause_reading(self) -> None: ...
 
     def resume_reading(self) -> None: ...
+
+
+class _Detached:
+    """The stream of a hold whose connection is gone: nothing to watch, nothing to cut."""
+
+    __slots__ = ()
+    transport = None
+
+    def set_exception(self, exc: BaseException) -> None:
+        pass
+
+
+#: See ``_Detached`` (``Admission.new_hold``).
+DETACHED: Final[Any] = _Detached()
 
 
 class BodyCut(TimeoutError):
@@ -453,7 +468,7 @@ class Admission:
         """A connection's hold: one DONE ticket for the whole bodies its requests hold (see
         ``hold_whole``); ``connection.transport`` is watched for write progress (its stream:
         a DONE ticket's stream is never cut).  In ``bodies`` while it holds any; never
-        ``release`` it."""
+        ``release`` it.  When the connection is lost its stream becomes ``DETACHED``."""
         hold = BodyTicket(self, connection, None)
         hold.state = DONE
         return hold

@@ -48,7 +48,7 @@ from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_server import Server
 
-from ._admission import EVIDENCE_BYTES, READING, BodyCut, BodyTicket
+from ._admission import DETACHED, EVIDENCE_BYTES, READING, BodyCut, BodyTicket
 from ._chunked import ChunkScanner
 from ._compat import check_internals
 from ._headscan import scan_head
@@ -243,6 +243,9 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         self._handler.connection_lost(exc)
         self._state = DEAD
         self._transport = None
+        hold = self.hold
+        if hold is not None:  # (its stream was this connection: no cycle left behind)
+            hold.stream = DETACHED
         for task in self._waiting:
             task.cancel()
         lost = ConnectionResetError("Connection lost")

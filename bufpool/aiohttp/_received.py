@@ -667,6 +667,10 @@ class ReceivedBody(StreamReader):
             return
         self._mode = STREAM
         leases, self._leases = self._leases, _NO_LEASES
+        # feed_data counts what it is fed, which was counted as it arrived: count it once
+        # (aiohttp's post() compares total_bytes with client_max_size).
+        counted = self.total_bytes
+        self.total_bytes = 0
         last = len(leases) - 1
         for i, lease in enumerate(leases):
             view = lease.view if i < last else lease.view[: self._fill]
@@ -677,6 +681,7 @@ class ReceivedBody(StreamReader):
         if self._overflow:
             StreamReader.feed_data(self, bytes(self._overflow))
             self._overflow = b""
+        self.total_bytes = counted
         # No pool memory any more: from here on the body is aiohttp's StreamReader, as on
         # aiohttp's own parser (where request.read() and streams are not admitted either).
         self.release_ticket()
