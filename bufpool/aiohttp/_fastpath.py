@@ -600,16 +600,7 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         it has not seen, so a head sent byte by byte costs O(its length)."""
         probe = self._head_probe
         if probe is None:
-            handler = self._handler
-            probe = self._head_probe = HttpRequestParser(
-                _NullFlow(),  # type: ignore[arg-type]
-                self._ctx.loop,
-                self._ctx.limit,
-                max_line_size=handler.max_line_size,
-                max_field_size=handler.max_field_size,
-                max_headers=handler.max_headers,
-                payload_exception=RequestPayloadError,
-            )
+            probe = self._head_probe = self._throwaway_parser()
             self._probed = 0
         start = i + self._probed
         if start >= n:
@@ -625,11 +616,11 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
             return _HEAD_ENDS
         return 0
 
-    def _parse_fails(self, rest: _Buf) -> bool:
-        """Would aiohttp's parser raise on ``rest`` (from a message boundary)?  A throwaway
-        parser with the handler's limits answers; only asked on the way to PASSTHROUGH."""
+    def _throwaway_parser(self) -> HttpRequestParser:
+        """A parser with the handler's limits whose messages go nowhere: what aiohttp's
+        parser would make of some bytes, asked without touching the handler."""
         handler = self._handler
-        probe = HttpRequestParser(
+        return HttpRequestParser(
             _NullFlow(),  # type: ignore[arg-type]
             self._ctx.loop,
             self._ctx.limit,
@@ -638,6 +629,11 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
             max_headers=handler.max_headers,
             payload_exception=RequestPayloadError,
         )
+
+    def _parse_fails(self, rest: _Buf) -> bool:
+        """Would aiohttp's parser raise on ``rest`` (from a message boundary)?  A throwaway
+        parser with the handler's limits answers; only asked on the way to PASSTHROUGH."""
+        probe = self._throwaway_parser()
         try:
             probe.feed_data(bytes(rest))
         except HttpProcessingError:
