@@ -203,7 +203,8 @@ async def _first_use(request: web.Request) -> web.Response:
             data += chunk
     if not data:
         data = await request.read()
-    return web.json_response({"seen": seen, **digest(data)})
+    built = content._reader  # type: ignore[attr-defined]
+    return web.json_response({"seen": seen, "built": built, **digest(data)})
 
 
 _FIRST_USES = {
@@ -244,6 +245,7 @@ async def test_a_body_used_as_a_stream_reader_first_behaves_as_one(op: str) -> N
             status, _h, first = await asyncio.wait_for(read_response(reader), 10)
             assert status == 200, first
             answer = json.loads(first)
+            assert answer["built"] is True  # (built once, by the first use)
             assert answer["size"] == len(body)
             assert answer["sha256"] == hashlib.sha256(body).hexdigest()
             if _FIRST_USES[op] is not None:
@@ -438,6 +440,41 @@ async def test_truncated_body_releases_everything() -> None:
         writer.transport.abort()
         assert await wait_for(lambda: bool(seen))
         assert isinstance(seen[0], ConnectionResetError)
+    await assert_drained(pool)
+
+
+async def test_a_stream_reader_waiting_on_a_truncated_body_is_woken() -> None:
+    """A handler streams the body (``request.content.readany()``, so the body's StreamReader
+    part is built) and waits for bytes that never come: the client disconnects.  The
+    disconnect reaches the waiting reader as an exception at once, and the handler ends."""
+    app, pool = fast_app()
+    seen: list[BaseException] = []
+    waiting = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.Response:
+        content = request.content
+        try:
+            while True:
+                if not await content.readany():
+                    break
+                if content.total_bytes >= 300_000:
+                    waiting.set()
+        except BaseException as exc:
+            seen.append(exc)
+            raise
+        return web.Response(text="unexpected")
+
+    app.router.add_post("/stream-wait", stream)
+    async with served_runner(app) as port:
+        _, writer = await raw_connect(port)
+        writer.write(
+            f"POST /stream-wait HTTP/1.1\r\nHost: t\r\nContent-Length: {1 << 20}\r\n\r\n"
+            .encode() + b"z" * 300_000
+        )
+        await writer.drain()
+        await asyncio.wait_for(waiting.wait(), 10)
+        writer.transport.abort()
+        assert await wait_for(lambda: bool(seen))
     await assert_drained(pool)
 
 

@@ -333,7 +333,7 @@ class ReceivedBody(StreamReader):
         """Build the StreamReader part (once), keeping the fields set before."""
         if self._reader:
             return
-        self._reader = not LAZY_READER
+        self._reader = True
         kept = []
         for slot in _READER_SLOTS:
             try:
