@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -411,6 +412,21 @@ async def test_websocket_upgrade_works() -> None:
     await assert_drained(pool)
 
 
+async def _part_of_a_body_then_abort(
+    port: int, path: str, ready: Callable[[], Awaitable[None]]
+) -> None:
+    """A client that sends the head of a 1 MiB POST and 300,000 of its bytes, waits for
+    ``ready()`` (the server's side of the test), then goes away without a FIN (abort)."""
+    _, writer = await raw_connect(port)
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {1 << 20}\r\n\r\n".encode()
+        + b"y" * 300_000
+    )
+    await writer.drain()
+    await ready()
+    writer.transport.abort()
+
+
 async def test_truncated_body_releases_everything() -> None:
     """The client disconnects in the middle of a 1 MiB body: the handler's read_body fails
     (ConnectionResetError), every slot taken so far goes back."""
@@ -427,17 +443,13 @@ async def test_truncated_body_releases_everything() -> None:
             raise
         return web.Response(text="unexpected")
 
-    app.router.add_post("/watch", watch)
-    async with served_runner(app) as port:
-        _, writer = await raw_connect(port)
-        writer.write(
-            f"POST /watch HTTP/1.1\r\nHost: t\r\nContent-Length: {1 << 20}\r\n\r\n".encode()
-            + b"y" * 300_000
-        )
-        await writer.drain()
+    async def slots_taken() -> None:
         await asyncio.wait_for(started.wait(), 10)
         assert await wait_for(lambda: pool.stats().in_use >= 4)
-        writer.transport.abort()
+
+    app.router.add_post("/watch", watch)
+    async with served_runner(app) as port:
+        await _part_of_a_body_then_abort(port, "/watch", slots_taken)
         assert await wait_for(lambda: bool(seen))
         assert isinstance(seen[0], ConnectionResetError)
     await assert_drained(pool)
@@ -464,16 +476,12 @@ async def test_a_stream_reader_waiting_on_a_truncated_body_is_woken() -> None:
             raise
         return web.Response(text="unexpected")
 
+    async def streaming() -> None:
+        await asyncio.wait_for(waiting.wait(), 10)
+
     app.router.add_post("/stream-wait", stream)
     async with served_runner(app) as port:
-        _, writer = await raw_connect(port)
-        writer.write(
-            f"POST /stream-wait HTTP/1.1\r\nHost: t\r\nContent-Length: {1 << 20}\r\n\r\n"
-            .encode() + b"z" * 300_000
-        )
-        await writer.drain()
-        await asyncio.wait_for(waiting.wait(), 10)
-        writer.transport.abort()
+        await _part_of_a_body_then_abort(port, "/stream-wait", streaming)
         assert await wait_for(lambda: bool(seen))
     await assert_drained(pool)
 
