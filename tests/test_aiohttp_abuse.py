@@ -676,15 +676,21 @@ async def test_admission_is_fifo_and_a_leaving_waiter_lets_the_next_in() -> None
 
 
 @pytest.mark.parametrize(
-    ("zero_copy", "size", "pipelined"),
-    [(False, 256 * 1024, 2), (True, 256 * 1024, 2), (True, 16 * 1024, 24)],
+    ("zero_copy", "size", "pipelined", "conns", "budget"),
+    [
+        (False, 256 * 1024, 2, 4, MiB),
+        (True, 256 * 1024, 2, 4, MiB),
+        # A connection holds at most BODIES_AHEAD (2) bodies: 16 KiB bodies take more
+        # connections to fill even a smaller budget.
+        (True, 16 * 1024, 3, 8, 256 * 1024),
+    ],
     # (on aiohttp's parser a connection's queued requests hold no pool memory: only the
-    # zero-copy path takes whole bodies as they arrive, up to aiohttp's queue of 32)
+    # zero-copy path takes whole bodies as they arrive, up to BODIES_AHEAD per connection)
     ids=["aiohttp-parser", "zero-copy", "zero-copy-whole"],
 )
 @pytest.mark.asyncio
 async def test_clients_that_never_read_replies_cannot_keep_body_memory(
-    zero_copy: bool, size: int, pipelined: int
+    zero_copy: bool, size: int, pipelined: int, conns: int, budget: int
 ) -> None:
     """A request keeps its body's memory until it ends, and it ends only once its reply is
     written.  Clients that upload bodies and never read the replies (here plain
@@ -694,9 +700,10 @@ async def test_clients_that_never_read_replies_cannot_keep_body_memory(
     bodies that each come whole with their head, which the zero-copy path admits into one
     hold per connection (``Admission.hold_whole``): the hold is watched the same way."""
     pool = bufpool.BufferPool(max_bytes=4 * MiB, on_exhausted="raise")
-    app = make_app(pool, max_body_size=256 * 1024, body_budget=MiB, preempt_after=0.2,
+    app = make_app(pool, max_body_size=256 * 1024, body_budget=budget, preempt_after=0.2,
                    preempt_idle=0.3, acquire_timeout=10, zero_copy_receive=zero_copy)
     reply = b"r" * (4 * MiB)  # more than the kernel's send buffer takes: the write stalls
+    full = budget - 65536  # reserved once the holders have the budget (but a slot)
 
     async def hold(request: web.Request) -> web.Response:
         await bpa.read_body(request)
@@ -707,25 +714,86 @@ async def test_clients_that_never_read_replies_cannot_keep_body_memory(
     async with served(app) as client:
         port = client.port
         assert port is not None
-        conns = [await raw_connect(port, rcvbuf=4096) for _ in range(4)]
+        holders = [await raw_connect(port, rcvbuf=4096) for _ in range(conns)]
         try:
             request = _head("/hold", len(body)) + body
             if size > 16 * 1024:
-                for _reader, writer in conns:  # pipelined, replies never read
+                for _reader, writer in holders:  # pipelined, replies never read
                     writer.write(request * pipelined)
             else:  # one at a time, each taken before the next: whole with its head
                 for i in range(pipelined):
-                    for _reader, writer in conns:
+                    for _reader, writer in holders:
                         writer.write(request)
-                    held = min((i + 1) * len(conns) * size, MiB - 65536)
+                    held = min((i + 1) * conns * size, full)
                     assert await wait_for(
                         lambda held=held: bpa.admission_stats(app).reserved_bytes >= held  # type: ignore[misc]
                     )
-            assert await wait_for(lambda: bpa.admission_stats(app).reserved_bytes >= MiB - 65536)
-            status, _secs, exact = await _legit_upload(client, 200_000, 1)
+            assert await wait_for(lambda: bpa.admission_stats(app).reserved_bytes >= full)
+            status, _secs, exact = await _legit_upload(client, min(200_000, budget // 2), 1)
             assert (status, exact) == (200, True)
             stats = bpa.admission_stats(app)
             assert stats.send_aborted_preempted + stats.send_aborted_timeout >= 1, stats
+        finally:
+            for _reader, writer in holders:
+                writer.close()
+        assert await wait_for(lambda: bpa.admission_stats(app).reserved_bytes == 0)
+    await assert_drained(pool)
+
+
+@pytest.mark.parametrize("middleware", [False, True], ids=["unread", "middleware-read-body"])
+@pytest.mark.asyncio
+async def test_uploads_pipelined_behind_a_slow_handler_hold_two_bodies_per_connection(
+    middleware: bool,
+) -> None:
+    """A client pipelines uploads behind a handler that takes its time (and never reads the
+    bodies): each body came whole with its head, and aiohttp queues up to 32 requests per
+    connection, so three such connections held the whole 1 MiB budget and a legitimate
+    upload got 503 (found by an attacker review; on aiohttp's parser nothing is reserved).
+    The fast path now reads a connection's next head only while it holds fewer than
+    BODIES_AHEAD (2) bodies, as nginx and Go read the next request only after the current
+    one: the legitimate upload is served, and every pipelined request is still answered,
+    in order, once the handler goes on.  ``middleware-read-body``: handlers that take their
+    body through the middleware's owner (which keeps its memory until the request ends):
+    such a body counted as gone once taken, and a connection held three."""
+    from bufpool.aiohttp._fastpath import BODIES_AHEAD
+
+    pool = bufpool.BufferPool(max_bytes=4 * MiB, on_exhausted="raise")
+    app = make_app(pool, max_body_size=256 * 1024, body_budget=MiB, acquire_timeout=5,
+                   zero_copy_receive=True, middleware=middleware)
+    gate = asyncio.Event()
+    started = 0
+
+    async def slow(request: web.Request) -> web.Response:
+        nonlocal started
+        started += 1
+        if middleware:
+            await bpa.read_body(request)
+        await gate.wait()
+        return web.Response(text="slow")
+
+    app.router.add_post("/slow", slow)
+    body = b"s" * (16 * 1024)
+    pipelined = 24
+    async with served(app) as client:
+        port = client.port
+        assert port is not None
+        conns = [await raw_connect(port) for _ in range(3)]
+        try:
+            for _reader, writer in conns:
+                writer.write((_head("/slow", len(body)) + body) * pipelined)
+            assert await wait_for(lambda: started == len(conns))
+            assert await wait_for(
+                lambda: bpa.admission_stats(app).reserved_bytes
+                == len(conns) * BODIES_AHEAD * 18437  # a 16 KiB slot's bytes
+            ), bpa.admission_stats(app)
+            status, _secs, exact = await _legit_upload(client, 200_000, 7)
+            assert (status, exact) == (200, True)
+            gate.set()
+            for reader, _writer in conns:
+                for _ in range(pipelined):
+                    status, _h, text = await asyncio.wait_for(read_response(reader), 10)
+                    assert (status, text) == (200, b"slow")
+            assert started == len(conns) * pipelined
         finally:
             for _reader, writer in conns:
                 writer.close()

@@ -150,6 +150,13 @@ VERIFY: Final = 3  # waiting for aiohttp's parser to complete that message
 DISCARD: Final = 4  # dropping the rest of an abandoned body
 PASSTHROUGH: Final = 5  # everything goes to aiohttp's parser, for good
 DEAD: Final = 6  # failed; the connection closes after the response
+AHEAD: Final = 7  # a head waits (reading paused) until a queued body goes: see BODIES_AHEAD
+
+#: Bodies a connection may hold in memory at once (the request being handled and one queued
+#: behind it) before the next head waits, its reading paused: a client that pipelines
+#: uploads behind a slow handler holds two bodies, not aiohttp's queue of 32 (nginx and Go's
+#: http.Server read the next request only once the current one is done).
+BODIES_AHEAD: Final = 2
 
 _CRLF2: Final = b"\r\n\r\n"
 #: ``_probe_head``'s verdicts on an unfinished head (0: aiohttp's parser waits for more).
@@ -181,6 +188,7 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         "_paused",
         "_pending",
         "_probed",
+        "_rest_ok",
         "_scan",
         "_state",
         "_stream_paused",
@@ -210,6 +218,8 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         #: (start, message, payload) queued during the current ``_feed`` (see _passthrough).
         self._batch: list[tuple[int, Any, Any]] | None = None
         self._pending = bytearray()
+        #: True while ``_pending`` is known to parse cleanly from its start (see _feed).
+        self._rest_ok = False
         self._scan = 0
         #: aiohttp's verdict on the unfinished head in ``_pending`` so far (see _probe_head):
         #: its parser, and how many of the head's bytes it was fed.
@@ -305,7 +315,8 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
                 self._want_slot(body)
         elif state == PASSTHROUGH:
             self._handler.data_received(bytes(data))
-        elif state == HEAD and not self._pending and self._head_then_body(data, nbytes):
+        elif (state == HEAD and not self._pending and len(self._live) < BODIES_AHEAD
+              and self._head_then_body(data, nbytes)):
             return
         elif state != DEAD:
             self._feed(bytes(data))
@@ -341,6 +352,8 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         handler = self._handler
         if handler._close or handler._force_close:
             return  # aiohttp ignores input once closing, so do we
+        if data:
+            self._rest_ok = False  # (new bytes: the rest of the stream is unchecked again)
         pending = self._pending
         buf: bytes | bytearray
         if pending:
@@ -374,6 +387,17 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
                     break
                 self._scan = 0
                 self._head_probe = None
+                if len(self._live) >= BODIES_AHEAD:  # wait for a queued body to go
+                    if self._batch and not self._rest_ok:
+                        # Requests of this read are queued: if the rest of it fails to
+                        # parse, aiohttp answers none of them (see _passthrough).  Asked
+                        # once per read, not once per head that waits.
+                        if self._parse_fails(buf[i:]):
+                            i = self._passthrough(buf, i, fails=True)
+                            break
+                        self._rest_ok = True
+                    self._state = AHEAD
+                    continue
                 i = self._start_message(buf, i, end + 4)
             elif state == BODY:
                 body = self._body
@@ -405,8 +429,12 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
                 self._discard_left -= k
                 if not self._discard_left:
                     self._state = HEAD
-            elif state == VERIFY:
+            elif state in (VERIFY, AHEAD):
+                # The rest waits unread, here and in the kernel: if aiohttp closes the
+                # connection meanwhile (an error, keep-alive off), a plain close would reset
+                # it and could discard replies already sent; it closes lingering instead.
                 self._pause(True)
+                close_lingering(handler)
                 break
             elif state == PASSTHROUGH:
                 i = self._passthrough(buf, i)
@@ -552,13 +580,20 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
         if self._state != VERIFY:
             return
         self._fwd_payload = None
+        self._go_on()
+
+    def _ahead_gone(self) -> None:
+        """A body left: the head waiting in AHEAD goes on when few enough are held."""
+        if self._state == AHEAD and len(self._live) < BODIES_AHEAD:
+            self._go_on()
+
+    def _go_on(self) -> None:
+        """Back to HEAD, reading resumed, and what waited in ``_pending`` processed."""
         self._state = HEAD
         self._pause(False)
         if self._pending:
-            data = bytes(self._pending)
-            self._pending.clear()
             self._scan = 0
-            self._feed(data)
+            self._feed(b"")  # (processed in place: a head at a time costs no copy of the rest)
 
     def _passthrough(self, buf: _Buf, i: int, fails: bool = False) -> int:
         """Hand the stream from ``buf[i:]`` on to aiohttp's parser, for good (``fails``: the
@@ -703,15 +738,23 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
 
     def _pause(self, on: bool) -> None:
         transport = self._transport
-        if on == self._paused or transport is None:
+        if transport is None:
             self._paused = on
-            return
-        self._paused = on
-        if on:
-            transport.pause_reading()
-        elif not (self._stream_paused or self._handler._buffer_paused
-                  or self._handler._reading_paused):
-            transport.resume_reading()
+        elif on:
+            self._paused = True
+            # (Checked, not assumed from ``_paused``: aiohttp resumes the transport itself
+            # once its queue of pipelined requests drains, whatever this protocol paused it
+            # for; the next read then pauses it again, so at most one read waits in
+            # ``_pending``.)
+            if transport.is_reading():
+                transport.pause_reading()
+        elif self._paused and self._state != AHEAD and self._state != VERIFY:
+            # (AHEAD and VERIFY resume only through _go_on: a slot wait that ends meanwhile
+            # must not let the client's stream pile up in ``_pending``)
+            self._paused = False
+            if not (self._stream_paused or self._handler._buffer_paused
+                    or self._handler._reading_paused):
+                transport.resume_reading()
 
     # StreamReader's protocol interface (a ReceivedBody read as a stream pauses/resumes us).
     @property
@@ -752,9 +795,12 @@ class ZeroCopyProtocol(asyncio.BufferedProtocol):
             self._pause(False)
 
     def body_done(self, body: ReceivedBody) -> None:
-        """``body`` was taken by ``read_body`` or failed: the connection no longer tracks it
-        (so finished bodies do not outlive their requests)."""
+        """``body`` was released, failed, or its request ended: the connection no longer
+        tracks it (so finished bodies do not outlive their requests), and a head waiting for
+        BODIES_AHEAD may go on."""
         self._live.pop(body, None)
+        if self._state == AHEAD:
+            self._ctx.loop.call_soon(self._ahead_gone)
 
     def body_abandoned(self, body: ReceivedBody) -> None:
         """The request ended before its body did: drop the rest of it as it arrives."""

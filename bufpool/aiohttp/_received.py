@@ -560,10 +560,10 @@ class ReceivedBody(StreamReader):
         return self.take_now() if task is None else self.keep(task)
 
     def take_now(self) -> Lease | LeaseChain | None:
-        """``take`` for a body that is ``complete`` (or failed: raises its failure)."""
-        owned = self._take_slots()
-        self._conn.body_done(self)
-        return owned
+        """``take`` for a body that is ``complete`` (or failed: raises its failure).  The
+        connection still counts the body (``BODIES_AHEAD``) until its request ends: its
+        new owner holds its memory until then."""
+        return self._take_slots()
 
     def keep(self, task: asyncio.Task[Any]) -> Lease | LeaseChain | None:
         """``take_now``, but this body stays the owner of its slots and ticket: it releases
@@ -725,6 +725,8 @@ class ReceivedBody(StreamReader):
                     self.release_kept()
                 else:
                     self.release_kept_after_task()
+            else:  # taken by an owner (take_now): the request ended, the count with it
+                self._conn.body_done(self)
             self._set_exception(exc)
             return
         if not self._complete:
