@@ -73,6 +73,21 @@ def post(path: str, body: bytes, extra: str = "") -> bytes:
     ).encode() + body
 
 
+def gated(
+    gate: asyncio.Event, protocols: list[Any], text: str
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A handler that records its connection's protocol, then answers ``text`` once ``gate``
+    is set."""
+
+    async def handler(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        protocols.append(request.transport.get_protocol())
+        await gate.wait()
+        return web.Response(text=text)
+
+    return handler
+
+
 def chunked(path: str, body: bytes, rng: random.Random) -> bytes:
     out = [f"POST {path} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n".encode()]
     pos = 0
@@ -648,22 +663,13 @@ async def test_queued_bodies_released_when_client_leaves() -> None:
 
     app, pool = fast_app()
     gate = asyncio.Event()
-    entered = asyncio.Event()
     protocols: list[Any] = []
-
-    async def slow(request: web.Request) -> web.Response:
-        assert request.transport is not None
-        protocols.append(request.transport.get_protocol())
-        entered.set()
-        await gate.wait()
-        return web.Response(text="late")
-
-    app.router.add_post("/slow", slow)
+    app.router.add_post("/slow", gated(gate, protocols, "late"))
     async with served_runner(app) as port:
         _, writer = await raw_connect(port)
         writer.write(post("/slow", b"s" * 1000) + post("/ignore", b"i" * 70_000) * 12)
         await writer.drain()
-        await asyncio.wait_for(entered.wait(), 10)
+        assert await wait_for(lambda: len(protocols) == 1)
         (protocol,) = protocols
         assert await wait_for(lambda: protocol._state == AHEAD)
         assert app[bpa.RECEIVE_KEY].fast == BODIES_AHEAD
@@ -868,12 +874,6 @@ async def test_a_connection_waiting_with_bodies_ahead_stays_paused_when_aiohttps
     uploads_gate = asyncio.Event()
     protocols: list[Any] = []
 
-    async def first(request: web.Request) -> web.Response:
-        assert request.transport is not None
-        protocols.append(request.transport.get_protocol())
-        await gets_gate.wait()
-        return web.Response(text="first")
-
     async def get(request: web.Request) -> web.Response:
         return web.Response(text="get")
 
@@ -881,7 +881,7 @@ async def test_a_connection_waiting_with_bodies_ahead_stays_paused_when_aiohttps
         await uploads_gate.wait()
         return web.Response(text="sat")
 
-    app.router.add_get("/first", first)
+    app.router.add_get("/first", gated(gets_gate, protocols, "first"))
     app.router.add_get("/get", get)
     app.router.add_post("/sit", sit)
     small = b"s" * 1000
@@ -968,16 +968,10 @@ async def test_a_close_while_heads_wait_unread_does_not_reset_the_replies() -> N
     gate = asyncio.Event()
     protocols: list[Any] = []
 
-    async def slow(request: web.Request) -> web.Response:
-        assert request.transport is not None
-        protocols.append(request.transport.get_protocol())
-        await gate.wait()
-        return web.Response(text="slow")
-
     async def boom(request: web.Request) -> web.Response:
         raise RuntimeError("a handler's bug")
 
-    app.router.add_post("/slow", slow)
+    app.router.add_post("/slow", gated(gate, protocols, "slow"))
     app.router.add_post("/boom", boom)
     body = b"b" * 5000
     async with served_runner(app) as port:
