@@ -1022,3 +1022,43 @@ async def test_a_read_of_pipelined_uploads_ending_in_garbage_is_answered_as_aioh
             writer.close()
     assert ran == 0
     await assert_drained(pool)
+
+
+async def test_pipelined_echoes_sent_from_the_pool_stay_exact_while_heads_wait() -> None:
+    """Uploads pipelined to an echo that replies from the body's own slots
+    (``copy_replies_upto=0``), the client reading nothing until it has sent them all: heads
+    wait for BODIES_AHEAD, the connection writes through its lingering close (the real
+    transport behind it), and each slot comes back only once the transport let go of its
+    views.  On a pool too small to hold the bodies at once, slots are reused throughout:
+    every reply is byte-exact, in order."""
+    from bufpool.aiohttp._fastpath import AHEAD
+    from bufpool.aiohttp._linger import LingeringClose
+
+    app, pool = fast_app(copy_replies_upto=0, max_bytes=4 << 20, max_body_size=1 << 20,
+                         body_budget=2 << 20)
+    lingering: list[bool] = []
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        body = await bpa.read_body(request)
+        if not lingering:  # the first reply waits until a head waits behind the second
+            assert request.transport is not None
+            protocol = request.transport.get_protocol()
+            assert await wait_for(lambda: protocol._state == AHEAD)
+        lingering.append(isinstance(request.transport, LingeringClose))
+        return bpa.pooled_response(request, body)
+
+    app.router.add_post("/echo-seen", echo)
+    rng = random.Random(15)
+    bodies = [rng.randbytes(rng.randrange(100_000, 700_000)) for _ in range(12)]
+    async with served_runner(app) as port:
+        reader, writer = await raw_connect(port)
+        try:
+            writer.write(b"".join(post("/echo-seen", b) for b in bodies))
+            for body in bodies:
+                status, _h, got = await asyncio.wait_for(read_response(reader), 20)
+                assert status == 200
+                assert got == body
+        finally:
+            writer.close()
+    assert lingering == [True] * len(bodies)
+    await assert_drained(pool)
