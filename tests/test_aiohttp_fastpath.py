@@ -1062,3 +1062,69 @@ async def test_pipelined_echoes_sent_from_the_pool_stay_exact_while_heads_wait()
             writer.close()
     assert lingering == [True] * len(bodies)
     await assert_drained(pool)
+
+
+@pytest.mark.parametrize("zero_copy", [False, True], ids=["aiohttp-parser", "zero-copy"])
+async def test_eof_callbacks_and_wait_eof_behave_as_aiohttps_stream_reader(
+    zero_copy: bool,
+) -> None:
+    """``request.content.on_eof`` on a body that arrived whole and is never read runs its
+    callback at once; one registered before the last byte runs when it arrives; and
+    ``wait_eof()`` in a task that outlives the request returns (then ``read()`` raises
+    aiohttp's PayloadAccessError).  A fast-path body held in slots never ran the callbacks,
+    and its wait_eof() hung once the request had ended."""
+    app, pool = fast_app(zero_copy_receive=zero_copy)
+    seen: dict[str, Any] = {}
+    request_ended = asyncio.Event()
+    after_done = asyncio.Event()
+    registered = asyncio.Event()
+
+    async def whole(request: web.Request) -> web.Response:
+        content = request.content
+        fired: list[int] = []
+        content.on_eof(lambda: fired.append(1))
+        seen["at once"] = fired == [1]
+
+        async def after() -> None:
+            await request_ended.wait()
+            await asyncio.wait_for(content.wait_eof(), 10)
+            try:
+                await content.read()
+            except Exception as exc:
+                seen["read after"] = type(exc).__name__
+            after_done.set()
+
+        seen["task"] = asyncio.ensure_future(after())
+        return web.Response(text="whole")
+
+    async def split(request: web.Request) -> web.Response:
+        content = request.content
+        arrived = asyncio.Event()
+        content.on_eof(arrived.set)
+        seen["split before"] = arrived.is_set()
+        registered.set()
+        await asyncio.wait_for(arrived.wait(), 10)
+        return web.Response(text="split")
+
+    app.router.add_post("/whole", whole)
+    app.router.add_post("/split", split)
+    async with served_runner(app) as port:
+        reader, writer = await raw_connect(port)
+        try:
+            writer.write(post("/whole", b"hello"))
+            assert (await asyncio.wait_for(read_response(reader), 10))[2] == b"whole"
+            request_ended.set()
+            await asyncio.wait_for(after_done.wait(), 10)
+            body = b"s" * 50_000
+            writer.write(post("/split", body)[:-30_000])
+            await asyncio.wait_for(registered.wait(), 10)
+            writer.write(body[-30_000:])
+            assert (await asyncio.wait_for(read_response(reader), 10))[2] == b"split"
+        finally:
+            writer.close()
+    assert seen["at once"] is True
+    assert seen["read after"] == "PayloadAccessError"
+    assert seen["split before"] is False
+    if zero_copy:
+        assert app[bpa.RECEIVE_KEY].fast == 2
+    await assert_drained(pool)

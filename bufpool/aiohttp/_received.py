@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from aiohttp import hdrs, web
+from aiohttp.log import internal_logger
 from aiohttp.streams import StreamReader
 
 from .._errors import PoolExhausted
@@ -517,15 +518,44 @@ class ReceivedBody(StreamReader):
         if self._mode == STREAM:
             StreamReader.feed_eof(self)
             self._conn.body_done(self)  # a whole stream holds nothing a disconnect must fail
+        elif self._reader and self._eof_callbacks:
+            self._eof_arrived()
         done = self._done
         if done is not None and not done.done():
             done.set_result(None)
 
+    def _eof_arrived(self) -> None:
+        """Every body byte arrived while the slots hold them: what aiohttp's StreamReader does
+        for its ``on_eof`` callbacks at EOF (each runs once; one that raises is logged)."""
+        callbacks = list(self._eof_callbacks)
+        self._eof_callbacks.clear()
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                internal_logger.exception("Exception in eof callback")
+
+    def on_eof(self, callback: Callable[[], None]) -> None:
+        """StreamReader's: ``callback`` runs once every body byte arrived (now, if they
+        have), whether or not anything read them."""
+        self._build_reader()
+        if self._complete and self._mode == HELD:
+            self._eof_callbacks.append(callback)
+            self._eof_arrived()
+        else:
+            StreamReader.on_eof(self, callback)
+
     def fail(self, exc: BaseException) -> None:
-        """The body cannot complete (deadline, no memory, disconnect): release everything;
-        readers and ``read_body`` get ``exc``."""
+        """The body cannot complete (deadline, no memory, disconnect), or its request ended:
+        release everything; readers and ``read_body`` get ``exc``."""
         if self._failure is None:
             self._failure = exc
+        if self._complete:
+            # Every byte had arrived: aiohttp's StreamReader was at EOF before the exception
+            # (wait_eof() returns, on_eof callbacks ran).
+            if self._reader and self._eof_callbacks:
+                self._eof_arrived()
+            self._eof = True
         self._release_all()
         self.release_ticket()
         self._mode = FAILED
