@@ -1128,3 +1128,99 @@ async def test_eof_callbacks_and_wait_eof_behave_as_aiohttps_stream_reader(
     if zero_copy:
         assert app[bpa.RECEIVE_KEY].fast == 2
     await assert_drained(pool)
+
+
+async def test_gets_refilling_aiohttps_queue_cannot_grow_the_pending_bytes() -> None:
+    """Groups of 33 GETs and two tiny uploads, pipelined in one write (an attacker review's
+    stream): the GETs fill aiohttp's queue, which resumes reading by itself each time it
+    drains, while a head waits for BODIES_AHEAD.  Each resume let one more read into the
+    pending bytes and each wait consumed about one group, so they grew to hold nearly the
+    whole stream (1.55 MB of 1.6 MB), and the check of a waiting read's rest parsed them
+    again each time.  aiohttp's resumes now respect the protocol's pause: the pending bytes
+    stay within two reads, the rest-of-read check parses about the stream once, and every
+    request is answered."""
+    from bufpool.aiohttp import _fastpath
+
+    app, pool = fast_app()
+    protocols: list[Any] = []
+    parsed = 0
+    original = _fastpath.ZeroCopyProtocol._parse_fails
+
+    def counted(self: Any, rest: Any) -> bool:
+        nonlocal parsed
+        parsed += len(rest)
+        return original(self, rest)
+
+    async def get(request: web.Request) -> web.Response:
+        if not protocols:
+            assert request.transport is not None
+            protocols.append(request.transport.get_protocol())
+        return web.Response(text="g")
+
+    async def tiny(request: web.Request) -> web.Response:
+        await asyncio.sleep(0)
+        await bpa.read_body(request)
+        return web.Response(text="p")
+
+    app.router.add_get("/g", get)
+    app.router.add_post("/p", tiny)
+    group = b"GET /g HTTP/1.1\r\nHost: t\r\n\r\n" * 33 + post("/p", b"x") * 2
+    groups = 200
+    most = 0
+    _fastpath.ZeroCopyProtocol._parse_fails = counted  # type: ignore[method-assign]
+    try:
+        async with served_runner(app) as port:
+            reader, writer = await raw_connect(port)
+            try:
+                writer.write(group * groups)
+                for i in range(groups * 35):
+                    status, _h, text = await asyncio.wait_for(read_response(reader), 10)
+                    assert (status, text) == (200, b"p" if i % 35 >= 33 else b"g")
+                    most = max(most, len(protocols[0]._pending))
+            finally:
+                writer.close()
+            scratch = len(protocols[0]._ctx.scratch)
+    finally:
+        _fastpath.ZeroCopyProtocol._parse_fails = original  # type: ignore[method-assign]
+    assert most <= 2 * scratch, (most, scratch)
+    assert parsed <= 2 * len(group) * groups, parsed
+    await assert_drained(pool)
+
+
+async def test_a_file_response_on_a_connection_whose_heads_waited_is_sent_whole(
+    tmp_path: Any,
+) -> None:
+    """Two uploads, then a GET of a file and another GET, pipelined: the file's head waited
+    for BODIES_AHEAD, so the connection writes through its lingering close.  asyncio's
+    native sendfile keeps the transport it is given in a weak map, which the proxy could
+    not enter: the file went out, then aiohttp dropped the connection with the GET after it
+    unanswered.  Every reply arrives, the file byte-exact, on both loops."""
+    data = random.Random(21).randbytes(300_000)
+    path = tmp_path / "file.bin"
+    path.write_bytes(data)
+    app, pool = fast_app()
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0)
+        return web.Response(text="slow")
+
+    async def file(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(path)
+
+    async def get(request: web.Request) -> web.Response:
+        return web.Response(text="g")
+
+    app.router.add_post("/slow", slow)
+    app.router.add_get("/file", file)
+    app.router.add_get("/g", get)
+    async with served_runner(app) as port:
+        reader, writer = await raw_connect(port)
+        try:
+            writer.write(post("/slow", b"a" * 5000) * 2 + b"GET /file HTTP/1.1\r\nHost: t\r\n\r\n"
+                         + b"GET /g HTTP/1.1\r\nHost: t\r\n\r\n")
+            for expected in (b"slow", b"slow", data, b"g"):
+                status, _h, got = await asyncio.wait_for(read_response(reader), 10)
+                assert (status, got) == (200, expected)
+        finally:
+            writer.close()
+    await assert_drained(pool)

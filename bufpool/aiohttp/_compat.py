@@ -47,6 +47,7 @@ PINNED: Final = (
     ("RequestHandler", "max_field_size", "int"),
     ("RequestHandler", "max_headers", "int"),
     ("RequestHandler", "_pause_reading_for_buffer", "method"),
+    ("RequestHandler", "_resume_transport_reading", "method"),
     ("RequestHandler", "data_received", "method"),
     ("RequestHandler", "close", "method"),
     ("RequestHandler", "force_close", "method"),

@@ -133,13 +133,42 @@ class _Context:
         self.scratch = memoryview(self.scratch_buf)
 
 
+class _Handler(RequestHandler):
+    """aiohttp's ``RequestHandler`` (the same object, its class swapped: no new fields) whose
+    own resumes of reading respect the wrapping protocol's pauses.
+
+    aiohttp resumes the transport itself once its queue of pipelined requests drains, or a
+    payload's reader takes its buffered bytes, whatever else paused it.  A connection that
+    the protocol paused (a head waiting for BODIES_AHEAD, a message waiting for aiohttp's
+    parser, a body waiting for a slot) would then read on, one read per resume, into its
+    pending bytes: a client that refills aiohttp's queue with GETs from those pending bytes
+    grew them without bound (an attacker review: 1.55 MB from 1.6 MB sent, and quadratic
+    parsing).  The protocol resumes reading itself when its pause ends (``_pause``).
+    """
+
+    __slots__ = ()
+
+    def _resume_transport_reading(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            protocol = transport.get_protocol()
+            if type(protocol) is ZeroCopyProtocol and (
+                protocol._paused or protocol._stream_paused
+            ):
+                return
+        super()._resume_transport_reading()
+
+
 class ZeroCopyServer(Server):
     """aiohttp's ``Server`` whose protocol factory wraps each ``RequestHandler``."""
 
     _bufpool_receive: _Context
 
     def __call__(self) -> ZeroCopyProtocol:  # type: ignore[override]
-        return ZeroCopyProtocol(Server.__call__(self), self._bufpool_receive)
+        handler = Server.__call__(self)
+        if type(handler) is RequestHandler:
+            handler.__class__ = _Handler
+        return ZeroCopyProtocol(handler, self._bufpool_receive)
 
 
 # Connection states.

@@ -35,7 +35,10 @@ class LingeringClose:
     real transport's.  Valid as long as the real transport.
     """
 
-    __slots__ = ("_loop", "_transport")
+    # (__weakref__: asyncio's native sendfile keeps the transport it was given, this proxy,
+    # in the loop's weak map of transports; without it aiohttp's FileResponse failed on a
+    # lingering connection)
+    __slots__ = ("__weakref__", "_loop", "_transport")
 
     LINGER: Final = LINGER
 
