@@ -552,9 +552,7 @@ class ReceivedBody(StreamReader):
             self._failure = exc
         if self._complete:
             # Every byte had arrived: aiohttp's StreamReader was at EOF before the exception
-            # (wait_eof() returns, on_eof callbacks ran).
-            if self._reader and self._eof_callbacks:
-                self._eof_arrived()
+            # (wait_eof() returns; the on_eof callbacks ran then, see _finish and on_eof).
             self._eof = True
         self._release_all()
         self.release_ticket()
