@@ -22,6 +22,7 @@ from _helpers_aiohttp import (
     raw_connect,
     read_response,
     served,
+    upload,
     wait_for,
 )
 from _tls_helpers import make_certs
@@ -795,6 +796,59 @@ async def test_uploads_pipelined_behind_a_slow_handler_hold_two_bodies_per_conne
                     assert (status, text) == (200, b"slow")
             assert started == len(conns) * pipelined
         finally:
+            for _reader, writer in conns:
+                writer.close()
+        assert await wait_for(lambda: bpa.admission_stats(app).reserved_bytes == 0)
+    await assert_drained(pool)
+
+
+@pytest.mark.asyncio
+async def test_pipelined_uploads_behind_a_slow_handler_cannot_fill_the_default_budget() -> None:
+    """``setup(app, zero_copy_receive=True)`` defaults: three clients pipeline 1 MiB uploads
+    behind a handler that takes its time, enough of them to declare more than the whole
+    body budget.  Each connection holds BODIES_AHEAD (2) bodies, the rest of its stream
+    waits unread, and a legitimate 8 MiB upload (the default max_body_size) is served at
+    once; once the handler goes on, every pipelined request is answered."""
+    from bufpool.aiohttp._fastpath import BODIES_AHEAD
+
+    app = web.Application()
+    pool = bpa.setup(app, zero_copy_receive=True)
+    app.router.add_post("/upload", upload)
+    gate = asyncio.Event()
+    started = 0
+
+    async def slow(request: web.Request) -> web.Response:
+        nonlocal started
+        started += 1
+        await gate.wait()
+        return web.Response(text="slow")
+
+    app.router.add_post("/slow", slow)
+    body = b"p" * MiB
+    async with served(app) as client:
+        port = client.port
+        assert port is not None
+        budget = bpa.admission_stats(app).budget
+        conns = [await raw_connect(port) for _ in range(3)]
+        pipelined = budget // (len(conns) * len(body)) + 2  # together: over the budget
+        try:
+            for _reader, writer in conns:
+                writer.write((_head("/slow", len(body)) + body) * pipelined)
+            held = len(conns) * BODIES_AHEAD
+            assert await wait_for(
+                lambda: started == len(conns) and bpa.admission_stats(app).bodies == held
+            ), bpa.admission_stats(app)
+            assert bpa.admission_stats(app).reserved_bytes <= held * 2 * MiB
+            status, _secs, exact = await _legit_upload(client, bpa.DEFAULT_MAX_BODY_SIZE, 3)
+            assert (status, exact) == (200, True)
+            assert bpa.admission_stats(app).admission_timeouts == 0
+            gate.set()
+            for reader, _writer in conns:
+                for _ in range(pipelined):
+                    status, _h, text = await asyncio.wait_for(read_response(reader), 20)
+                    assert (status, text) == (200, b"slow")
+        finally:
+            gate.set()
             for _reader, writer in conns:
                 writer.close()
         assert await wait_for(lambda: bpa.admission_stats(app).reserved_bytes == 0)
